@@ -1,0 +1,7 @@
+//! From a decoded socket to bytes at a destination: [`record`] fills the
+//! protobuf record, [`json`] prints it, [`stdout`] is the one-line-per-socket
+//! destination.
+
+pub mod json;
+pub mod record;
+pub mod stdout;

@@ -1,0 +1,28 @@
+//! The `xtcp` command: parse the command line, run, map the outcome to an exit
+//! code (0 ok, 1 runtime error, 2 bad arguments).
+
+use std::process::ExitCode;
+
+use xtcp::config::{ArgsError, Config};
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(std::env::args_os()) {
+        Ok(config) => config,
+        Err(ArgsError::Info(e)) => {
+            // --help / --version: clap already formatted them.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Invalid(line)) => {
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
+    };
+    match xtcp::pipeline::poll::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
