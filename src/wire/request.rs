@@ -20,7 +20,10 @@ pub const ALL_STATES: u32 = ((1 << 14) - 1) & !1;
 /// (`tcp_diag_get_aux_size` / `tcp_diag_get_info` gate both on it); TCLASS
 /// also brings CLASS_ID.
 pub const ALL_EXTENSIONS: u8 = 0x7f;
-const _: () = assert!(ALL_EXTENSIONS & (1 << 2) != 0, "VEGASINFO bit gates BBR/DCTCP info");
+const _: () = assert!(
+    ALL_EXTENSIONS & (1 << 2) != 0,
+    "VEGASINFO bit gates BBR/DCTCP info"
+);
 
 /// Builds the dump request for one address family.
 pub fn dump_request(family: u8, states: u32, extensions: u8, seq: u32) -> [u8; DUMP_REQUEST_LEN] {

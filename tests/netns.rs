@@ -1,0 +1,249 @@
+//! Integration tests against the real kernel: a private network namespace
+//! holding a known set of sockets (`tools/scenario.rs`), dumped through
+//! netlink by the library and by the `xtcp` binary. Needs root for `ip netns`.
+
+#[path = "../tools/scenario.rs"]
+mod scenario;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use scenario::{ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT};
+use serde_json::Value;
+use xtcp::export::record::PollStamp;
+use xtcp::pipeline::netlink::SockDiagSocket;
+use xtcp::pipeline::poll::{kernel_release, DumpSpec, Poller};
+use xtcp::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use xtcp::wire::TailLayout;
+
+type Key = (u32, u32, u16, u16);
+
+/// Creates a namespace, opens the IPv4 and IPv6 scenarios inside it on a
+/// thread that stays in it, and runs `check` on that thread.
+fn with_scenario(tag: &str, check: impl FnOnce(&Netns, &[ExpectedSocket]) + Send) {
+    let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("enter namespace");
+            let v4 = scenario::open(false, 41000).expect("open IPv4 sockets");
+            let v6 = scenario::open(true, 42000).expect("open IPv6 sockets");
+            let expected: Vec<_> = v4.expected.iter().chain(&v6.expected).cloned().collect();
+            check(&ns, &expected);
+        })
+        .join()
+        .unwrap();
+    });
+}
+
+/// Dumps from the calling thread's namespace with the library.
+fn library_dump() -> Vec<Value> {
+    let socket = SockDiagSocket::open(Duration::from_secs(5)).unwrap();
+    let spec = DumpSpec {
+        families: vec![AF_INET, AF_INET6],
+        states: ALL_STATES,
+        extensions: ALL_EXTENSIONS,
+        tail: TailLayout::for_release(&kernel_release()),
+    };
+    let mut poller = Poller::new(socket, spec, "test-host".into());
+    let mut out = Vec::new();
+    let summary = poller
+        .poll(
+            &PollStamp {
+                poll_id: 1,
+                timestamp_ns: 1,
+            },
+            |r| {
+                out.push(serde_json::to_value(r).unwrap());
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(summary.decode_errors, 0, "{:?}", summary.first_decode_error);
+    assert_eq!(summary.records, out.len() as u64);
+    out
+}
+
+fn key(r: &Value) -> Key {
+    let n = |f: &str| {
+        r[f].as_u64()
+            .unwrap_or_else(|| panic!("{f} missing in {r}"))
+    };
+    (
+        n("inet_diag_msg_family") as u32,
+        n("inet_diag_msg_state") as u32,
+        n("inet_diag_msg_socket_source_port") as u16,
+        n("inet_diag_msg_socket_destination_port") as u16,
+    )
+}
+
+/// Asserts the dump holds exactly the expected sockets with the values the
+/// scenario caused.
+fn assert_exactly(records: &[Value], expected: &[ExpectedSocket]) {
+    let got: BTreeMap<Key, &Value> = records.iter().map(|r| (key(r), r)).collect();
+    assert_eq!(got.len(), records.len(), "a socket was reported twice");
+    let want: BTreeMap<Key, &ExpectedSocket> = expected.iter().map(|e| (e.key(), e)).collect();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "(family, state, sport, dport) of the dump vs the sockets opened"
+    );
+    for (k, e) in want {
+        let r = got[&k];
+        let v6 = e.family == u32::from(AF_INET6);
+        let lo = if v6 { "::1" } else { "127.0.0.1" };
+        assert_eq!(r["inet_diag_msg_socket_source"], lo, "{k:?}");
+        let peer = match (e.state, v6) {
+            (scenario::STATE_LISTEN, true) => "::",
+            (scenario::STATE_LISTEN, false) => "0.0.0.0",
+            _ => lo,
+        };
+        assert_eq!(r["inet_diag_msg_socket_destination"], peer, "{k:?}");
+        assert_eq!(r["hostname"].as_str().map(str::is_empty), Some(false));
+
+        let congestion = e.congestion.clone().unwrap_or_default();
+        assert_eq!(
+            r["congestion_algorithm_string"],
+            congestion.as_str(),
+            "{k:?}"
+        );
+        let enum_name = if congestion.is_empty() {
+            "CONGESTION_ALGORITHM_UNSPECIFIED".to_string()
+        } else {
+            format!("CONGESTION_ALGORITHM_{}", congestion.to_uppercase())
+        };
+        assert_eq!(r["congestion_algorithm_enum"], enum_name.as_str(), "{k:?}");
+        // BBRINFO arrives only because the request sets the VEGASINFO bit.
+        assert_eq!(
+            r.get("bbr_info_bw").is_some(),
+            congestion == "bbr" && e.state == STATE_ESTABLISHED,
+            "{k:?}: BBR info on established bbr sockets only"
+        );
+
+        let tos_field = if v6 {
+            "traffic_class"
+        } else {
+            "type_of_service"
+        };
+        assert_eq!(
+            r.get(tos_field).and_then(Value::as_u64),
+            e.tos.map(u64::from),
+            "{k:?}"
+        );
+
+        if e.state == STATE_TIME_WAIT {
+            // A TIME_WAIT minisock carries the base message only.
+            assert_eq!(r["tcp_info_len"], 0, "{k:?}");
+            assert!(r.get("tcp_info_state").is_none(), "{k:?}");
+            assert!(r.get("mem_info_rmem").is_none(), "{k:?}");
+            continue;
+        }
+        assert!(r["tcp_info_len"].as_u64().unwrap() >= 104, "{k:?}");
+        assert_eq!(
+            r["tcp_info_state"].as_u64(),
+            Some(u64::from(e.state)),
+            "{k:?}"
+        );
+        assert!(r.get("sk_mem_info_rcvbuf").is_some(), "{k:?}");
+        if let Some((sent, received)) = e.bytes {
+            assert_eq!(r["tcp_info_bytes_sent"].as_u64(), Some(sent), "{k:?}");
+            assert_eq!(
+                r["tcp_info_bytes_received"].as_u64(),
+                Some(received),
+                "{k:?}"
+            );
+            assert_eq!(
+                r["tcp_info_data_segs_out"].as_u64().map(|n| n > 0),
+                Some(true)
+            );
+            assert_eq!(
+                r["tcp_info_unacked"].as_u64(),
+                Some(0),
+                "{k:?}: all data acked"
+            );
+        }
+    }
+}
+
+#[test]
+fn library_dump_sees_exactly_the_opened_sockets() {
+    with_scenario("lib", |_, expected| {
+        let records = library_dump();
+        assert_exactly(&records, expected);
+        // As root, MARK (CAP_NET_ADMIN only) comes with every socket.
+        assert!(records.iter().all(|r| r.get("socket_mark").is_some()));
+    });
+}
+
+/// Runs `xtcp --max-loops 1 --dest stdout` inside the namespace, optionally
+/// through `setpriv` as nobody, and parses its JSON lines.
+fn cli_dump(ns: &Netns, unprivileged: bool) -> Vec<Value> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]);
+    if unprivileged {
+        cmd.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ]);
+    }
+    cmd.args([
+        env!("CARGO_BIN_EXE_xtcp"),
+        "--max-loops",
+        "1",
+        "--dest",
+        "stdout",
+    ]);
+    let out = cmd.output().expect("run xtcp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "xtcp failed: {stderr}");
+    assert!(
+        stderr.is_empty(),
+        "a clean poll prints nothing on stderr: {stderr}"
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn cli_one_shot_prints_exactly_the_opened_sockets() {
+    with_scenario("cli", |ns, expected| {
+        let records = cli_dump(ns, false);
+        assert_exactly(&records, expected);
+        let counters: Vec<u64> = records
+            .iter()
+            .map(|r| r["record_counter"].as_u64().unwrap())
+            .collect();
+        assert_eq!(counters, (1..=records.len() as u64).collect::<Vec<_>>());
+        assert!(records
+            .iter()
+            .all(|r| r["poll_id"] == 1 && r["schema_version"] == 1));
+    });
+}
+
+#[test]
+fn cli_works_unprivileged_without_mark() {
+    with_scenario("nobody", |ns, expected| {
+        let records = cli_dump(ns, true);
+        assert_exactly(&records, expected);
+        // MARK needs CAP_NET_ADMIN: absent, not zero.
+        assert!(records.iter().all(|r| r.get("socket_mark").is_none()));
+    });
+}
+
+#[test]
+fn cli_bad_flag_exits_2_with_one_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtcp"))
+        .args(["--max-loops", "1", "--dest", "kafka"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unknown destination 'kafka'"), "{stderr}");
+}

@@ -1,0 +1,259 @@
+//! A known set of TCP sockets in a private network namespace, for the
+//! integration tests and for recapturing `tests/fixtures/`.
+//!
+//! Shared by `tests/netns.rs` and `tools/capture_fixtures.rs` through
+//! `#[path]`. Needs root (it runs `ip netns`). Ports are fixed, which a private
+//! namespace allows, so captures and assertions are repeatable.
+
+// Each includer uses a different subset of this module.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{
+    bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+};
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {} (needs root and iproute2)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Netns {
+    /// Creates `xtcp-<tag>-<pid>` with its loopback up.
+    pub fn create(tag: &str) -> io::Result<Netns> {
+        let name = format!("xtcp-{tag}-{}", std::process::id());
+        // A namespace left by a killed earlier run of the same pid: replace it.
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Moves the calling thread into the namespace: sockets it opens from now
+    /// on, and threads it spawns, live there.
+    pub fn enter(&self) -> io::Result<()> {
+        let f = File::open(format!("/run/netns/{}", self.name))?;
+        setns(f, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+pub const LISTEN_PORT: u16 = 40001;
+pub const STATE_ESTABLISHED: u32 = 1;
+pub const STATE_TIME_WAIT: u32 = 6;
+pub const STATE_LISTEN: u32 = 10;
+/// Bytes the client writes to the server on every established pair.
+pub const CLIENT_BYTES: usize = 3000;
+/// Bytes the server answers with.
+pub const SERVER_BYTES: usize = 1000;
+/// DSCP AF11 (0x0a << 2): ECN bits clear, as the kernel masks them for TCP.
+pub const TOS: u8 = 0x28;
+
+/// What the dump must report for one socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedSocket {
+    pub family: u32,
+    pub state: u32,
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// (bytes_sent, bytes_received) of tcp_info for established sockets.
+    pub bytes: Option<(u64, u64)>,
+    /// Congestion control name for sockets that carry tcp_info.
+    pub congestion: Option<String>,
+    /// TOS (IPv4) or traffic class (IPv6) byte for sockets that carry it.
+    pub tos: Option<u8>,
+}
+
+impl ExpectedSocket {
+    pub fn key(&self) -> (u32, u32, u16, u16) {
+        (
+            self.family,
+            self.state,
+            self.source_port,
+            self.destination_port,
+        )
+    }
+}
+
+/// The sockets of one family, held open until dropped.
+pub struct Scenario {
+    pub expected: Vec<ExpectedSocket>,
+    _open: Vec<TcpStream>,
+    _listener: TcpListener,
+}
+
+/// Client settings for one established pair.
+enum Tweak {
+    None,
+    Congestion,
+    Tos,
+}
+
+/// Opens, for one family on loopback, from inside the current namespace:
+/// a listener on 40001; three established pairs (plain, cubic, TOS/TCLASS),
+/// each with 3000 bytes sent by the client and 1000 by the server; and one
+/// client in TIME_WAIT. `client_base` picks the client ports (base+1..base+4).
+pub fn open(v6: bool, client_base: u16) -> io::Result<Scenario> {
+    let default_cc = default_congestion()?;
+    let other_cc = other_congestion(&default_cc);
+    let host: IpAddr = if v6 {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u32;
+    let listener = TcpListener::bind(SocketAddr::new(host, LISTEN_PORT))?;
+    let server = SocketAddr::new(host, LISTEN_PORT);
+    let mut expected = vec![ExpectedSocket {
+        family,
+        state: STATE_LISTEN,
+        source_port: LISTEN_PORT,
+        destination_port: 0,
+        bytes: None,
+        congestion: Some(default_cc.clone()),
+        tos: Some(0),
+    }];
+    let mut open = Vec::new();
+    for (i, tweak) in [Tweak::None, Tweak::Congestion, Tweak::Tos]
+        .into_iter()
+        .enumerate()
+    {
+        let port = client_base + 1 + i as u16;
+        let mut client = connect_from(SocketAddr::new(host, port), server, &tweak, other_cc, v6)?;
+        let (mut accepted, _) = listener.accept()?;
+        let mut buf = vec![0u8; CLIENT_BYTES];
+        client.write_all(&buf[..CLIENT_BYTES])?;
+        accepted.read_exact(&mut buf[..CLIENT_BYTES])?;
+        accepted.write_all(&buf[..SERVER_BYTES])?;
+        client.read_exact(&mut buf[..SERVER_BYTES])?;
+        let (cc, tos) = match tweak {
+            Tweak::None => (default_cc.as_str(), 0),
+            Tweak::Congestion => (other_cc, 0),
+            Tweak::Tos => (default_cc.as_str(), TOS),
+        };
+        expected.push(ExpectedSocket {
+            family,
+            state: STATE_ESTABLISHED,
+            source_port: port,
+            destination_port: LISTEN_PORT,
+            bytes: Some((CLIENT_BYTES as u64, SERVER_BYTES as u64)),
+            congestion: Some(cc.to_string()),
+            tos: Some(tos),
+        });
+        expected.push(ExpectedSocket {
+            family,
+            state: STATE_ESTABLISHED,
+            source_port: LISTEN_PORT,
+            destination_port: port,
+            bytes: Some((SERVER_BYTES as u64, CLIENT_BYTES as u64)),
+            congestion: Some(default_cc.clone()),
+            tos: Some(0),
+        });
+        open.push(client);
+        open.push(accepted);
+    }
+    // TIME_WAIT: the side that closes first keeps the 4-tuple for 60 s; the
+    // server side is gone once its FIN is acked.
+    let tw_port = client_base + 4;
+    let client = connect_from(
+        SocketAddr::new(host, tw_port),
+        server,
+        &Tweak::None,
+        other_cc,
+        v6,
+    )?;
+    let (mut accepted, _) = listener.accept()?;
+    drop(client);
+    let mut sink = Vec::new();
+    accepted.read_to_end(&mut sink)?;
+    drop(accepted);
+    expected.push(ExpectedSocket {
+        family,
+        state: STATE_TIME_WAIT,
+        source_port: tw_port,
+        destination_port: LISTEN_PORT,
+        bytes: None,
+        congestion: None,
+        tos: None,
+    });
+    // Let delayed ACKs and the last FIN/ACK land so counters and states settle.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Scenario {
+        expected,
+        _open: open,
+        _listener: listener,
+    })
+}
+
+fn connect_from(
+    local: SocketAddr,
+    remote: SocketAddr,
+    tweak: &Tweak,
+    other_cc: &str,
+    v6: bool,
+) -> io::Result<TcpStream> {
+    let af = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd: OwnedFd = socket(af, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    match tweak {
+        Tweak::None => {}
+        Tweak::Congestion => setsockopt(&fd, sockopt::TcpCongestion, &other_cc.into())?,
+        Tweak::Tos if v6 => setsockopt(&fd, sockopt::Ipv6TClass, &i32::from(TOS))?,
+        Tweak::Tos => setsockopt(&fd, sockopt::Ipv4Tos, &i32::from(TOS))?,
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(remote))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The kernel's default congestion control inside the current namespace.
+pub fn default_congestion() -> io::Result<String> {
+    Ok(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// An always-built-in algorithm other than the default, set on one client.
+pub fn other_congestion(default_cc: &str) -> &'static str {
+    if default_cc == "cubic" {
+        "reno"
+    } else {
+        "cubic"
+    }
+}
