@@ -131,7 +131,7 @@ fn to_ip(addr: &[u8]) -> IpAddr {
 
 /// Declares a fixed-size attribute struct viewed in place.
 macro_rules! fixed_view {
-    ($(#[$doc:meta])* $name:ident, $len:literal, { $($(#[$fdoc:meta])* $field:ident: $ty:ty = $read:ident<$off:literal>;)* }) => {
+    ($(#[$doc:meta])* $name:ident, $attr:literal, $len:literal, { $($(#[$fdoc:meta])* $field:ident: $ty:ty = $read:ident<$off:literal>;)* }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub struct $name<'a>(&'a [u8; $len]);
@@ -141,7 +141,7 @@ macro_rules! fixed_view {
 
             fn new(payload: &'a [u8]) -> Result<Self, WireError> {
                 payload.first_chunk::<$len>().map($name).ok_or(WireError::ShortAttribute {
-                    name: stringify!($name),
+                    name: $attr,
                     len: payload.len(),
                     need: $len,
                 })
@@ -160,7 +160,7 @@ macro_rules! fixed_view {
 
 fixed_view!(
     /// `struct inet_diag_meminfo` (INET_DIAG_MEMINFO), bytes.
-    MemInfo, 16, {
+    MemInfo, "MEMINFO", 16, {
     rmem: u32 = u32_ne_at<0>;
     wmem: u32 = u32_ne_at<4>;
     fmem: u32 = u32_ne_at<8>;
@@ -169,7 +169,7 @@ fixed_view!(
 
 fixed_view!(
     /// `struct tcpvegas_info` (INET_DIAG_VEGASINFO).
-    VegasInfo, 16, {
+    VegasInfo, "VEGASINFO", 16, {
     enabled: u32 = u32_ne_at<0>;
     rtt_cnt: u32 = u32_ne_at<4>;
     /// usec
@@ -180,7 +180,7 @@ fixed_view!(
 
 fixed_view!(
     /// `struct tcp_dctcp_info` (INET_DIAG_DCTCPINFO).
-    DctcpInfo, 16, {
+    DctcpInfo, "DCTCPINFO", 16, {
     enabled: u32 = u16_ne_at<0>;
     ce_state: u32 = u16_ne_at<2>;
     alpha: u32 = u32_ne_at<4>;
@@ -191,7 +191,7 @@ fixed_view!(
 fixed_view!(
     /// `struct tcp_bbr_info` (INET_DIAG_BBRINFO). Out-of-tree BBRv3 kernels
     /// append fields; those extra bytes are ignored.
-    BbrInfo, 20, {
+    BbrInfo, "BBRINFO", 20, {
     bw_lo: u32 = u32_ne_at<0>;
     bw_hi: u32 = u32_ne_at<4>;
     /// usec
@@ -295,34 +295,8 @@ pub fn decode_socket(payload: &[u8], tail: TailLayout) -> Result<DiagSocket<'_>,
         sockopt: None,
         unknown_attributes: 0,
     };
-    let attrs = &payload[INET_DIAG_MSG_LEN..];
-    let mut off = 0;
-    while off < attrs.len() {
-        let rest = &attrs[off..];
-        let Some(hdr) = rest.first_chunk::<4>() else {
-            return Err(WireError::TruncatedAttribute {
-                offset: INET_DIAG_MSG_LEN + off,
-                remaining: rest.len(),
-            });
-        };
-        let len = u16_ne_at::<0, 4>(hdr);
-        let kind = u16_ne_at::<2, 4>(hdr) & NLA_TYPE_MASK;
-        let at = INET_DIAG_MSG_LEN + off;
-        if len < 4 {
-            return Err(WireError::AttributeTooShort {
-                kind,
-                offset: at,
-                len,
-            });
-        }
-        let Some(value) = rest.get(4..usize::from(len)) else {
-            return Err(WireError::AttributeOverrun {
-                kind,
-                offset: at,
-                len,
-                remaining: rest.len(),
-            });
-        };
+    for attr in attributes(payload) {
+        let Attribute { kind, value, .. } = attr?;
         match kind {
             INET_DIAG_MEMINFO => s.meminfo = Some(MemInfo::new(value)?),
             INET_DIAG_INFO => s.tcp_info = Some(TcpInfo::new(value, tail)),
@@ -339,20 +313,83 @@ pub fn decode_socket(payload: &[u8], tail: TailLayout) -> Result<DiagSocket<'_>,
             INET_DIAG_CLASS_ID => s.class_id = Some(scalar(value, "CLASS_ID")?),
             INET_DIAG_CGROUP_ID => s.cgroup_id = Some(scalar(value, "CGROUP_ID")?),
             INET_DIAG_SOCKOPT => {
-                s.sockopt = Some(u16::from_le_bytes(*value.first_chunk::<2>().ok_or(
-                    WireError::ShortAttribute {
-                        name: "SOCKOPT",
-                        len: value.len(),
-                        need: 2,
-                    },
-                )?))
+                // Two bitfield bytes, first declared member in bit 0 of byte 0.
+                let b = value.first_chunk::<2>().ok_or(WireError::ShortAttribute {
+                    name: "SOCKOPT",
+                    len: value.len(),
+                    need: 2,
+                })?;
+                s.sockopt = Some(u16::from_le_bytes(*b));
             }
             INET_DIAG_PAD => {}
             _ => s.unknown_attributes = s.unknown_attributes.saturating_add(1),
         }
-        off += align4(usize::from(len));
     }
     Ok(s)
+}
+
+/// One `rtattr` of a socket message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attribute<'a> {
+    /// Attribute type with the NESTED / NET_BYTEORDER flag bits cleared.
+    pub kind: u16,
+    /// Offset of the attribute header from the start of the payload.
+    pub offset: usize,
+    pub value: &'a [u8],
+}
+
+/// Iterator over the attributes after the `inet_diag_msg`; stops after the
+/// first malformed one.
+#[derive(Debug, Clone)]
+pub struct Attributes<'a> {
+    payload: &'a [u8],
+    offset: usize,
+}
+
+/// Walks the attributes of a socket message payload (which must already have
+/// passed [`InetDiagMsg::new`]; a shorter payload yields nothing).
+pub fn attributes(payload: &[u8]) -> Attributes<'_> {
+    Attributes {
+        payload,
+        offset: INET_DIAG_MSG_LEN,
+    }
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = Result<Attribute<'a>, WireError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.payload.get(self.offset..).filter(|r| !r.is_empty())?;
+        let offset = self.offset;
+        // Any error ends the walk: after a bad length nothing can be trusted.
+        self.offset = self.payload.len();
+        let Some(hdr) = rest.first_chunk::<4>() else {
+            return Some(Err(WireError::TruncatedAttribute {
+                offset,
+                remaining: rest.len(),
+            }));
+        };
+        let len = u16_ne_at::<0, 4>(hdr);
+        let kind = u16_ne_at::<2, 4>(hdr) & NLA_TYPE_MASK;
+        if len < 4 {
+            return Some(Err(WireError::AttributeTooShort { kind, offset, len }));
+        }
+        let Some(value) = rest.get(4..usize::from(len)) else {
+            return Some(Err(WireError::AttributeOverrun {
+                kind,
+                offset,
+                len,
+                remaining: rest.len(),
+            }));
+        };
+        self.offset = offset + align4(usize::from(len));
+        Some(Ok(Attribute {
+            kind,
+            offset,
+            value,
+        }))
+    }
 }
 
 fn scalar<T: NeInt>(value: &[u8], name: &'static str) -> Result<T, WireError> {
