@@ -26,7 +26,7 @@ fn message(family: u8, attrs: &[u8], msg_len: usize) -> Vec<u8> {
     m.extend(2u16.to_ne_bytes()); // nlmsg_flags NLM_F_MULTI
     m.extend(1u32.to_ne_bytes()); // nlmsg_seq
     m.extend(0u32.to_ne_bytes()); // nlmsg_pid
-    let mut diag = vec![0u8; 72];
+    let mut diag = [0u8; 72];
     diag[0] = family; // idiag_family
     diag[1] = 1; // idiag_state ESTABLISHED
     diag[4..6].copy_from_slice(&443u16.to_be_bytes()); // id.idiag_sport (big-endian)
