@@ -3,7 +3,7 @@
 //! `tcp_info` lengths of older kernels and the 7.0 layout.
 
 use serde_json::Value;
-use xtcp::export::record::{PollStamp, RecordBuilder};
+use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
@@ -14,7 +14,7 @@ const BENCH: &[u8] = include_bytes!("fixtures/bench-dump.bin");
 /// Every socket of a fixture as the JSON of its record; asserts the framing
 /// is clean and ends with one NLMSG_DONE per dump.
 fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
-    let mut builder = RecordBuilder::new("fixture".into());
+    let mut encoder = RecordEncoder::new("fixture".into());
     let stamp = PollStamp {
         poll_id: 1,
         timestamp_ns: 1,
@@ -27,7 +27,7 @@ fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
         match msg.body().unwrap() {
             Body::Socket(p) => {
                 let s = decode_socket(p, tail).unwrap();
-                records.push(serde_json::to_value(builder.build(&s, &stamp)).unwrap());
+                records.push(serde_json::to_value(encoder.to_record(&s, &stamp)).unwrap());
             }
             Body::Done { error } => {
                 assert_eq!(error, 0);

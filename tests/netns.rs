@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use prost::Message;
 use scenario::{ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT};
 use serde_json::Value;
 use xtcp::export::record::PollStamp;
 use xtcp::pipeline::netlink::SockDiagSocket;
 use xtcp::pipeline::poll::{kernel_release, DumpSpec, Poller};
+use xtcp::proto::Record;
 use xtcp::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
 use xtcp::wire::TailLayout;
 
@@ -53,8 +55,9 @@ fn library_dump() -> Vec<Value> {
                 poll_id: 1,
                 timestamp_ns: 1,
             },
-            |r| {
-                out.push(serde_json::to_value(r).unwrap());
+            |bytes| {
+                let record = Record::decode(bytes).expect("the exporter's bytes decode");
+                out.push(serde_json::to_value(record).unwrap());
                 Ok(())
             },
         )

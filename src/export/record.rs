@@ -1,10 +1,17 @@
-//! Decoded socket -> protobuf [`Record`].
+//! Decoded socket -> protobuf record bytes.
 //!
-//! [`RecordBuilder`] owns one `Record` and overwrites every field of it for
-//! each socket, so after the first socket no field allocates (the address and
-//! name buffers keep their capacity). Runs in whichever thread decodes.
+//! [`RecordEncoder`] writes each field of `proto/xtcp.proto`'s `Record`
+//! straight from the borrowed views of a [`DiagSocket`] into a caller's
+//! buffer, in field-number order, with the keys `build.rs` generates: no
+//! intermediate struct, no allocation. The bytes are exactly what prost
+//! would encode for the same `Record` (`tests/encode.rs`). Readers who want
+//! the struct (JSON output, the debug server) decode them with prost.
+//! Runs in whichever thread decodes.
 
-use crate::proto::{CongestionAlgorithm, Record};
+use prost::Message;
+
+use crate::export::encode::{Writer, FIELD_WINDOW};
+use crate::proto::{key, CongestionAlgorithm, Record};
 use crate::wire::DiagSocket;
 
 /// Bumped whenever fields are added to `proto/xtcp.proto`.
@@ -19,204 +26,235 @@ pub struct PollStamp {
     pub timestamp_ns: u64,
 }
 
-/// Fills a reused [`Record`] from decoded sockets.
+/// Longest congestion control name (`TCP_CA_NAME_MAX`).
+const CA_NAME_MAX: usize = 16;
+
+/// Encodes decoded sockets as `Record`s; numbers them as it goes.
 #[derive(Debug, Clone)]
-pub struct RecordBuilder {
-    record: Record,
+pub struct RecordEncoder {
+    hostname: String,
     counter: u64,
 }
 
-/// Assigns `Option` fields from a view that may itself be absent:
-/// `opt!(r, view, { record_field: accessor, ... })`.
-macro_rules! opt {
-    ($r:ident, $view:expr, { $($field:ident: $get:ident),* $(,)? }) => {
-        $( $r.$field = $view.and_then(|v| v.$get()).map(Into::into); )*
-    };
-}
-
-/// Same for views whose accessors always return a value.
-macro_rules! opt_fixed {
-    ($r:ident, $view:expr, { $($field:ident: $get:ident),* $(,)? }) => {
-        $( $r.$field = $view.map(|v| v.$get().into()); )*
-    };
-}
-
-impl RecordBuilder {
+impl RecordEncoder {
     pub fn new(hostname: String) -> Self {
-        RecordBuilder {
-            record: Record {
-                schema_version: SCHEMA_VERSION,
-                hostname,
-                ..Default::default()
-            },
+        RecordEncoder {
+            hostname,
             counter: 0,
         }
     }
 
-    /// Records built so far.
+    /// Records encoded so far.
     pub fn count(&self) -> u64 {
         self.counter
     }
 
-    /// Fills the record for `s` and returns it.
-    pub fn build(&mut self, s: &DiagSocket<'_>, poll: &PollStamp) -> &Record {
+    /// A buffer this long always holds one record.
+    pub fn max_record_len(&self) -> usize {
+        // Length-delimited fields: hostname, two addresses, congestion name,
+        // each with a key and a length varint; plus the writer's window slack.
+        key::MAX_SCALAR_LEN
+            + 4 * FIELD_WINDOW
+            + self.hostname.len()
+            + 16
+            + 16
+            + CA_NAME_MAX
+            + FIELD_WINDOW
+    }
+
+    /// Encodes `s` into `buf` and returns the length, or `None` (and counts
+    /// nothing) when `buf` is shorter than the record.
+    pub fn encode(
+        &mut self,
+        s: &DiagSocket<'_>,
+        poll: &PollStamp,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        let n = encode_fields(s, poll, &self.hostname, self.counter + 1, buf)?;
         self.counter += 1;
-        let r = &mut self.record;
-        r.poll_id = poll.poll_id;
-        r.poll_timestamp_ns = poll.timestamp_ns;
-        r.record_counter = self.counter;
+        Some(n)
+    }
 
-        let m = &s.msg;
-        r.inet_diag_msg_family = m.family().into();
-        r.inet_diag_msg_state = m.state().into();
-        r.inet_diag_msg_timer = m.timer().into();
-        r.inet_diag_msg_retrans = m.retrans().into();
-        r.inet_diag_msg_socket_source_port = m.source_port().into();
-        r.inet_diag_msg_socket_destination_port = m.destination_port().into();
-        replace(&mut r.inet_diag_msg_socket_source, m.source());
-        replace(&mut r.inet_diag_msg_socket_destination, m.destination());
-        r.inet_diag_msg_socket_interface = m.interface();
-        r.inet_diag_msg_socket_cookie = m.cookie();
-        r.inet_diag_msg_expires = m.expires();
-        r.inet_diag_msg_rqueue = m.rqueue();
-        r.inet_diag_msg_wqueue = m.wqueue();
-        r.inet_diag_msg_uid = m.uid();
-        r.inet_diag_msg_inode = m.inode();
-
-        opt_fixed!(r, s.meminfo, {
-            mem_info_rmem: rmem, mem_info_wmem: wmem, mem_info_fmem: fmem, mem_info_tmem: tmem,
-        });
-
-        let t = s.tcp_info.as_ref();
-        r.tcp_info_len = t.map_or(0, |t| t.len() as u32);
-        opt!(r, t, {
-            tcp_info_state: state,
-            tcp_info_ca_state: ca_state,
-            tcp_info_retransmits: retransmits,
-            tcp_info_probes: probes,
-            tcp_info_backoff: backoff,
-            tcp_info_options: options,
-            tcp_info_snd_wscale: snd_wscale,
-            tcp_info_rcv_wscale: rcv_wscale,
-            tcp_info_delivery_rate_app_limited: delivery_rate_app_limited,
-            tcp_info_fastopen_client_fail: fastopen_client_fail,
-            tcp_info_rto: rto,
-            tcp_info_ato: ato,
-            tcp_info_snd_mss: snd_mss,
-            tcp_info_rcv_mss: rcv_mss,
-            tcp_info_unacked: unacked,
-            tcp_info_sacked: sacked,
-            tcp_info_lost: lost,
-            tcp_info_retrans: retrans,
-            tcp_info_fackets: fackets,
-            tcp_info_last_data_sent: last_data_sent,
-            tcp_info_last_ack_sent: last_ack_sent,
-            tcp_info_last_data_recv: last_data_recv,
-            tcp_info_last_ack_recv: last_ack_recv,
-            tcp_info_pmtu: pmtu,
-            tcp_info_rcv_ssthresh: rcv_ssthresh,
-            tcp_info_rtt: rtt,
-            tcp_info_rttvar: rttvar,
-            tcp_info_snd_ssthresh: snd_ssthresh,
-            tcp_info_snd_cwnd: snd_cwnd,
-            tcp_info_advmss: advmss,
-            tcp_info_reordering: reordering,
-            tcp_info_rcv_rtt: rcv_rtt,
-            tcp_info_rcv_space: rcv_space,
-            tcp_info_total_retrans: total_retrans,
-            tcp_info_pacing_rate: pacing_rate,
-            tcp_info_max_pacing_rate: max_pacing_rate,
-            tcp_info_bytes_acked: bytes_acked,
-            tcp_info_bytes_received: bytes_received,
-            tcp_info_segs_out: segs_out,
-            tcp_info_segs_in: segs_in,
-            tcp_info_notsent_bytes: notsent_bytes,
-            tcp_info_min_rtt: min_rtt,
-            tcp_info_data_segs_in: data_segs_in,
-            tcp_info_data_segs_out: data_segs_out,
-            tcp_info_delivery_rate: delivery_rate,
-            tcp_info_busy_time: busy_time,
-            tcp_info_rwnd_limited: rwnd_limited,
-            tcp_info_sndbuf_limited: sndbuf_limited,
-            tcp_info_delivered: delivered,
-            tcp_info_delivered_ce: delivered_ce,
-            tcp_info_bytes_sent: bytes_sent,
-            tcp_info_bytes_retrans: bytes_retrans,
-            tcp_info_dsack_dups: dsack_dups,
-            tcp_info_reord_seen: reord_seen,
-            tcp_info_rcv_ooopack: rcv_ooopack,
-            tcp_info_snd_wnd: snd_wnd,
-            tcp_info_rcv_wnd: rcv_wnd,
-            tcp_info_rehash: rehash,
-            tcp_info_total_rto: total_rto,
-            tcp_info_total_rto_recoveries: total_rto_recoveries,
-            tcp_info_total_rto_time: total_rto_time,
-            tcp_info_received_ce: received_ce,
-            tcp_info_delivered_e1_bytes: delivered_e1_bytes,
-            tcp_info_delivered_e0_bytes: delivered_e0_bytes,
-            tcp_info_delivered_ce_bytes: delivered_ce_bytes,
-            tcp_info_received_e1_bytes: received_e1_bytes,
-            tcp_info_received_e0_bytes: received_e0_bytes,
-            tcp_info_received_ce_bytes: received_ce_bytes,
-            tcp_info_accecn_fail_mode: accecn_fail_mode,
-            tcp_info_accecn_opt_seen: accecn_opt_seen,
-            tcp_info_ecn_mode: ecn_mode,
-            tcp_info_options2: options2,
-        });
-
-        r.congestion_algorithm_string.clear();
-        r.congestion_algorithm_string
-            .push_str(s.congestion.unwrap_or_default());
-        r.congestion_algorithm_enum = congestion_enum(s.congestion) as i32;
-
-        r.type_of_service = s.tos.map(Into::into);
-        r.traffic_class = s.tclass.map(Into::into);
-        r.shutdown_state = s.shutdown.map(Into::into);
-        r.socket_mark = s.mark;
-        r.class_id = s.class_id;
-        r.cgroup_id = s.cgroup_id;
-        r.sockopt = s.sockopt.map(Into::into);
-        r.skv6only = s.skv6only;
-        r.unknown_attributes = s.unknown_attributes.into();
-
-        opt!(r, s.skmeminfo.as_ref(), {
-            sk_mem_info_rmem_alloc: rmem_alloc,
-            sk_mem_info_rcvbuf: rcvbuf,
-            sk_mem_info_wmem_alloc: wmem_alloc,
-            sk_mem_info_sndbuf: sndbuf,
-            sk_mem_info_fwd_alloc: fwd_alloc,
-            sk_mem_info_wmem_queued: wmem_queued,
-            sk_mem_info_optmem: optmem,
-            sk_mem_info_backlog: backlog,
-            sk_mem_info_drops: drops,
-        });
-        opt_fixed!(r, s.vegas, {
-            vegas_info_enabled: enabled,
-            vegas_info_rtt_cnt: rtt_cnt,
-            vegas_info_rtt: rtt,
-            vegas_info_min_rtt: min_rtt,
-        });
-        opt_fixed!(r, s.dctcp, {
-            dctcp_info_enabled: enabled,
-            dctcp_info_ce_state: ce_state,
-            dctcp_info_alpha: alpha,
-            dctcp_info_ab_ecn: ab_ecn,
-            dctcp_info_ab_tot: ab_tot,
-        });
-        opt_fixed!(r, s.bbr, {
-            bbr_info_bw: bw,
-            bbr_info_min_rtt: min_rtt,
-            bbr_info_pacing_gain: pacing_gain,
-            bbr_info_cwnd_gain: cwnd_gain,
-        });
-        &self.record
+    /// Encodes into a fresh buffer and decodes it back: the record as a
+    /// reader of the feed sees it (for JSON output and tests, not the hot path).
+    pub fn to_record(&mut self, s: &DiagSocket<'_>, poll: &PollStamp) -> Record {
+        let mut buf = vec![0u8; self.max_record_len()];
+        let n = self.encode(s, poll, &mut buf).unwrap_or(0);
+        // Bytes we just encoded always decode.
+        Record::decode(&buf[..n]).unwrap_or_default()
     }
 }
 
-/// Overwrites `dst` with `src`, keeping its allocation.
-fn replace(dst: &mut Vec<u8>, src: &[u8]) {
-    dst.clear();
-    dst.extend_from_slice(src);
+/// Writes every `Record` field, in field-number order (keys from build.rs).
+#[inline(always)]
+fn encode_fields(
+    s: &DiagSocket<'_>,
+    poll: &PollStamp,
+    hostname: &str,
+    counter: u64,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let mut w = Writer::new(buf);
+    w.uint(key::SCHEMA_VERSION, SCHEMA_VERSION)?;
+    w.bytes(key::HOSTNAME, hostname.as_bytes())?;
+    w.uint(key::POLL_TIMESTAMP_NS, poll.timestamp_ns)?;
+    w.uint(key::POLL_ID, poll.poll_id)?;
+    w.uint(key::RECORD_COUNTER, counter)?;
+
+    let m = &s.msg;
+    w.uint(key::INET_DIAG_MSG_FAMILY, m.family())?;
+    w.uint(key::INET_DIAG_MSG_STATE, m.state())?;
+    w.uint(key::INET_DIAG_MSG_TIMER, m.timer())?;
+    w.uint(key::INET_DIAG_MSG_RETRANS, m.retrans())?;
+    w.uint(key::INET_DIAG_MSG_SOCKET_SOURCE_PORT, m.source_port())?;
+    w.uint(
+        key::INET_DIAG_MSG_SOCKET_DESTINATION_PORT,
+        m.destination_port(),
+    )?;
+    w.bytes(key::INET_DIAG_MSG_SOCKET_SOURCE, m.source())?;
+    w.bytes(key::INET_DIAG_MSG_SOCKET_DESTINATION, m.destination())?;
+    w.uint(key::INET_DIAG_MSG_SOCKET_INTERFACE, m.interface())?;
+    w.uint(key::INET_DIAG_MSG_SOCKET_COOKIE, m.cookie())?;
+    w.uint(key::INET_DIAG_MSG_EXPIRES, m.expires())?;
+    w.uint(key::INET_DIAG_MSG_RQUEUE, m.rqueue())?;
+    w.uint(key::INET_DIAG_MSG_WQUEUE, m.wqueue())?;
+    w.uint(key::INET_DIAG_MSG_UID, m.uid())?;
+    w.uint(key::INET_DIAG_MSG_INODE, m.inode())?;
+
+    if let Some(mi) = &s.meminfo {
+        w.field(key::MEM_INFO_RMEM, mi.rmem().into())?;
+        w.field(key::MEM_INFO_WMEM, mi.wmem().into())?;
+        w.field(key::MEM_INFO_FMEM, mi.fmem().into())?;
+        w.field(key::MEM_INFO_TMEM, mi.tmem().into())?;
+    }
+
+    if let Some(t) = &s.tcp_info {
+        w.uint(key::TCP_INFO_LEN, t.len() as u64)?;
+        w.opt(key::TCP_INFO_STATE, t.state())?;
+        w.opt(key::TCP_INFO_CA_STATE, t.ca_state())?;
+        w.opt(key::TCP_INFO_RETRANSMITS, t.retransmits())?;
+        w.opt(key::TCP_INFO_PROBES, t.probes())?;
+        w.opt(key::TCP_INFO_BACKOFF, t.backoff())?;
+        w.opt(key::TCP_INFO_OPTIONS, t.options())?;
+        w.opt(key::TCP_INFO_SND_WSCALE, t.snd_wscale())?;
+        w.opt(key::TCP_INFO_RCV_WSCALE, t.rcv_wscale())?;
+        w.opt(
+            key::TCP_INFO_DELIVERY_RATE_APP_LIMITED,
+            t.delivery_rate_app_limited(),
+        )?;
+        w.opt(key::TCP_INFO_FASTOPEN_CLIENT_FAIL, t.fastopen_client_fail())?;
+        w.opt(key::TCP_INFO_RTO, t.rto())?;
+        w.opt(key::TCP_INFO_ATO, t.ato())?;
+        w.opt(key::TCP_INFO_SND_MSS, t.snd_mss())?;
+        w.opt(key::TCP_INFO_RCV_MSS, t.rcv_mss())?;
+        w.opt(key::TCP_INFO_UNACKED, t.unacked())?;
+        w.opt(key::TCP_INFO_SACKED, t.sacked())?;
+        w.opt(key::TCP_INFO_LOST, t.lost())?;
+        w.opt(key::TCP_INFO_RETRANS, t.retrans())?;
+        w.opt(key::TCP_INFO_FACKETS, t.fackets())?;
+        w.opt(key::TCP_INFO_LAST_DATA_SENT, t.last_data_sent())?;
+        w.opt(key::TCP_INFO_LAST_ACK_SENT, t.last_ack_sent())?;
+        w.opt(key::TCP_INFO_LAST_DATA_RECV, t.last_data_recv())?;
+        w.opt(key::TCP_INFO_LAST_ACK_RECV, t.last_ack_recv())?;
+        w.opt(key::TCP_INFO_PMTU, t.pmtu())?;
+        w.opt(key::TCP_INFO_RCV_SSTHRESH, t.rcv_ssthresh())?;
+        w.opt(key::TCP_INFO_RTT, t.rtt())?;
+        w.opt(key::TCP_INFO_RTTVAR, t.rttvar())?;
+        w.opt(key::TCP_INFO_SND_SSTHRESH, t.snd_ssthresh())?;
+        w.opt(key::TCP_INFO_SND_CWND, t.snd_cwnd())?;
+        w.opt(key::TCP_INFO_ADVMSS, t.advmss())?;
+        w.opt(key::TCP_INFO_REORDERING, t.reordering())?;
+        w.opt(key::TCP_INFO_RCV_RTT, t.rcv_rtt())?;
+        w.opt(key::TCP_INFO_RCV_SPACE, t.rcv_space())?;
+        w.opt(key::TCP_INFO_TOTAL_RETRANS, t.total_retrans())?;
+        w.opt(key::TCP_INFO_PACING_RATE, t.pacing_rate())?;
+        w.opt(key::TCP_INFO_MAX_PACING_RATE, t.max_pacing_rate())?;
+        w.opt(key::TCP_INFO_BYTES_ACKED, t.bytes_acked())?;
+        w.opt(key::TCP_INFO_BYTES_RECEIVED, t.bytes_received())?;
+        w.opt(key::TCP_INFO_SEGS_OUT, t.segs_out())?;
+        w.opt(key::TCP_INFO_SEGS_IN, t.segs_in())?;
+        w.opt(key::TCP_INFO_NOTSENT_BYTES, t.notsent_bytes())?;
+        w.opt(key::TCP_INFO_MIN_RTT, t.min_rtt())?;
+        w.opt(key::TCP_INFO_DATA_SEGS_IN, t.data_segs_in())?;
+        w.opt(key::TCP_INFO_DATA_SEGS_OUT, t.data_segs_out())?;
+        w.opt(key::TCP_INFO_DELIVERY_RATE, t.delivery_rate())?;
+        w.opt(key::TCP_INFO_BUSY_TIME, t.busy_time())?;
+        w.opt(key::TCP_INFO_RWND_LIMITED, t.rwnd_limited())?;
+        w.opt(key::TCP_INFO_SNDBUF_LIMITED, t.sndbuf_limited())?;
+        w.opt(key::TCP_INFO_DELIVERED, t.delivered())?;
+        w.opt(key::TCP_INFO_DELIVERED_CE, t.delivered_ce())?;
+        w.opt(key::TCP_INFO_BYTES_SENT, t.bytes_sent())?;
+        w.opt(key::TCP_INFO_BYTES_RETRANS, t.bytes_retrans())?;
+        w.opt(key::TCP_INFO_DSACK_DUPS, t.dsack_dups())?;
+        w.opt(key::TCP_INFO_REORD_SEEN, t.reord_seen())?;
+        w.opt(key::TCP_INFO_RCV_OOOPACK, t.rcv_ooopack())?;
+        w.opt(key::TCP_INFO_SND_WND, t.snd_wnd())?;
+        w.opt(key::TCP_INFO_RCV_WND, t.rcv_wnd())?;
+        w.opt(key::TCP_INFO_REHASH, t.rehash())?;
+        w.opt(key::TCP_INFO_TOTAL_RTO, t.total_rto())?;
+        w.opt(key::TCP_INFO_TOTAL_RTO_RECOVERIES, t.total_rto_recoveries())?;
+        w.opt(key::TCP_INFO_TOTAL_RTO_TIME, t.total_rto_time())?;
+        w.opt(key::TCP_INFO_RECEIVED_CE, t.received_ce())?;
+        w.opt(key::TCP_INFO_DELIVERED_E1_BYTES, t.delivered_e1_bytes())?;
+        w.opt(key::TCP_INFO_DELIVERED_E0_BYTES, t.delivered_e0_bytes())?;
+        w.opt(key::TCP_INFO_DELIVERED_CE_BYTES, t.delivered_ce_bytes())?;
+        w.opt(key::TCP_INFO_RECEIVED_E1_BYTES, t.received_e1_bytes())?;
+        w.opt(key::TCP_INFO_RECEIVED_E0_BYTES, t.received_e0_bytes())?;
+        w.opt(key::TCP_INFO_RECEIVED_CE_BYTES, t.received_ce_bytes())?;
+        w.opt(key::TCP_INFO_ACCECN_FAIL_MODE, t.accecn_fail_mode())?;
+        w.opt(key::TCP_INFO_ACCECN_OPT_SEEN, t.accecn_opt_seen())?;
+        w.opt(key::TCP_INFO_ECN_MODE, t.ecn_mode())?;
+        w.opt(key::TCP_INFO_OPTIONS2, t.options2())?;
+    }
+
+    let congestion = s.congestion.unwrap_or_default();
+    w.bytes(key::CONGESTION_ALGORITHM_STRING, congestion.as_bytes())?;
+    w.uint(
+        key::CONGESTION_ALGORITHM_ENUM,
+        congestion_enum(s.congestion) as u32,
+    )?;
+
+    w.opt(key::TYPE_OF_SERVICE, s.tos)?;
+    w.opt(key::TRAFFIC_CLASS, s.tclass)?;
+    w.opt(key::SHUTDOWN_STATE, s.shutdown)?;
+    w.opt(key::SOCKET_MARK, s.mark)?;
+    w.opt(key::CLASS_ID, s.class_id)?;
+    w.opt(key::CGROUP_ID, s.cgroup_id)?;
+    w.opt(key::SOCKOPT, s.sockopt)?;
+    w.opt(key::SKV6ONLY, s.skv6only)?;
+    w.uint(key::UNKNOWN_ATTRIBUTES, s.unknown_attributes)?;
+
+    if let Some(sk) = &s.skmeminfo {
+        w.opt(key::SK_MEM_INFO_RMEM_ALLOC, sk.rmem_alloc())?;
+        w.opt(key::SK_MEM_INFO_RCVBUF, sk.rcvbuf())?;
+        w.opt(key::SK_MEM_INFO_WMEM_ALLOC, sk.wmem_alloc())?;
+        w.opt(key::SK_MEM_INFO_SNDBUF, sk.sndbuf())?;
+        w.opt(key::SK_MEM_INFO_FWD_ALLOC, sk.fwd_alloc())?;
+        w.opt(key::SK_MEM_INFO_WMEM_QUEUED, sk.wmem_queued())?;
+        w.opt(key::SK_MEM_INFO_OPTMEM, sk.optmem())?;
+        w.opt(key::SK_MEM_INFO_BACKLOG, sk.backlog())?;
+        w.opt(key::SK_MEM_INFO_DROPS, sk.drops())?;
+    }
+    if let Some(v) = &s.vegas {
+        w.field(key::VEGAS_INFO_ENABLED, v.enabled().into())?;
+        w.field(key::VEGAS_INFO_RTT_CNT, v.rtt_cnt().into())?;
+        w.field(key::VEGAS_INFO_RTT, v.rtt().into())?;
+        w.field(key::VEGAS_INFO_MIN_RTT, v.min_rtt().into())?;
+    }
+    if let Some(d) = &s.dctcp {
+        w.field(key::DCTCP_INFO_ENABLED, d.enabled().into())?;
+        w.field(key::DCTCP_INFO_CE_STATE, d.ce_state().into())?;
+        w.field(key::DCTCP_INFO_ALPHA, d.alpha().into())?;
+        w.field(key::DCTCP_INFO_AB_ECN, d.ab_ecn().into())?;
+        w.field(key::DCTCP_INFO_AB_TOT, d.ab_tot().into())?;
+    }
+    if let Some(b) = &s.bbr {
+        w.field(key::BBR_INFO_BW, b.bw())?;
+        w.field(key::BBR_INFO_MIN_RTT, b.min_rtt().into())?;
+        w.field(key::BBR_INFO_PACING_GAIN, b.pacing_gain().into())?;
+        w.field(key::BBR_INFO_CWND_GAIN, b.cwnd_gain().into())?;
+    }
+    Some(w.len())
 }
 
 /// Maps the kernel's module name (`tcp_congestion_ops.name`) to the enum.

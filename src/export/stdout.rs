@@ -3,6 +3,8 @@
 
 use std::io::{self, BufWriter, Stdout, Write};
 
+use prost::Message;
+
 use crate::proto::Record;
 
 pub struct StdoutSink {
@@ -18,8 +20,10 @@ impl Default for StdoutSink {
 }
 
 impl StdoutSink {
-    pub fn write(&mut self, record: &Record) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
+    /// Prints one encoded `Record` as a JSON line.
+    pub fn write(&mut self, encoded: &[u8]) -> io::Result<()> {
+        let record = Record::decode(encoded).map_err(io::Error::other)?;
+        serde_json::to_writer(&mut self.out, &record)?;
         self.out.write_all(b"\n")
     }
 

@@ -5,10 +5,9 @@ use std::io;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, Dest};
-use crate::export::record::{PollStamp, RecordBuilder};
+use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::stdout::StdoutSink;
 use crate::pipeline::netlink::{DumpError, DumpStats, SockDiagSocket, RECV_BUFFER_LEN};
-use crate::proto::Record;
 use crate::wire::{decode_socket, TailLayout, WireError};
 
 /// What to ask the kernel for.
@@ -43,30 +42,33 @@ pub enum PollError {
     Output(io::Error),
 }
 
-/// Reusable state for polling: the socket, the receive buffer, the record.
+/// Reusable state for polling: the socket, the receive and record buffers.
 pub struct Poller {
     socket: SockDiagSocket,
     buf: Vec<u8>,
-    builder: RecordBuilder,
+    encoder: RecordEncoder,
+    record: Vec<u8>,
     spec: DumpSpec,
 }
 
 impl Poller {
     pub fn new(socket: SockDiagSocket, spec: DumpSpec, hostname: String) -> Self {
+        let encoder = RecordEncoder::new(hostname);
         Poller {
             socket,
             buf: vec![0; RECV_BUFFER_LEN],
-            builder: RecordBuilder::new(hostname),
+            record: vec![0; encoder.max_record_len()],
+            encoder,
             spec,
         }
     }
 
-    /// Dumps every family and calls `emit` with each socket's record.
-    /// An `emit` error stops the poll and is returned.
+    /// Dumps every family and calls `emit` with each socket's encoded
+    /// `Record`. An `emit` error stops the poll and is returned.
     pub fn poll(
         &mut self,
         stamp: &PollStamp,
-        mut emit: impl FnMut(&Record) -> io::Result<()>,
+        mut emit: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<PollSummary, PollError> {
         let mut summary = PollSummary::default();
         let mut output_error = None;
@@ -77,17 +79,21 @@ impl Poller {
                 .dump(family, self.spec.states, self.spec.extensions)
                 .map_err(|e| dump_err(e.into()))?;
             while let Some(len) = reader.recv(&mut self.buf).map_err(dump_err)? {
-                let builder = &mut self.builder;
+                let (encoder, record) = (&mut self.encoder, &mut self.record);
                 reader
                     .scan(&self.buf[..len], |payload| {
                         if output_error.is_some() {
                             return;
                         }
                         match decode_socket(payload, self.spec.tail) {
-                            Ok(socket) => match emit(builder.build(&socket, stamp)) {
-                                Ok(()) => summary.records += 1,
-                                Err(e) => output_error = Some(e),
-                            },
+                            Ok(socket) => {
+                                // `record` is max_record_len() long: always enough.
+                                let len = encoder.encode(&socket, stamp, record).unwrap_or(0);
+                                match emit(&record[..len]) {
+                                    Ok(()) => summary.records += 1,
+                                    Err(e) => output_error = Some(e),
+                                }
+                            }
                             Err(e) => {
                                 summary.decode_errors += 1;
                                 summary.first_decode_error.get_or_insert(e);
