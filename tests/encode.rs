@@ -110,3 +110,30 @@ fn short_buffer_is_none_and_not_counted() {
     assert_eq!(enc.count(), 0);
     assert!(enc.encode(&s, &STAMP, &mut vec![0u8; need + 12]).is_some());
 }
+
+/// docs/record.md must document every field of proto/xtcp.proto, with its number.
+#[test]
+fn record_doc_lists_every_field() {
+    let proto = include_str!("../proto/xtcp.proto");
+    let doc = include_str!("../docs/record.md");
+    let record =
+        &proto[proto.find("message Record {").unwrap()..proto.find("message Envelope").unwrap()];
+    let mut fields = 0;
+    for line in record.lines().map(str::trim) {
+        let Some(decl) = line.strip_suffix(';') else {
+            continue;
+        };
+        if line.starts_with("//") || !decl.contains(" = ") {
+            continue;
+        }
+        let (lhs, number) = decl.split_once(" = ").unwrap();
+        let name = lhs.split_whitespace().last().unwrap();
+        let row = format!("| {number} | `{name}` |");
+        assert!(
+            doc.contains(&row),
+            "docs/record.md lacks the row for {name} = {number}"
+        );
+        fields += 1;
+    }
+    assert_eq!(fields, 130);
+}

@@ -1,0 +1,51 @@
+# Every target here is what CI runs (`.ci/run` calls `make test`).
+
+CARGO ?= cargo
+FUZZ_RUNS ?= 200000
+FUZZ_MAX_LEN ?= 8192
+
+.PHONY: run build test lint unit fuzz-smoke fuzz bench fixtures clean
+
+## run: dump every TCP socket of this host once, as JSON lines
+run: build
+	./target/release/xtcp --max-loops 1 --dest stdout
+
+build:
+	$(CARGO) build --release --locked
+
+## test: formatting, lints, every test (needs root: tests make network namespaces), a short fuzz run
+test: lint unit fuzz-smoke
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --locked --all-targets
+
+## fuzz-smoke: the decode fuzz target for a fixed number of runs, seeded with the fixtures
+fuzz-smoke: fuzz/corpus/decode
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode corpus/decode -- -runs=$(FUZZ_RUNS) -max_len=$(FUZZ_MAX_LEN)
+
+## fuzz: the decode fuzz target until stopped
+fuzz: fuzz/corpus/decode
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode corpus/decode -- -max_len=$(FUZZ_MAX_LEN)
+
+# Seeds: the small captures (a 4 KB dump reaches every attribute; the
+# 270 KB bench dump would make each run ~1000x slower).
+FUZZ_SEEDS = tests/fixtures/scenario-*.bin tests/fixtures/tcp_info-*.bin
+fuzz/corpus/decode: $(FUZZ_SEEDS)
+	mkdir -p $@ && cp $(FUZZ_SEEDS) $@/ && touch $@
+
+## bench: criterion decode benches, then ns/socket and ratios
+bench:
+	$(CARGO) bench --locked --bench decode
+	python3 tools/bench_report.py
+
+## fixtures: recapture tests/fixtures/ from this kernel (root)
+fixtures:
+	$(CARGO) run --locked --bin xtcp-capture-fixtures -- tests/fixtures
+
+clean:
+	$(CARGO) clean
+	rm -rf fuzz/target fuzz/corpus fuzz/artifacts
