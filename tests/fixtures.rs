@@ -2,8 +2,10 @@
 //! scenario dumps from a 6.18 kernel and the fixtures derived from them for the
 //! `tcp_info` lengths of older kernels and the 7.0 layout.
 
+use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::proto::Record;
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
@@ -15,6 +17,7 @@ const BENCH: &[u8] = include_bytes!("fixtures/bench-dump.bin");
 /// is clean and ends with one NLMSG_DONE per dump.
 fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
     let mut encoder = RecordEncoder::new("fixture".into());
+    let mut buf = vec![0u8; encoder.max_record_len()];
     let stamp = PollStamp {
         poll_id: 1,
         timestamp_ns: 1,
@@ -27,7 +30,9 @@ fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
         match msg.body().unwrap() {
             Body::Socket(p) => {
                 let s = decode_socket(p, tail).unwrap();
-                records.push(serde_json::to_value(encoder.to_record(&s, &stamp)).unwrap());
+                let len = encoder.encode(&s, &stamp, &mut buf).unwrap();
+                let record = Record::decode(&buf[..len]).unwrap();
+                records.push(serde_json::to_value(record).unwrap());
             }
             Body::Done { error } => {
                 assert_eq!(error, 0);

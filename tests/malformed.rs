@@ -2,6 +2,7 @@
 //! property tests that random or mutated buffers never panic the decoder.
 
 use proptest::prelude::*;
+use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout, WireError};
 
@@ -49,7 +50,12 @@ fn attr(kind: u16, len: u16, value: &[u8]) -> Vec<u8> {
 
 #[test]
 fn well_formed_message_decodes() {
-    let attrs = [attr(4, 8, b"bbr\0"), attr(8, 5, &[3])].concat();
+    let attrs = [
+        attr(4, 8, b"bbr\0"),
+        attr(8, 5, &[3]),
+        attr(4, 19, b"fifteen_bytes_cc"),
+    ]
+    .concat();
     let buf = message(2, &attrs, 72);
     assert_eq!(decode_all(&buf), Ok(1));
     let Ok(Body::Socket(p)) = messages(&buf).next().unwrap().unwrap().body() else {
@@ -58,7 +64,11 @@ fn well_formed_message_decodes() {
     let s = decode_socket(p, TailLayout::U16Pair).unwrap();
     assert_eq!((s.msg.source_port(), s.msg.destination_port()), (443, 5555));
     assert_eq!(s.msg.source_ip().to_string(), "10.0.0.1");
-    assert_eq!((s.congestion, s.shutdown), (Some("bbr"), Some(3)));
+    // A later duplicate wins; a 15-byte name without NUL is the longest allowed.
+    assert_eq!(
+        (s.congestion, s.shutdown),
+        (Some("fifteen_bytes_c"), Some(3))
+    );
 }
 
 #[test]
@@ -202,6 +212,14 @@ fn unknown_attributes_are_skipped_and_counted() {
     );
 }
 
+/// Attribute values: raw bytes, or printable text (valid UTF-8 names).
+fn attr_value() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..300),
+        proptest::collection::vec(0x20u8..0x7f, 0..2000),
+    ]
+}
+
 const CAPTURED: &[u8] = include_bytes!("fixtures/scenario-v4.bin");
 
 proptest! {
@@ -225,5 +243,33 @@ proptest! {
             }
         }
         let _ = decode_all(&buf);
+    }
+}
+
+proptest! {
+    // Messages here run to tens of KB; fewer cases keep the suite quick.
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Well-framed messages with arbitrary attributes: whatever the decoder
+    /// accepts must encode into a buffer of `max_record_len()`.
+    #[test]
+    fn accepted_sockets_always_fit_the_record_buffer(
+        v6 in any::<bool>(),
+        attrs in proptest::collection::vec((1u16..=24, attr_value()), 0..24),
+    ) {
+        let body: Vec<u8> = attrs
+            .iter()
+            .flat_map(|(kind, value)| attr(*kind, (value.len() + 4) as u16, value))
+            .collect();
+        let buf = message(if v6 { 10 } else { 2 }, &body, 72);
+        let Ok(Body::Socket(p)) = messages(&buf).next().unwrap().unwrap().body() else {
+            panic!("framing of a built message")
+        };
+        if let Ok(s) = decode_socket(p, TailLayout::Bitfield) {
+            let mut enc = RecordEncoder::new("h".repeat(64));
+            let mut out = vec![0u8; enc.max_record_len()];
+            let stamp = PollStamp { poll_id: u64::MAX, timestamp_ns: u64::MAX };
+            prop_assert!(enc.encode(&s, &stamp, &mut out).is_some());
+        }
     }
 }

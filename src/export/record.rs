@@ -8,10 +8,9 @@
 //! the struct (JSON output, the debug server) decode them with prost.
 //! Runs in whichever thread decodes.
 
-use prost::Message;
-
 use crate::export::encode::{Writer, FIELD_WINDOW};
-use crate::proto::{key, CongestionAlgorithm, Record};
+use crate::proto::{key, CongestionAlgorithm};
+use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
 
 /// Bumped whenever fields are added to `proto/xtcp.proto`.
@@ -25,9 +24,6 @@ pub struct PollStamp {
     /// Poll start, ns since the Unix epoch.
     pub timestamp_ns: u64,
 }
-
-/// Longest congestion control name (`TCP_CA_NAME_MAX`).
-const CA_NAME_MAX: usize = 16;
 
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.
 #[derive(Debug, Clone)]
@@ -49,7 +45,9 @@ impl RecordEncoder {
         self.counter
     }
 
-    /// A buffer this long always holds one record.
+    /// A buffer this long always holds one record of any socket the decoder
+    /// accepts (addresses are 4 or 16 bytes, names shorter than
+    /// `TCP_CA_NAME_MAX`; the fuzz target checks the bound).
     pub fn max_record_len(&self) -> usize {
         // Length-delimited fields: hostname, two addresses, congestion name,
         // each with a key and a length varint; plus the writer's window slack.
@@ -58,7 +56,7 @@ impl RecordEncoder {
             + self.hostname.len()
             + 16
             + 16
-            + CA_NAME_MAX
+            + TCP_CA_NAME_MAX
             + FIELD_WINDOW
     }
 
@@ -73,15 +71,6 @@ impl RecordEncoder {
         let n = encode_fields(s, poll, &self.hostname, self.counter + 1, buf)?;
         self.counter += 1;
         Some(n)
-    }
-
-    /// Encodes into a fresh buffer and decodes it back: the record as a
-    /// reader of the feed sees it (for JSON output and tests, not the hot path).
-    pub fn to_record(&mut self, s: &DiagSocket<'_>, poll: &PollStamp) -> Record {
-        let mut buf = vec![0u8; self.max_record_len()];
-        let n = self.encode(s, poll, &mut buf).unwrap_or(0);
-        // Bytes we just encoded always decode.
-        Record::decode(&buf[..n]).unwrap_or_default()
     }
 }
 

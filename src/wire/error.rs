@@ -44,4 +44,6 @@ pub enum WireError {
     },
     #[error("congestion control name is not UTF-8 ({len} bytes)")]
     BadCongestionName { len: usize },
+    #[error("congestion control name is {len} bytes, the kernel allows at most 15")]
+    LongCongestionName { len: usize },
 }

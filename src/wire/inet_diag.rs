@@ -400,8 +400,15 @@ fn scalar<T: NeInt>(value: &[u8], name: &'static str) -> Result<T, WireError> {
     })
 }
 
-/// The kernel sends the name NUL-terminated (`nla_put_string`); accept it without too.
+/// `TCP_CA_NAME_MAX` (`include/net/tcp.h`): names are at most 15 bytes + NUL.
+pub const TCP_CA_NAME_MAX: usize = 16;
+
+/// The kernel sends the name NUL-terminated (`nla_put_string`); accept it
+/// without too. Longer than the kernel allows, or not UTF-8, is an error.
 fn congestion_name(value: &[u8]) -> Result<&str, WireError> {
     let name = value.split(|&b| b == 0).next().unwrap_or_default();
+    if name.len() >= TCP_CA_NAME_MAX {
+        return Err(WireError::LongCongestionName { len: name.len() });
+    }
     std::str::from_utf8(name).map_err(|_| WireError::BadCongestionName { len: name.len() })
 }
