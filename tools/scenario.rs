@@ -161,24 +161,28 @@ pub fn open(v6: bool, client_base: u16) -> io::Result<Scenario> {
             Tweak::Congestion => (other_cc, 0),
             Tweak::Tos => (default_cc.as_str(), TOS),
         };
-        expected.push(ExpectedSocket {
-            family,
-            state: STATE_ESTABLISHED,
-            source_port: port,
-            destination_port: LISTEN_PORT,
-            bytes: Some((CLIENT_BYTES as u64, SERVER_BYTES as u64)),
-            congestion: Some(cc.to_string()),
-            tos: Some(tos),
-        });
-        expected.push(ExpectedSocket {
-            family,
-            state: STATE_ESTABLISHED,
-            source_port: LISTEN_PORT,
-            destination_port: port,
-            bytes: Some((SERVER_BYTES as u64, CLIENT_BYTES as u64)),
-            congestion: Some(default_cc.clone()),
-            tos: Some(0),
-        });
+        let established =
+            |(source_port, destination_port), (sent, received), cc: &str, tos| ExpectedSocket {
+                family,
+                state: STATE_ESTABLISHED,
+                source_port,
+                destination_port,
+                bytes: Some((sent as u64, received as u64)),
+                congestion: Some(cc.to_string()),
+                tos: Some(tos),
+            };
+        expected.push(established(
+            (port, LISTEN_PORT),
+            (CLIENT_BYTES, SERVER_BYTES),
+            cc,
+            tos,
+        ));
+        expected.push(established(
+            (LISTEN_PORT, port),
+            (SERVER_BYTES, CLIENT_BYTES),
+            &default_cc,
+            0,
+        ));
         open.push(client);
         open.push(accepted);
     }
