@@ -44,8 +44,6 @@ impl TailLayout {
 
 /// Offset of the 4 bytes whose layout changed in 7.0.
 const TAIL_OFFSET: usize = 276;
-/// Largest `tcp_info` this decoder knows the fields of.
-pub const KNOWN_LEN: usize = 280;
 
 /// Extracts a C bitfield member: `first` is the member's bit position counted
 /// in declaration order within a `total`-bit storage unit. GCC allocates
