@@ -1,6 +1,6 @@
-//! From a decoded socket to bytes at a destination: [`record`] fills the
-//! protobuf record, [`encode`] backs its fast encoder, [`json`] prints it, [`stdout`] is the one-line-per-socket
-//! destination.
+//! From a decoded socket to bytes at a destination: [`record`] encodes the
+//! protobuf `Record` with the [`encode`] writer; [`json`] and [`stdout`] print
+//! decoded records one JSON object per line.
 
 pub mod encode;
 pub mod json;

@@ -5,7 +5,7 @@
 //! buffer, in field-number order, with the keys `build.rs` generates: no
 //! intermediate struct, no allocation. The bytes are exactly what prost
 //! would encode for the same `Record` (`tests/encode.rs`). Readers who want
-//! the struct (JSON output, the debug server) decode them with prost.
+//! the struct (the JSON output) decode them with prost.
 //! Runs in whichever thread decodes.
 
 use crate::export::encode::{Writer, FIELD_WINDOW};
