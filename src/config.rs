@@ -1,32 +1,59 @@
 //! Command line (and `XTCP_*` environment variables) -> validated [`Config`].
 //!
 //! Parsed once in `main`. A bad value exits 2 with one line naming the flag
-//! and what was wrong.
+//! and what was wrong. `--print-config` prints the effective configuration in
+//! the `KEY=value` form of a systemd `EnvironmentFile`, which parses back to
+//! the same [`Config`].
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
 
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use crate::wire::state;
+
+/// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
+pub const DEFAULT_UDP_BATCH_BYTES: usize = 16_384;
+/// Smallest receive buffer: the kernel fills dump datagrams up to about one
+/// page (`NLMSG_GOODSIZE`) even when the reader offers less.
+const MIN_RECV_BUFFER: usize = 4096;
+/// Largest receive buffer accepted. The kernel caps a dump datagram at
+/// 32 KiB, so more only wastes memory.
+const MAX_RECV_BUFFER: usize = 1 << 20;
 
 /// Where records go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dest {
     /// One JSON object per line on standard output.
     Stdout,
+    /// Protobuf records in UDP datagrams to this address.
+    Udp(SocketAddr),
 }
 
 impl FromStr for Dest {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stdout" => Ok(Dest::Stdout),
-            other => Err(format!("unknown destination '{other}' (supported: stdout)")),
+        if s == "stdout" {
+            return Ok(Dest::Stdout);
         }
+        let Some(addr) = s.strip_prefix("udp:") else {
+            return Err(format!(
+                "unknown destination '{s}' (supported: udp:HOST:PORT, stdout)"
+            ));
+        };
+        // Resolved once at startup: a name that moves needs a restart.
+        addr.to_socket_addrs()
+            .map_err(|e| format!("'{s}': {e} (expected udp:HOST:PORT)"))?
+            .next()
+            .map(Dest::Udp)
+            .ok_or_else(|| format!("'{s}': the name has no address"))
     }
 }
 
@@ -34,6 +61,7 @@ impl fmt::Display for Dest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Dest::Stdout => f.write_str("stdout"),
+            Dest::Udp(addr) => write!(f, "udp:{addr}"),
         }
     }
 }
@@ -47,25 +75,122 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// xtcp: export every TCP socket of this host (netlink sock_diag) as records.
+/// `all` or a comma-separated list of state names -> `1 << state` bits.
+fn parse_states(s: &str) -> Result<u32, String> {
+    if s == "all" {
+        return Ok(ALL_STATES);
+    }
+    s.split(',').try_fold(0u32, |mask, name| {
+        let name = name.trim();
+        state::by_name(name).map(|n| mask | 1 << n).ok_or_else(|| {
+            let known: Vec<_> = state::names(ALL_STATES).collect();
+            format!(
+                "unknown state '{name}' (all, or a list of: {})",
+                known.join(",")
+            )
+        })
+    })
+}
+
+fn states_to_string(mask: u32) -> String {
+    if mask == ALL_STATES {
+        return "all".into();
+    }
+    state::names(mask).collect::<Vec<_>>().join(",")
+}
+
+/// An integer flag with an inclusive range.
+fn ranged(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s| {
+        let v: u64 = s.parse().map_err(|e| format!("'{s}': {e}"))?;
+        if !(lo..=hi).contains(&v) {
+            return Err(format!("{v} is outside {lo}..={hi}"));
+        }
+        Ok(v)
+    }
+}
+
+fn parse_safety_buffer(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("'{s}': {e}"))?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("{s} is not a fraction in (0, 1]"));
+    }
+    Ok(v)
+}
+
+fn parse_batch_bytes(s: &str) -> Result<usize, String> {
+    let v: usize = s.parse().map_err(|e| format!("'{s}': {e}"))?;
+    if v != 0 && !(512..=MAX_UDP_PAYLOAD).contains(&v) {
+        return Err(format!(
+            "{v}: use 0 (one record per datagram) or 512..={MAX_UDP_PAYLOAD}"
+        ));
+    }
+    Ok(v)
+}
+
+/// xtcp: export every TCP socket of this host (netlink sock_diag) as
+/// protobuf records over UDP.
+///
+/// Every flag can also be set from the environment variable named in its
+/// help (for a systemd EnvironmentFile); a flag on the command line wins.
 #[derive(Debug, Parser)]
 #[command(name = "xtcp", version, about, long_about = None)]
 struct Cli {
+    /// Time from one poll's start to the next (e.g. 30s, 500ms, 1m).
+    #[arg(long, env = "XTCP_FREQUENCY", default_value = "30s", value_parser = parse_duration)]
+    frequency: Duration,
+
     /// Number of polls to run, then exit; 0 polls until stopped.
     #[arg(long, env = "XTCP_MAX_LOOPS", default_value_t = 0)]
     max_loops: u64,
 
-    /// Time from one poll's start to the next (e.g. 30s, 500ms, 1m).
-    #[arg(long, env = "XTCP_FREQUENCY", default_value = "30s", value_parser = parse_duration)]
-    frequency: Duration,
+    /// Warn and count a long poll when one takes longer than this fraction
+    /// of --frequency.
+    #[arg(long, env = "XTCP_POLLING_SAFETY_BUFFER", default_value_t = 0.8, value_parser = parse_safety_buffer)]
+    polling_safety_buffer: f64,
 
     /// Give up on a dump when the kernel sends nothing for this long.
     #[arg(long, env = "XTCP_NETLINK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     netlink_timeout: Duration,
 
-    /// Where records go: stdout (JSON lines).
-    #[arg(long, env = "XTCP_DEST", default_value = "stdout")]
-    dest: Dest,
+    /// Threads reading the IPv4 netlink socket.
+    #[arg(long, env = "XTCP_NETLINKERS4", default_value_t = 1, value_parser = ranged(1, 64))]
+    netlinkers4: u64,
+
+    /// Threads reading the IPv6 netlink socket.
+    #[arg(long, env = "XTCP_NETLINKERS6", default_value_t = 1, value_parser = ranged(1, 64))]
+    netlinkers6: u64,
+
+    /// Threads decoding, sampling and sending IPv4 sockets.
+    #[arg(long, env = "XTCP_INETDIAGERS4", default_value_t = 1, value_parser = ranged(1, 64))]
+    inetdiagers4: u64,
+
+    /// Threads decoding, sampling and sending IPv6 sockets.
+    #[arg(long, env = "XTCP_INETDIAGERS6", default_value_t = 1, value_parser = ranged(1, 64))]
+    inetdiagers6: u64,
+
+    /// One thread of each kind per family (overrides the four counts above).
+    #[arg(long, env = "XTCP_SINGLE")]
+    single: bool,
+
+    /// Netlink receive buffer unit in bytes; 0 means the page size.
+    /// Buffer = --packet-size x --packet-size-mply, 4 KiB..1 MiB.
+    #[arg(long, env = "XTCP_PACKET_SIZE", default_value_t = 0, value_parser = ranged(0, 1 << 20))]
+    packet_size: u64,
+
+    /// Netlink receive buffer multiplier (see --packet-size).
+    #[arg(long, env = "XTCP_PACKET_SIZE_MPLY", default_value_t = 8, value_parser = ranged(1, 256))]
+    packet_size_mply: u64,
+
+    /// Capacity of each family's netlinker -> inetdiager channel, in
+    /// receive buffers. When it is full the netlinker waits (counted).
+    #[arg(long, env = "XTCP_CHANNEL_SIZE", default_value_t = 100, value_parser = ranged(1, 100_000))]
+    channel_size: u64,
+
+    /// Export one socket in N, chosen by a hash of the socket cookie so the
+    /// same sockets are exported on every poll. 1 exports every socket.
+    #[arg(long, env = "XTCP_SAMPLING_MODULUS", default_value_t = 1, value_parser = ranged(1, u64::from(u32::MAX)))]
+    sampling_modulus: u64,
 
     /// Do not poll IPv4 sockets.
     #[arg(long, env = "XTCP_NO4")]
@@ -74,26 +199,83 @@ struct Cli {
     /// Do not poll IPv6 sockets.
     #[arg(long, env = "XTCP_NO6")]
     no6: bool,
+
+    /// TCP states to dump: all, or a comma-separated list such as
+    /// established,time-wait (names as in `ss state`).
+    #[arg(long, env = "XTCP_STATES", default_value = "all", value_parser = parse_states)]
+    states: u32,
+
+    /// Where records go: udp:HOST:PORT (protobuf) or stdout (JSON lines).
+    #[arg(long, env = "XTCP_DEST", default_value = "udp:127.0.0.1:13000")]
+    dest: Dest,
+
+    /// Pack records into UDP datagrams of at most this many bytes (an
+    /// xtcp.v1.Envelope of length-delimited records); 0 sends one bare
+    /// Record per datagram.
+    #[arg(long, env = "XTCP_UDP_BATCH_BYTES", default_value_t = DEFAULT_UDP_BATCH_BYTES, value_parser = parse_batch_bytes)]
+    udp_batch_bytes: usize,
+
+    /// Print one line per poll to stderr (otherwise only warnings and the
+    /// totals at exit).
+    #[arg(short, long, env = "XTCP_VERBOSE")]
+    verbose: bool,
+
+    /// Print the effective configuration as KEY=value lines and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// One address family's dump and its thread counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    /// AF_INET or AF_INET6.
+    pub af: u8,
+    pub netlinkers: usize,
+    pub inetdiagers: usize,
+}
+
+impl Family {
+    /// "v4" / "v6", for thread names and messages.
+    pub fn name(&self) -> &'static str {
+        if self.af == AF_INET6 {
+            "v6"
+        } else {
+            "v4"
+        }
+    }
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub max_loops: u64,
     pub frequency: Duration,
+    pub max_loops: u64,
+    pub polling_safety_buffer: f64,
     pub netlink_timeout: Duration,
-    pub dest: Dest,
-    /// Address families to dump, in order.
-    pub families: Vec<u8>,
+    /// Enabled families, dumped in this order.
+    pub families: Vec<Family>,
+    pub single: bool,
+    /// `--packet-size` with 0 resolved to the page size.
+    pub packet_size: usize,
+    pub packet_size_mply: usize,
+    pub channel_size: usize,
+    pub sampling_modulus: u64,
+    /// `1 << state` bits.
     pub states: u32,
+    /// `1 << (INET_DIAG_X - 1)` bits.
     pub extensions: u8,
+    pub dest: Dest,
+    pub udp_batch_bytes: usize,
+    pub verbose: bool,
 }
 
-/// A command line that cannot run, or a request for help/version text.
+/// A command line that cannot run, or a request for text output.
 #[derive(Debug)]
 pub enum ArgsError {
     /// `--help` / `--version`: print and exit 0.
     Info(clap::Error),
+    /// `--print-config`: print this and exit 0.
+    PrintConfig(String),
     /// Exit 2 with this one line.
     Invalid(String),
 }
@@ -110,27 +292,126 @@ impl Config {
             }
             _ => ArgsError::Invalid(first_line(&e.render().to_string())),
         })?;
-        let families: Vec<u8> = [
-            (!cli.no4).then_some(AF_INET),
-            (!cli.no6).then_some(AF_INET6),
+        let config =
+            Config::validate(&cli).map_err(|e| ArgsError::Invalid(format!("error: {e}")))?;
+        if cli.print_config {
+            return Err(ArgsError::PrintConfig(config.to_env_file()));
+        }
+        Ok(config)
+    }
+
+    fn validate(cli: &Cli) -> Result<Config, String> {
+        let threads = |n: u64| if cli.single { 1 } else { n as usize };
+        let families: Vec<Family> = [
+            (!cli.no4).then_some(Family {
+                af: AF_INET,
+                netlinkers: threads(cli.netlinkers4),
+                inetdiagers: threads(cli.inetdiagers4),
+            }),
+            (!cli.no6).then_some(Family {
+                af: AF_INET6,
+                netlinkers: threads(cli.netlinkers6),
+                inetdiagers: threads(cli.inetdiagers6),
+            }),
         ]
         .into_iter()
         .flatten()
         .collect();
         if families.is_empty() {
-            return Err(ArgsError::Invalid(
-                "error: --no4 and --no6 together leave nothing to poll".into(),
+            return Err("--no4 and --no6 together leave nothing to poll".into());
+        }
+        let packet_size = match cli.packet_size {
+            0 => nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                .ok()
+                .flatten()
+                .map_or(4096, |p| p as usize),
+            n => n as usize,
+        };
+        let mply = cli.packet_size_mply as usize;
+        let buffer = packet_size * mply;
+        if !(MIN_RECV_BUFFER..=MAX_RECV_BUFFER).contains(&buffer) {
+            return Err(format!(
+                "--packet-size {packet_size} x --packet-size-mply {mply} = {buffer} bytes, \
+                 outside {MIN_RECV_BUFFER}..={MAX_RECV_BUFFER}"
             ));
         }
+        if cli.states == 0 {
+            return Err("--states selects no state".into());
+        }
         Ok(Config {
-            max_loops: cli.max_loops,
             frequency: cli.frequency,
+            max_loops: cli.max_loops,
+            polling_safety_buffer: cli.polling_safety_buffer,
             netlink_timeout: cli.netlink_timeout,
-            dest: cli.dest,
             families,
-            states: ALL_STATES,
+            single: cli.single,
+            packet_size,
+            packet_size_mply: mply,
+            channel_size: cli.channel_size as usize,
+            sampling_modulus: cli.sampling_modulus,
+            states: cli.states,
             extensions: ALL_EXTENSIONS,
+            dest: cli.dest,
+            udp_batch_bytes: cli.udp_batch_bytes,
+            verbose: cli.verbose,
         })
+    }
+
+    /// Bytes of one netlink receive buffer.
+    pub fn recv_buffer_len(&self) -> usize {
+        self.packet_size * self.packet_size_mply
+    }
+
+    fn family(&self, af: u8) -> Option<&Family> {
+        self.families.iter().find(|f| f.af == af)
+    }
+
+    /// The effective configuration as `XTCP_*=value` lines.
+    pub fn to_env_file(&self) -> String {
+        let default = Family {
+            af: 0,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let v4 = self.family(AF_INET);
+        let v6 = self.family(AF_INET6);
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        let lines: Vec<(&str, String)> = vec![
+            ("FREQUENCY", dur(self.frequency)),
+            ("MAX_LOOPS", self.max_loops.to_string()),
+            (
+                "POLLING_SAFETY_BUFFER",
+                self.polling_safety_buffer.to_string(),
+            ),
+            ("NETLINK_TIMEOUT", dur(self.netlink_timeout)),
+            ("NETLINKERS4", v4.unwrap_or(&default).netlinkers.to_string()),
+            ("NETLINKERS6", v6.unwrap_or(&default).netlinkers.to_string()),
+            (
+                "INETDIAGERS4",
+                v4.unwrap_or(&default).inetdiagers.to_string(),
+            ),
+            (
+                "INETDIAGERS6",
+                v6.unwrap_or(&default).inetdiagers.to_string(),
+            ),
+            ("SINGLE", self.single.to_string()),
+            ("PACKET_SIZE", self.packet_size.to_string()),
+            ("PACKET_SIZE_MPLY", self.packet_size_mply.to_string()),
+            ("CHANNEL_SIZE", self.channel_size.to_string()),
+            ("SAMPLING_MODULUS", self.sampling_modulus.to_string()),
+            ("NO4", v4.is_none().to_string()),
+            ("NO6", v6.is_none().to_string()),
+            ("STATES", states_to_string(self.states)),
+            ("DEST", self.dest.to_string()),
+            ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            ("VERBOSE", self.verbose.to_string()),
+        ];
+        let mut out =
+            String::from("# xtcp effective configuration (systemd EnvironmentFile format)\n");
+        for (key, value) in lines {
+            out.push_str(&format!("XTCP_{key}={value}\n"));
+        }
+        out
     }
 }
 
@@ -145,30 +426,55 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         Config::from_args(std::iter::once("xtcp").chain(args.iter().copied())).map_err(
             |e| match e {
-                ArgsError::Invalid(line) => line,
+                ArgsError::Invalid(line) | ArgsError::PrintConfig(line) => line,
                 ArgsError::Info(e) => e.to_string(),
             },
         )
     }
 
     #[test]
-    fn defaults_poll_both_families_every_30s_forever() {
+    fn defaults_are_conservative() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.families, vec![AF_INET, AF_INET6]);
+        let fam = |af| Family {
+            af,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        assert_eq!(c.families, vec![fam(AF_INET), fam(AF_INET6)]);
         assert_eq!(c.frequency, Duration::from_secs(30));
         assert_eq!(c.max_loops, 0);
-        assert_eq!(c.dest, Dest::Stdout);
+        assert_eq!(c.dest, Dest::Udp("127.0.0.1:13000".parse().unwrap()));
         assert_eq!(c.states, ALL_STATES);
+        assert_eq!(c.sampling_modulus, 1);
+        assert_eq!(c.polling_safety_buffer, 0.8);
+        assert!(c.recv_buffer_len() >= MIN_RECV_BUFFER);
     }
 
     #[test]
-    fn one_shot() {
-        let c = parse(&["--max-loops", "1", "--dest", "stdout", "--no6"]).unwrap();
-        assert_eq!((c.max_loops, c.families.as_slice()), (1, &[AF_INET][..]));
+    fn single_overrides_thread_counts() {
+        let c = parse(&["--netlinkers4", "4", "--inetdiagers6", "8", "--single"]).unwrap();
+        assert!(c
+            .families
+            .iter()
+            .all(|f| f.netlinkers == 1 && f.inetdiagers == 1));
+        let c = parse(&["--netlinkers4", "4", "--inetdiagers6", "8"]).unwrap();
+        assert_eq!(
+            (c.families[0].netlinkers, c.families[1].inetdiagers),
+            (4, 8)
+        );
+    }
+
+    #[test]
+    fn destinations_and_states() {
+        let c = parse(&["--dest", "udp:[::1]:9", "--states", "established,time-wait"]).unwrap();
+        assert_eq!(c.dest, Dest::Udp("[::1]:9".parse().unwrap()));
+        assert_eq!(c.states, 1 << 1 | 1 << 6);
+        assert_eq!(parse(&["--dest", "stdout"]).unwrap().dest, Dest::Stdout);
     }
 
     #[test]
@@ -177,13 +483,101 @@ mod tests {
             (&["--frequency", "0s"][..], "longer than zero"),
             (&["--frequency", "soon"][..], "--frequency"),
             (&["--dest", "kafka"][..], "unknown destination 'kafka'"),
+            (&["--dest", "udp:nowhere"][..], "udp:HOST:PORT"),
             (&["--max-loops", "x"][..], "--max-loops"),
             (&["--no4", "--no6"][..], "nothing to poll"),
             (&["--bogus"][..], "--bogus"),
+            (&["--netlinkers4", "0"][..], "outside 1..=64"),
+            (&["--sampling-modulus", "0"][..], "--sampling-modulus"),
+            (&["--packet-size", "100"][..], "outside 4096"),
+            (&["--polling-safety-buffer", "1.5"][..], "(0, 1]"),
+            (&["--udp-batch-bytes", "100"][..], "one record per datagram"),
+            (
+                &["--states", "established,bogus"][..],
+                "unknown state 'bogus'",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
             assert!(!err.contains('\n'), "{args:?}: {err:?}");
+            assert!(err.starts_with("error:"), "{args:?}: {err:?}");
         }
+    }
+
+    /// Every flag with an environment variable appears in --print-config,
+    /// and the printed lines, given back as the environment, yield the same
+    /// configuration.
+    #[test]
+    fn print_config_round_trips_through_the_environment() {
+        let args = [
+            "--frequency",
+            "1m 500ms",
+            "--no6",
+            "--netlinkers4",
+            "3",
+            "--sampling-modulus",
+            "7",
+            "--states",
+            "listen,established",
+            "--dest",
+            "stdout",
+            "--udp-batch-bytes",
+            "0",
+            "--packet-size",
+            "8192",
+            "--packet-size-mply",
+            "2",
+            "--channel-size",
+            "9",
+            "-v",
+            "--polling-safety-buffer",
+            "0.5",
+            "--max-loops",
+            "4",
+            "--netlink-timeout",
+            "250ms",
+        ];
+        let config = parse(&args).unwrap();
+        let printed = match Config::from_args(
+            ["xtcp", "--print-config"]
+                .iter()
+                .chain(args.iter())
+                .copied(),
+        ) {
+            Err(ArgsError::PrintConfig(text)) => text,
+            other => panic!("{other:?}"),
+        };
+        let env: Vec<(String, String)> = printed
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        for arg in Cli::command().get_arguments() {
+            if let Some(var) = arg.get_env() {
+                let var = var.to_str().unwrap();
+                assert!(
+                    env.iter().any(|(k, _)| k == var),
+                    "{var} missing:\n{printed}"
+                );
+            }
+        }
+        // Parse with the printed values as flags (the env route is clap's
+        // and is exercised end to end by the CLI tests).
+        let flags: Vec<String> = env
+            .iter()
+            .flat_map(|(k, v)| {
+                let flag = format!("--{}", k["XTCP_".len()..].to_lowercase().replace('_', "-"));
+                match v.as_str() {
+                    "true" => vec![flag],
+                    "false" => vec![],
+                    _ => vec![flag, v.clone()],
+                }
+            })
+            .collect();
+        let again = parse(&flags.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert_eq!(again, config, "{printed}");
     }
 }

@@ -1,5 +1,5 @@
-//! The `xtcp` command: parse the command line, run, map the outcome to an exit
-//! code (0 ok, 1 runtime error, 2 bad arguments).
+//! The `xtcp` command: parse the command line, run the pipeline, map the
+//! outcome to an exit code (0 ok, 1 runtime error, 2 bad arguments).
 
 use std::process::ExitCode;
 
@@ -13,13 +13,20 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(ArgsError::PrintConfig(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(ArgsError::Invalid(line)) => {
             eprintln!("{line}");
             return ExitCode::from(2);
         }
     };
-    match xtcp::pipeline::poll::run(&config) {
-        Ok(()) => ExitCode::SUCCESS,
+    match xtcp::pipeline::run(&config) {
+        Ok(totals) => {
+            eprintln!("xtcp: stopped: {totals}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

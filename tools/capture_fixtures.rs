@@ -49,9 +49,9 @@ fn capture(ns: &scenario::Netns, dir: &Path) -> Result<()> {
     ns.enter()?;
     let _v4 = scenario::open(false, 41000)?;
     let _v6 = scenario::open(true, 42000)?;
-    let mut sock = SockDiagSocket::open(Duration::from_secs(5))?;
-    let v4 = raw_dump(&mut sock, AF_INET)?;
-    let v6 = raw_dump(&mut sock, AF_INET6)?;
+    let sock = SockDiagSocket::open(Duration::from_secs(5))?;
+    let v4 = raw_dump(&sock, AF_INET)?;
+    let v6 = raw_dump(&sock, AF_INET6)?;
     write(dir, "scenario-v4.bin", &v4)?;
     write(dir, "scenario-v6.bin", &v6)?;
 
@@ -71,10 +71,10 @@ fn capture(ns: &scenario::Netns, dir: &Path) -> Result<()> {
     write(dir, "tcp_info-280-v7.bin", &v7)?;
 
     let _bench = open_pairs(BENCH_PAIRS)?;
-    let mut bench = raw_dump(&mut sock, AF_INET)?;
-    bench.extend(raw_dump(&mut sock, AF_INET6)?);
+    let mut bench = raw_dump(&sock, AF_INET)?;
+    bench.extend(raw_dump(&sock, AF_INET6)?);
     write(dir, "bench-dump.bin", &bench)?;
-    println!("kernel {}", xtcp::pipeline::poll::kernel_release());
+    println!("kernel {}", xtcp::pipeline::kernel_release());
     Ok(())
 }
 
@@ -85,7 +85,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 }
 
 /// The reply datagrams of one dump, concatenated as received.
-fn raw_dump(sock: &mut SockDiagSocket, family: u8) -> Result<Vec<u8>> {
+fn raw_dump(sock: &SockDiagSocket, family: u8) -> Result<Vec<u8>> {
     let mut reader = sock.dump(family, ALL_STATES, ALL_EXTENSIONS)?;
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
     let mut out = Vec::new();

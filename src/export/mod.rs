@@ -1,8 +1,11 @@
 //! From a decoded socket to bytes at a destination: [`record`] encodes the
-//! protobuf `Record` with the [`encode`] writer; [`json`] and [`stdout`] print
-//! decoded records one JSON object per line.
+//! protobuf `Record` with the [`encode`] writer; [`sink`] sends records to the
+//! configured destination, [`udp`] (protobuf datagrams, and their decoding
+//! for receivers) or [`stdout`] (JSON lines via [`json`]).
 
 pub mod encode;
 pub mod json;
 pub mod record;
+pub mod sink;
 pub mod stdout;
+pub mod udp;

@@ -8,6 +8,9 @@
 //! the struct (the JSON output) decode them with prost.
 //! Runs in whichever thread decodes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::proto::{key, CongestionAlgorithm};
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
@@ -26,23 +29,27 @@ pub struct PollStamp {
 }
 
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.
+///
+/// Clones share the `record_counter` sequence, so the inetdiager threads of
+/// one exporter hand out each number once: a consumer that sees a gap knows a
+/// record was lost on the way.
 #[derive(Debug, Clone)]
 pub struct RecordEncoder {
     hostname: String,
-    counter: u64,
+    counter: Arc<AtomicU64>,
 }
 
 impl RecordEncoder {
     pub fn new(hostname: String) -> Self {
         RecordEncoder {
             hostname,
-            counter: 0,
+            counter: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Records encoded so far.
+    /// Records encoded so far (by this encoder and its clones).
     pub fn count(&self) -> u64 {
-        self.counter
+        self.counter.load(Ordering::Relaxed)
     }
 
     /// A buffer this long always holds one record of any socket the decoder
@@ -68,9 +75,20 @@ impl RecordEncoder {
         poll: &PollStamp,
         buf: &mut [u8],
     ) -> Option<usize> {
-        let n = encode_fields(s, poll, &self.hostname, self.counter + 1, buf)?;
-        self.counter += 1;
-        Some(n)
+        let number = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let len = encode_fields(s, poll, &self.hostname, number, buf);
+        if len.is_none() {
+            // Give the number back unless another thread took the next one
+            // meanwhile (then this leaves a gap; the buffers the pipeline
+            // passes are `max_record_len()` long, so this does not happen).
+            let _ = self.counter.compare_exchange(
+                number,
+                number - 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        len
     }
 }
 

@@ -1,34 +1,51 @@
 //! `--dest stdout`: one JSON object per socket per line (proto field names,
 //! addresses as IP strings), for people and for `jq`.
+//!
+//! Each inetdiager gathers the lines of one netlink buffer and writes them
+//! under the stdout lock, so lines from several threads never interleave.
+//! The JSON is made by decoding the exported protobuf bytes, so it shows
+//! exactly what would go on the wire.
 
-use std::io::{self, BufWriter, Stdout, Write};
+use std::io::{self, Write};
 
 use prost::Message;
 
 use crate::proto::Record;
 
+#[derive(Default)]
 pub struct StdoutSink {
-    out: BufWriter<Stdout>,
-}
-
-impl Default for StdoutSink {
-    fn default() -> Self {
-        StdoutSink {
-            out: BufWriter::with_capacity(64 * 1024, io::stdout()),
-        }
-    }
+    lines: Vec<u8>,
+    written: u64,
+    flushes: u64,
 }
 
 impl StdoutSink {
-    /// Prints one encoded `Record` as a JSON line.
+    /// Adds one encoded `Record` as a JSON line.
     pub fn write(&mut self, encoded: &[u8]) -> io::Result<()> {
         let record = Record::decode(encoded).map_err(io::Error::other)?;
-        serde_json::to_writer(&mut self.out, &record)?;
-        self.out.write_all(b"\n")
+        serde_json::to_writer(&mut self.lines, &record)?;
+        self.lines.push(b'\n');
+        Ok(())
     }
 
-    /// Called at the end of each poll so a reader sees whole polls promptly.
+    /// Writes the gathered lines.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut out = io::stdout().lock();
+        out.write_all(&self.lines)?;
+        out.flush()?;
+        self.written += self.lines.len() as u64;
+        self.flushes += 1;
+        self.lines.clear();
+        Ok(())
+    }
+
+    /// `(writes, bytes)` since the last call.
+    pub fn take_tally(&mut self) -> (u64, u64) {
+        let t = (self.flushes, self.written);
+        (self.flushes, self.written) = (0, 0);
+        t
     }
 }

@@ -1,13 +1,15 @@
-//! The `NETLINK_SOCK_DIAG` socket (sock_diag(7)) and the reading of one dump.
+//! The `NETLINK_SOCK_DIAG` socket (sock_diag(7)) and the reading of dumps.
 //!
 //! A dump is one request datagram followed by reply datagrams until
-//! `NLMSG_DONE`. [`DumpReader`] does the `recv` calls and hands each socket
-//! message to a callback; anything with another sequence number (the tail of
-//! an earlier dump that was abandoned) is ignored. The socket lives in the
-//! network namespace of the thread that opened it.
+//! `NLMSG_DONE`. [`scan_datagram`] classifies one reply datagram; the
+//! pipeline's netlinkers call it from several threads, and [`DumpReader`]
+//! uses it to read one dump on the calling thread (tools and tests). Replies
+//! with another sequence number (the tail of an abandoned dump) are ignored.
+//! The socket lives in the network namespace of the thread that opened it.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -37,6 +39,52 @@ pub enum DumpError {
     Wire(#[from] WireError),
 }
 
+/// What the walk over one reply datagram of the expected dump found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramScan {
+    /// Socket messages (`SOCK_DIAG_BY_FAMILY`).
+    pub sockets: u32,
+    /// `NLMSG_DONE` (the dump is complete) or an error ended the dump.
+    pub done: bool,
+    /// `NLMSG_ERROR`/`NLMSG_DONE` with a negative errno: the kernel ended
+    /// the dump early.
+    pub kernel_errno: Option<i32>,
+    /// `NLM_F_DUMP_INTR`: the table changed mid-dump and the kernel may have
+    /// skipped or repeated sockets.
+    pub interrupted: bool,
+}
+
+/// Walks one reply datagram, calling `on_socket` with each socket message
+/// payload. Returns `None` when the datagram belongs to another dump than
+/// `seq` (every message of a datagram carries the same sequence number).
+pub fn scan_datagram(
+    datagram: &[u8],
+    seq: u32,
+    mut on_socket: impl FnMut(&[u8]),
+) -> Result<Option<DatagramScan>, WireError> {
+    let mut scan = DatagramScan::default();
+    for msg in messages(datagram) {
+        let msg = msg?;
+        if msg.seq != seq {
+            return Ok(None);
+        }
+        scan.interrupted |= msg.dump_interrupted();
+        match msg.body()? {
+            Body::Socket(payload) => {
+                scan.sockets += 1;
+                on_socket(payload);
+            }
+            Body::Done { error } | Body::Error { error } if error != 0 => {
+                scan.done = true;
+                scan.kernel_errno = Some(error);
+            }
+            Body::Done { .. } => scan.done = true,
+            Body::Error { .. } | Body::Other(_) => {}
+        }
+    }
+    Ok(Some(scan))
+}
+
 /// What one dump delivered.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DumpStats {
@@ -44,28 +92,16 @@ pub struct DumpStats {
     pub bytes: u64,
     /// Socket messages of this dump's sequence number.
     pub sockets: u64,
-    /// Some message carried `NLM_F_DUMP_INTR`: the table changed mid-dump and
-    /// the kernel may have skipped or repeated sockets.
     pub interrupted: bool,
-}
-
-impl DumpStats {
-    /// Accumulates another dump's figures (a poll dumps several families).
-    pub fn add(&mut self, other: &DumpStats) {
-        self.datagrams += other.datagrams;
-        self.bytes += other.bytes;
-        self.sockets += other.sockets;
-        self.interrupted |= other.interrupted;
-    }
 }
 
 pub struct SockDiagSocket {
     fd: OwnedFd,
-    seq: u32,
+    seq: AtomicU32,
 }
 
 impl SockDiagSocket {
-    /// Opens a socket; `recv` fails with `WouldBlock`/`TimedOut` after `timeout`.
+    /// Opens a socket; a blocking `recv` fails with `WouldBlock` after `timeout`.
     pub fn open(timeout: Duration) -> io::Result<Self> {
         let fd = socket(
             AddressFamily::Netlink,
@@ -78,83 +114,103 @@ impl SockDiagSocket {
             sockopt::ReceiveTimeout,
             &TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _),
         )?;
-        Ok(SockDiagSocket { fd, seq: 0 })
+        Ok(SockDiagSocket {
+            fd,
+            seq: AtomicU32::new(0),
+        })
     }
 
-    /// Sends the dump request for `family` and returns a reader for its reply.
-    pub fn dump(&mut self, family: u8, states: u32, extensions: u8) -> io::Result<DumpReader<'_>> {
-        self.seq = self.seq.wrapping_add(1);
-        let req = dump_request(family, states, extensions, self.seq);
+    /// A sequence number for the next request: whoever reads the replies
+    /// must know it before the request goes out.
+    pub fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
+    }
+
+    /// Sends the dump request for `family` under sequence number `seq`.
+    pub fn request(&self, family: u8, states: u32, extensions: u8, seq: u32) -> io::Result<()> {
+        let req = dump_request(family, states, extensions, seq);
         sendto(
             self.fd.as_raw_fd(),
             &req,
             &NetlinkAddr::new(0, 0),
             MsgFlags::empty(),
         )?;
-        Ok(DumpReader {
-            socket: self,
-            done: false,
-            stats: DumpStats::default(),
-        })
+        Ok(())
     }
-}
 
-/// Reads the reply datagrams of one dump request.
-pub struct DumpReader<'s> {
-    socket: &'s SockDiagSocket,
-    done: bool,
-    stats: DumpStats,
-}
-
-impl DumpReader<'_> {
-    /// Receives the next datagram into `buf` and returns its length, or `None`
-    /// once `NLMSG_DONE` has been seen. Pass the bytes to [`Self::scan`].
-    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DumpError> {
-        if self.done {
-            return Ok(None);
-        }
+    /// Receives one datagram into `buf` and returns its length. With
+    /// `wait == false` an empty queue is `WouldBlock`. The kernel builds the
+    /// next datagram of a running dump inside this call.
+    pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<usize, DumpError> {
         // MSG_TRUNC makes recv return the datagram's real length, so a buffer
         // too small is an error instead of silently cut sockets.
-        let len =
-            recv(self.socket.fd.as_raw_fd(), buf, MsgFlags::MSG_TRUNC).map_err(io::Error::from)?;
+        let mut flags = MsgFlags::MSG_TRUNC;
+        if !wait {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
+        let len = recv(self.fd.as_raw_fd(), buf, flags).map_err(io::Error::from)?;
         if len > buf.len() {
             return Err(DumpError::Truncated {
                 len,
                 buffer: buf.len(),
             });
         }
+        Ok(len)
+    }
+
+    /// Sends the dump request for `family` and returns a reader for its reply.
+    pub fn dump(&self, family: u8, states: u32, extensions: u8) -> io::Result<DumpReader<'_>> {
+        let seq = self.next_seq();
+        self.request(family, states, extensions, seq)?;
+        Ok(DumpReader {
+            socket: self,
+            seq,
+            done: false,
+            stats: DumpStats::default(),
+        })
+    }
+}
+
+impl AsFd for SockDiagSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Reads the reply datagrams of one dump request on the calling thread.
+pub struct DumpReader<'s> {
+    socket: &'s SockDiagSocket,
+    seq: u32,
+    done: bool,
+    stats: DumpStats,
+}
+
+impl DumpReader<'_> {
+    /// Receives the next datagram into `buf` and returns its length, or `None`
+    /// once the dump is complete. Pass the bytes to [`Self::scan`].
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DumpError> {
+        if self.done {
+            return Ok(None);
+        }
+        let len = self.socket.recv(buf, true)?;
         self.stats.datagrams += 1;
         self.stats.bytes += len as u64;
         Ok(Some(len))
     }
 
     /// Walks one received datagram, calling `on_socket` with each socket
-    /// message payload of this dump, and notes `NLMSG_DONE`.
-    pub fn scan(
-        &mut self,
-        datagram: &[u8],
-        mut on_socket: impl FnMut(&[u8]),
-    ) -> Result<(), DumpError> {
-        for msg in messages(datagram) {
-            let msg = msg?;
-            if msg.seq != self.socket.seq {
-                continue;
-            }
-            self.stats.interrupted |= msg.dump_interrupted();
-            match msg.body()? {
-                Body::Socket(payload) => {
-                    self.stats.sockets += 1;
-                    on_socket(payload);
-                }
-                Body::Done { error: 0 } => self.done = true,
-                Body::Done { error } | Body::Error { error } if error != 0 => {
-                    self.done = true;
-                    return Err(DumpError::Kernel { errno: error });
-                }
-                Body::Done { .. } | Body::Error { .. } | Body::Other(_) => {}
-            }
+    /// message payload of this dump, and notes the end of the dump.
+    pub fn scan(&mut self, datagram: &[u8], on_socket: impl FnMut(&[u8])) -> Result<(), DumpError> {
+        let Some(scan) = scan_datagram(datagram, self.seq, on_socket)? else {
+            return Ok(());
+        };
+        self.stats.sockets += u64::from(scan.sockets);
+        self.stats.interrupted |= scan.interrupted;
+        self.done |= scan.done;
+        match scan.kernel_errno {
+            Some(errno) => Err(DumpError::Kernel { errno }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn stats(&self) -> DumpStats {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod inet_diag;
 pub mod netlink;
 pub mod request;
+pub mod state;
 pub mod tcp_info;
 
 pub use error::WireError;

@@ -1,0 +1,58 @@
+//! The destination an inetdiager writes records to (`--dest`).
+
+use std::io;
+
+use crate::config::Dest;
+use crate::export::stdout::StdoutSink;
+use crate::export::udp::{SendTally, UdpSink};
+
+pub enum Sink {
+    Udp(UdpSink),
+    Stdout(StdoutSink),
+}
+
+impl Sink {
+    pub fn open(dest: Dest, udp_batch_bytes: usize) -> io::Result<Sink> {
+        Ok(match dest {
+            Dest::Udp(addr) => Sink::Udp(UdpSink::connect(addr, udp_batch_bytes)?),
+            Dest::Stdout => Sink::Stdout(StdoutSink::default()),
+        })
+    }
+
+    /// Takes one encoded record. Only stdout fails here (a closed pipe, a
+    /// full disk); UDP errors are counted in the tally.
+    pub fn record(&mut self, record: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Udp(udp) => {
+                udp.record(record);
+                Ok(())
+            }
+            Sink::Stdout(out) => out.write(record),
+        }
+    }
+
+    /// Sends what is pending: called after each netlink buffer.
+    pub fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Udp(udp) => {
+                udp.flush();
+                Ok(())
+            }
+            Sink::Stdout(out) => out.flush(),
+        }
+    }
+
+    pub fn take_tally(&mut self) -> SendTally {
+        match self {
+            Sink::Udp(udp) => udp.take_tally(),
+            Sink::Stdout(out) => {
+                let (datagrams, bytes) = out.take_tally();
+                SendTally {
+                    datagrams,
+                    bytes,
+                    ..SendTally::default()
+                }
+            }
+        }
+    }
+}

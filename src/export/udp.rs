@@ -1,0 +1,229 @@
+//! `--dest udp:HOST:PORT`: protobuf records in UDP datagrams.
+//!
+//! Two datagram layouts, told apart by their first byte:
+//! - one bare `xtcp.v1.Record` (`--udp-batch-bytes 0`); a record always starts
+//!   with field 1 `schema_version` as a varint, key byte `0x08`;
+//! - a batch: an `xtcp.v1.Envelope`, i.e. records each written as key `0x0A`
+//!   (field 1, length-delimited), a varint length and the record bytes,
+//!   packed up to the batch limit. Any protobuf library reads it as one
+//!   `Envelope`; ClickHouse reads it as `ProtobufList`.
+//!
+//! Send errors (nobody listening: `ECONNREFUSED` from the ICMP error of an
+//! earlier datagram) are counted with the records they carried and never stop
+//! the exporter. Each inetdiager thread owns one sink.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::Message;
+
+use crate::proto::{Envelope, Record};
+
+/// First byte of a batch datagram: `Envelope.records` (1) length-delimited.
+const ENVELOPE_KEY: u8 = 0x0a;
+
+/// What the sends since the last [`UdpSink::take_tally`] did.
+#[derive(Debug, Default)]
+pub struct SendTally {
+    pub datagrams: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    /// Records in the datagrams that failed.
+    pub records_lost: u64,
+    pub first_error: Option<io::Error>,
+}
+
+impl SendTally {
+    fn sent(&mut self, result: io::Result<usize>, records: u64) {
+        match result {
+            Ok(n) => {
+                self.datagrams += 1;
+                self.bytes += n as u64;
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.records_lost += records;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+pub struct UdpSink {
+    socket: UdpSocket,
+    /// 0: one record per datagram.
+    batch_limit: usize,
+    batch: Vec<u8>,
+    batch_records: u64,
+    tally: SendTally,
+}
+
+impl UdpSink {
+    /// A socket connected to `dest` (so send errors come back to us).
+    pub fn connect(dest: SocketAddr, batch_limit: usize) -> io::Result<Self> {
+        let any: SocketAddr = match dest {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(dest)?;
+        Ok(UdpSink {
+            socket,
+            batch_limit,
+            batch: Vec::with_capacity(batch_limit),
+            batch_records: 0,
+            tally: SendTally::default(),
+        })
+    }
+
+    /// Sends `record`, or adds it to the batch (sending the batch first if
+    /// the record would not fit). A record larger than the limit goes alone.
+    pub fn record(&mut self, record: &[u8]) {
+        if self.batch_limit == 0 {
+            let result = self.socket.send(record);
+            self.tally.sent(result, 1);
+            return;
+        }
+        let framed = 1 + encoded_len_varint(record.len() as u64) + record.len();
+        if self.batch.len() + framed > self.batch_limit {
+            self.flush();
+        }
+        encode_key(1, WireType::LengthDelimited, &mut self.batch);
+        encode_varint(record.len() as u64, &mut self.batch);
+        self.batch.extend_from_slice(record);
+        self.batch_records += 1;
+    }
+
+    /// Sends the pending batch, if any. Called after each netlink buffer so
+    /// no record waits for the next poll.
+    pub fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let result = self.socket.send(&self.batch);
+        self.tally.sent(result, self.batch_records);
+        self.batch.clear();
+        self.batch_records = 0;
+    }
+
+    pub fn take_tally(&mut self) -> SendTally {
+        std::mem::take(&mut self.tally)
+    }
+}
+
+/// Why a received datagram could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DatagramError {
+    #[error("empty datagram")]
+    Empty,
+    #[error("not an xtcp Record or Envelope ({len} bytes): {source}")]
+    Protobuf {
+        len: usize,
+        source: prost::DecodeError,
+    },
+}
+
+/// The records of one datagram, in either layout.
+pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
+    let err = |source| DatagramError::Protobuf {
+        len: datagram.len(),
+        source,
+    };
+    match datagram.first() {
+        None => Err(DatagramError::Empty),
+        Some(&ENVELOPE_KEY) => Envelope::decode(datagram).map(|e| e.records).map_err(err),
+        Some(_) => Record::decode(datagram).map(|r| vec![r]).map_err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(n: u64) -> Vec<u8> {
+        Record {
+            schema_version: 1,
+            hostname: "h".repeat(n as usize % 50),
+            record_counter: n,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn receiver() -> UdpSocket {
+        let r = UdpSocket::bind("127.0.0.1:0").unwrap();
+        r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r
+    }
+
+    fn receive(r: &UdpSocket, datagrams: usize) -> Vec<Vec<Record>> {
+        let mut buf = vec![0; 65536];
+        (0..datagrams)
+            .map(|_| {
+                let n = r.recv(&mut buf).unwrap();
+                decode_datagram(&buf[..n]).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_record_per_datagram() {
+        let r = receiver();
+        let mut sink = UdpSink::connect(r.local_addr().unwrap(), 0).unwrap();
+        for n in 1..=3 {
+            sink.record(&record(n));
+        }
+        let got = receive(&r, 3);
+        let counters: Vec<u64> = got.iter().flatten().map(|r| r.record_counter).collect();
+        assert_eq!(counters, [1, 2, 3]);
+        let tally = sink.take_tally();
+        assert_eq!((tally.datagrams, tally.errors), (3, 0));
+    }
+
+    #[test]
+    fn batches_stay_under_the_limit_and_decode_as_envelopes() {
+        let r = receiver();
+        let limit = 600;
+        let mut sink = UdpSink::connect(r.local_addr().unwrap(), limit).unwrap();
+        for n in 1..=40 {
+            sink.record(&record(n));
+        }
+        sink.flush();
+        let tally = sink.take_tally();
+        assert!(tally.datagrams > 1);
+        let got = receive(&r, tally.datagrams as usize);
+        let counters: Vec<u64> = got.iter().flatten().map(|r| r.record_counter).collect();
+        assert_eq!(counters, (1..=40).collect::<Vec<_>>());
+        assert!(tally.bytes <= tally.datagrams * limit as u64);
+        // Nothing pending: a second flush sends nothing.
+        sink.flush();
+        assert_eq!(sink.take_tally().datagrams, 0);
+    }
+
+    #[test]
+    fn nobody_listening_is_counted_not_fatal() {
+        let port = receiver().local_addr().unwrap(); // bound, then closed
+        let mut sink = UdpSink::connect(port, 0).unwrap();
+        for n in 1..=20 {
+            sink.record(&record(n));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let tally = sink.take_tally();
+        assert_eq!(tally.datagrams + tally.errors, 20);
+        assert!(tally.errors > 0, "{tally:?}");
+        assert_eq!(tally.records_lost, tally.errors);
+        assert_eq!(
+            tally.first_error.unwrap().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+    }
+
+    #[test]
+    fn undecodable_datagrams_are_errors() {
+        assert!(matches!(decode_datagram(&[]), Err(DatagramError::Empty)));
+        assert!(decode_datagram(&[0x0a, 0x05, 1]).is_err());
+        assert!(decode_datagram(b"\xff\xff\xff").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! One family's dump within one poll, shared by the threads that work on it.
+//!
+//! The poller creates a [`Dump`] and publishes it in its family's
+//! [`FamilyState::current`] before sending the request. Netlinkers clone the
+//! `Arc` for every datagram they receive and send it along with the buffer;
+//! inetdiagers drop it when the buffer is done. The last drop sends the
+//! [`DumpReport`] to the poller, so "the poll is finished" means every socket
+//! of it was sent, with no extra bookkeeping.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::config::Family;
+use crate::export::record::PollStamp;
+use crate::pipeline::netlink::SockDiagSocket;
+use crate::pipeline::pool::BufferPool;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// What a dump did, counted by the threads that did it.
+        #[derive(Debug, Default)]
+        pub struct DumpCounters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A [`DumpCounters`] snapshot, or a sum of them.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct DumpTotals {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl DumpCounters {
+            pub fn snapshot(&self) -> DumpTotals {
+                DumpTotals { $($name: self.$name.load(Relaxed),)* }
+            }
+
+            /// Adds a thread's local tally (one atomic add per non-zero field).
+            pub fn add(&self, t: &DumpTotals) {
+                $(if t.$name != 0 {
+                    self.$name.fetch_add(t.$name, Relaxed);
+                })*
+            }
+        }
+
+        impl DumpTotals {
+            pub fn add(&mut self, t: &DumpTotals) {
+                $(self.$name += t.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Reply datagrams of this dump.
+    datagrams,
+    /// Bytes of those datagrams.
+    bytes,
+    /// Socket messages in them.
+    sockets,
+    /// Sockets the sampling kept.
+    sampled,
+    /// Records built.
+    records,
+    /// Socket messages that failed to decode (skipped).
+    decode_errors,
+    /// Records longer than the record buffer (never expected; skipped).
+    encode_errors,
+    /// Datagrams sent to the destination (UDP), or flushes (stdout).
+    sent_datagrams,
+    /// Bytes sent.
+    sent_bytes,
+    /// Sends that failed (e.g. nobody listening).
+    send_errors,
+    /// Records in datagrams whose send failed.
+    records_lost,
+    /// Times a netlinker found the channel full and had to wait.
+    channel_full,
+    /// Nanoseconds netlinkers waited on a full channel.
+    channel_blocked_ns,
+    /// Nanoseconds netlinkers waited for a free receive buffer.
+    pool_wait_ns,
+    /// Reply datagrams flagged `NLM_F_DUMP_INTR` (sockets may be missing or repeated).
+    interrupted,
+    /// The kernel ended the dump with an error.
+    kernel_errors,
+    /// Datagrams that could not be received or framed (lost).
+    netlink_errors,
+    /// The kernel sent nothing for --netlink-timeout; the dump was abandoned.
+    timeouts,
+    /// The request could not be sent.
+    request_errors,
+}
+
+/// What the poller learns when a dump is finished.
+#[derive(Debug, Clone)]
+pub struct DumpReport {
+    pub family: Family,
+    pub totals: DumpTotals,
+    /// From the request to `NLMSG_DONE`; `None` if it never came.
+    pub done_after: Option<Duration>,
+    /// From the request to the last record sent.
+    pub finished_after: Duration,
+    /// The first problem of each kind, to say what went wrong.
+    pub first_errors: Vec<String>,
+}
+
+pub struct Dump {
+    pub family: Family,
+    pub seq: u32,
+    pub stamp: PollStamp,
+    pub counters: DumpCounters,
+    started: Instant,
+    /// Nanoseconds after `started` of the last progress (datagram received
+    /// or handed over): the timeout clock.
+    last_progress_ns: AtomicU64,
+    done_ns: AtomicU64,
+    first_errors: Mutex<Vec<String>>,
+    report_tx: Sender<DumpReport>,
+}
+
+impl Dump {
+    pub fn new(family: Family, seq: u32, stamp: PollStamp, report_tx: Sender<DumpReport>) -> Self {
+        Dump {
+            family,
+            seq,
+            stamp,
+            counters: DumpCounters::default(),
+            started: Instant::now(),
+            last_progress_ns: AtomicU64::new(0),
+            done_ns: AtomicU64::new(0),
+            first_errors: Mutex::new(Vec::new()),
+            report_tx,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    pub fn progressed(&self) {
+        self.last_progress_ns.store(self.now_ns(), Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_nanos(
+            self.now_ns()
+                .saturating_sub(self.last_progress_ns.load(Relaxed)),
+        )
+    }
+
+    pub fn mark_done(&self) {
+        self.done_ns.store(self.now_ns().max(1), Relaxed);
+    }
+
+    /// Keeps the first message of each kind (`kind` is the prefix).
+    pub fn note_error(&self, kind: &str, detail: impl std::fmt::Display) {
+        let mut errors = self.first_errors.lock().unwrap_or_else(|e| e.into_inner());
+        if !errors.iter().any(|e| e.starts_with(kind)) {
+            errors.push(format!("{kind}: {detail}"));
+        }
+    }
+}
+
+impl Drop for Dump {
+    fn drop(&mut self) {
+        let done_ns = self.done_ns.load(Relaxed);
+        let report = DumpReport {
+            family: self.family,
+            totals: self.counters.snapshot(),
+            done_after: (done_ns != 0).then(|| Duration::from_nanos(done_ns)),
+            finished_after: self.started.elapsed(),
+            first_errors: std::mem::take(
+                self.first_errors
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+        };
+        // The poller is gone only on abort, when nobody wants the report.
+        let _ = self.report_tx.send(report);
+    }
+}
+
+/// One family's socket, buffers and current dump, shared by the poller and
+/// the family's netlinkers.
+pub struct FamilyState {
+    pub family: Family,
+    pub socket: SockDiagSocket,
+    pub pool: Arc<BufferPool>,
+    /// The dump replies are currently expected for.
+    pub current: Mutex<Option<Arc<Dump>>>,
+    /// Datagrams of no current dump (the tail of an abandoned one).
+    pub stale_datagrams: AtomicU64,
+}
+
+impl FamilyState {
+    pub fn current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Dump>>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends `dump` as the current one (if it still is): no more replies are
+    /// expected for it.
+    pub fn retire(&self, dump: &Arc<Dump>) {
+        let mut current = self.current();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, dump)) {
+            *current = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::request::AF_INET;
+
+    #[test]
+    fn last_drop_reports_the_counters() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let family = Family {
+            af: AF_INET,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let dump = Arc::new(Dump::new(
+            family,
+            7,
+            PollStamp {
+                poll_id: 1,
+                timestamp_ns: 1,
+            },
+            tx,
+        ));
+        let in_flight = Arc::clone(&dump);
+        dump.counters.add(&DumpTotals {
+            sockets: 3,
+            ..Default::default()
+        });
+        dump.note_error("decode", "bad");
+        dump.note_error("decode", "worse");
+        dump.mark_done();
+        drop(dump);
+        assert!(rx.try_recv().is_err(), "a buffer still holds the dump");
+        in_flight.counters.add(&DumpTotals {
+            records: 2,
+            ..Default::default()
+        });
+        drop(in_flight);
+        let report = rx.try_recv().unwrap();
+        assert_eq!((report.totals.sockets, report.totals.records), (3, 2));
+        assert_eq!(report.first_errors, vec!["decode: bad".to_string()]);
+        assert!(report.done_after.is_some());
+    }
+}

@@ -1,0 +1,96 @@
+//! Inetdiager threads (`--inetdiagers4/6` per family): walk the socket
+//! messages of each received buffer, sample, decode, encode each record into
+//! a reused buffer and hand it to the destination; then flush and return the
+//! buffer to its pool. They exit when every netlinker of their family is gone
+//! and the channel is drained, so nothing received is left unsent.
+
+use std::io;
+
+use crossbeam_channel::Receiver;
+
+use crate::export::record::RecordEncoder;
+use crate::export::sink::Sink;
+use crate::pipeline::dump::DumpTotals;
+use crate::pipeline::netlink::scan_datagram;
+use crate::pipeline::netlinker::Batch;
+use crate::pipeline::sample::Sampler;
+use crate::pipeline::shutdown::Shutdown;
+use crate::wire::inet_diag::InetDiagMsg;
+use crate::wire::{decode_socket, TailLayout};
+
+pub struct Inetdiager {
+    pub encoder: RecordEncoder,
+    pub sink: Sink,
+    pub sampler: Sampler,
+    pub tail: TailLayout,
+}
+
+impl Inetdiager {
+    pub fn run(mut self, rx: Receiver<Batch>, shutdown: &Shutdown) {
+        let mut record = vec![0u8; self.encoder.max_record_len()];
+        // After stdout closed (`xtcp --dest stdout | head`) records are dropped.
+        let mut output_closed = false;
+        for batch in rx.iter() {
+            if shutdown.is_aborted() {
+                return;
+            }
+            let dump = &batch.dump;
+            let mut tally = DumpTotals::default();
+            let mut output_error = None;
+            // The netlinker already framed this datagram and checked its
+            // sequence number, so neither can fail here.
+            let _ = scan_datagram(&batch.buf[..batch.len], dump.seq, |payload| {
+                if output_error.is_some() || output_closed {
+                    return;
+                }
+                if !self.sampler.keeps_all() {
+                    match InetDiagMsg::new(payload) {
+                        Ok(msg) if !self.sampler.keep(msg.cookie()) => return,
+                        // A message too short for its cookie fails decode below.
+                        _ => {}
+                    }
+                }
+                tally.sampled += 1;
+                let socket = match decode_socket(payload, self.tail) {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tally.decode_errors += 1;
+                        dump.note_error("decode", e);
+                        return;
+                    }
+                };
+                let Some(len) = self.encoder.encode(&socket, &dump.stamp, &mut record) else {
+                    tally.encode_errors += 1;
+                    return;
+                };
+                tally.records += 1;
+                if let Err(e) = self.sink.record(&record[..len]) {
+                    output_error = Some(e);
+                }
+            });
+            let flushed = match output_error {
+                Some(e) => Err(e),
+                None if output_closed => Ok(()),
+                None => self.sink.flush(),
+            };
+            if let Err(e) = flushed {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    output_closed = true;
+                    shutdown.stop();
+                } else {
+                    shutdown.abort(format!("writing records: {e}"));
+                    return;
+                }
+            }
+            let sent = self.sink.take_tally();
+            tally.sent_datagrams = sent.datagrams;
+            tally.sent_bytes = sent.bytes;
+            tally.send_errors = sent.errors;
+            tally.records_lost = sent.records_lost;
+            if let Some(e) = sent.first_error {
+                dump.note_error("send", e);
+            }
+            dump.counters.add(&tally);
+        }
+    }
+}

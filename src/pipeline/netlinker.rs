@@ -1,0 +1,155 @@
+//! Netlinker threads (`--netlinkers4/6` per family): receive the reply
+//! datagrams of their family's netlink socket into pooled buffers and hand
+//! whole buffers to the inetdiagers.
+//!
+//! A netlinker sleeps in `poll(2)` on the netlink socket and the shutdown
+//! release fd, so it costs nothing between polls and exits at once when
+//! released. The kernel builds each next datagram inside `recv`, in the
+//! calling thread. Several netlinkers on one socket take datagrams in turn
+//! (`MSG_DONTWAIT`: the loser of a race goes back to `poll`). A netlinker
+//! walks only the message headers: it drops datagrams of no current dump,
+//! notes `NLMSG_DONE`, errors and `NLM_F_DUMP_INTR`, and retires the dump when
+//! it ends.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{select, Sender, TrySendError};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::pipeline::dump::{Dump, DumpTotals, FamilyState};
+use crate::pipeline::netlink::{scan_datagram, DumpError};
+use crate::pipeline::pool::PooledBuf;
+use crate::pipeline::shutdown::Shutdown;
+
+/// One received datagram on its way to an inetdiager.
+pub struct Batch {
+    pub buf: PooledBuf,
+    pub len: usize,
+    pub dump: Arc<Dump>,
+}
+
+pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
+    loop {
+        match wait_readable(family, shutdown) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                shutdown.abort(format!(
+                    "netlinker {}: poll(2) failed: {e}",
+                    family.family.name()
+                ));
+                return;
+            }
+        }
+        // Cloned before `recv`: a datagram received after this belongs to
+        // this dump or is stale, never to a later one (the next dump starts
+        // only once every clone of this one is dropped).
+        let dump = family.current().clone();
+        let Some((mut buf, waited)) = family.pool.get(shutdown.abort_signal()) else {
+            return;
+        };
+        let len = match family.socket.recv(&mut buf, false) {
+            Ok(len) => len,
+            Err(DumpError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                // A truncated or refused datagram is lost; the dump goes on.
+                if let Some(dump) = &dump {
+                    dump.counters.netlink_errors.fetch_add(1, Relaxed);
+                    dump.note_error("netlink receive", e);
+                }
+                continue;
+            }
+        };
+        let Some(dump) = dump else {
+            family.stale_datagrams.fetch_add(1, Relaxed);
+            continue;
+        };
+        let scan = match scan_datagram(&buf[..len], dump.seq, |_| {}) {
+            Ok(Some(scan)) => scan,
+            Ok(None) => {
+                family.stale_datagrams.fetch_add(1, Relaxed);
+                continue;
+            }
+            Err(e) => {
+                dump.counters.netlink_errors.fetch_add(1, Relaxed);
+                dump.note_error("malformed netlink datagram", e);
+                continue;
+            }
+        };
+        dump.progressed();
+        let mut tally = DumpTotals {
+            datagrams: 1,
+            bytes: len as u64,
+            sockets: u64::from(scan.sockets),
+            interrupted: u64::from(scan.interrupted),
+            pool_wait_ns: waited.as_nanos() as u64,
+            ..DumpTotals::default()
+        };
+        if let Some(errno) = scan.kernel_errno {
+            tally.kernel_errors = 1;
+            dump.note_error("kernel", io::Error::from_raw_os_error(-errno));
+        }
+        if scan.done {
+            dump.mark_done();
+            family.retire(&dump);
+        }
+        if scan.sockets > 0 {
+            let batch = Batch {
+                buf,
+                len,
+                dump: Arc::clone(&dump),
+            };
+            if !hand_over(&tx, batch, &mut tally, shutdown) {
+                dump.counters.add(&tally);
+                return;
+            }
+            dump.progressed();
+        }
+        dump.counters.add(&tally);
+    }
+}
+
+/// Waits until the socket has a datagram (`true`) or the netlinkers are
+/// released (`false`).
+fn wait_readable(family: &FamilyState, shutdown: &Shutdown) -> Result<bool, Errno> {
+    let mut fds = [
+        PollFd::new(shutdown.release_fd(), PollFlags::POLLIN),
+        PollFd::new(std::os::fd::AsFd::as_fd(&family.socket), PollFlags::POLLIN),
+    ];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+    Ok(!ready(&fds[0]) && ready(&fds[1]))
+}
+
+/// Sends `batch`, waiting (counted) while the channel is full. `false` when
+/// the pipeline is aborting or the inetdiagers are gone.
+fn hand_over(
+    tx: &Sender<Batch>,
+    batch: Batch,
+    tally: &mut DumpTotals,
+    shutdown: &Shutdown,
+) -> bool {
+    let batch = match tx.try_send(batch) {
+        Ok(()) => return true,
+        Err(TrySendError::Disconnected(_)) => return false,
+        Err(TrySendError::Full(batch)) => batch,
+    };
+    tally.channel_full += 1;
+    let started = Instant::now();
+    let sent = select! {
+        send(tx, batch) -> r => r.is_ok(),
+        recv(shutdown.abort_signal()) -> _ => false,
+    };
+    tally.channel_blocked_ns += started.elapsed().as_nanos() as u64;
+    sent
+}

@@ -1,0 +1,153 @@
+//! The poller thread: every `--frequency`, stamp a poll, publish one
+//! [`Dump`] per enabled family and send its request, then wait until every
+//! dump of the poll is finished (all records sent), abandoning a dump the
+//! kernel stops answering for `--netlink-timeout`. It reports each poll,
+//! counts long ones, and on stop lets the poll in flight finish before it
+//! releases the netlinkers.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+
+use crate::config::Config;
+use crate::export::record::PollStamp;
+use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
+use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
+use crate::pipeline::shutdown::Shutdown;
+
+/// How often the poller looks for a dump the kernel stopped answering.
+const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
+
+pub struct Poller {
+    pub families: Vec<Arc<FamilyState>>,
+    pub config: Config,
+    pub shutdown: Shutdown,
+    pub report_tx: Sender<DumpReport>,
+    pub report_rx: Receiver<DumpReport>,
+}
+
+impl Poller {
+    pub fn run(self) -> RunTotals {
+        let mut totals = RunTotals::default();
+        let mut next = Instant::now();
+        for poll_id in 1.. {
+            if !self.sleep_until(next) {
+                break;
+            }
+            let started = Instant::now();
+            let stamp = PollStamp {
+                poll_id,
+                timestamp_ns: unix_nanos(),
+            };
+            for family in &self.families {
+                self.start_dump(family, stamp);
+            }
+            let Some(reports) = self.collect(self.families.len()) else {
+                break; // aborted
+            };
+            let took = started.elapsed();
+            let long = took.as_secs_f64()
+                > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
+            self.report(poll_id, &reports, took, long);
+            totals.add_poll(&reports, long);
+            if poll_id == self.config.max_loops {
+                break;
+            }
+            // A poll that overran starts the next one at once, without
+            // trying to catch up on the missed ones.
+            next = (started + self.config.frequency).max(Instant::now());
+        }
+        self.shutdown.stop();
+        self.shutdown.release_netlinkers();
+        totals.stale_datagrams = self
+            .families
+            .iter()
+            .map(|f| f.stale_datagrams.load(Relaxed))
+            .sum();
+        totals
+    }
+
+    /// `false` when asked to stop before `when`.
+    fn sleep_until(&self, when: Instant) -> bool {
+        let wait = when.saturating_duration_since(Instant::now());
+        match self.shutdown.stop_signal().recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => true,
+            // Nothing is ever sent: any other outcome is the disconnect of stop.
+            _ => false,
+        }
+    }
+
+    fn start_dump(&self, family: &FamilyState, stamp: PollStamp) {
+        let seq = family.socket.next_seq();
+        let dump = Arc::new(Dump::new(family.family, seq, stamp, self.report_tx.clone()));
+        // Published before the request goes out, so a netlinker that sees
+        // the first reply finds its dump.
+        *family.current() = Some(Arc::clone(&dump));
+        let c = &self.config;
+        if let Err(e) = family
+            .socket
+            .request(family.family.af, c.states, c.extensions, seq)
+        {
+            dump.counters.request_errors.fetch_add(1, Relaxed);
+            dump.note_error("request", e);
+            family.retire(&dump);
+        }
+    }
+
+    /// Waits for `expected` dump reports; `None` if the pipeline aborts.
+    fn collect(&self, expected: usize) -> Option<Vec<DumpReport>> {
+        let mut reports = Vec::with_capacity(expected);
+        while reports.len() < expected {
+            select! {
+                recv(self.report_rx) -> r => reports.extend(r.ok()),
+                recv(self.shutdown.abort_signal()) -> _ => return None,
+                default(TIMEOUT_CHECK) => self.expire_silent_dumps(),
+            }
+        }
+        reports.sort_by_key(|r| r.family.af);
+        Some(reports)
+    }
+
+    fn expire_silent_dumps(&self) {
+        let timeout = self.config.netlink_timeout;
+        for family in &self.families {
+            let mut current = family.current();
+            if let Some(dump) = current.as_ref().filter(|d| d.idle_for() > timeout) {
+                dump.counters.timeouts.fetch_add(1, Relaxed);
+                dump.note_error(
+                    "timeout",
+                    format!(
+                        "no reply for {} (--netlink-timeout)",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                *current = None;
+            }
+        }
+    }
+
+    fn report(&self, poll_id: u64, reports: &[DumpReport], took: Duration, long: bool) {
+        if self.config.verbose {
+            eprintln!("{}", poll_line(poll_id, reports, took));
+        }
+        for warning in reports.iter().filter_map(|r| dump_warning(poll_id, r)) {
+            eprintln!("{warning}");
+        }
+        if long {
+            eprintln!(
+                "warning: poll {poll_id} took {:.1} ms, more than {} of the {} --frequency",
+                took.as_secs_f64() * 1e3,
+                self.config.polling_safety_buffer,
+                humantime::format_duration(self.config.frequency)
+            );
+        }
+    }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

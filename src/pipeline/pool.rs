@@ -1,0 +1,127 @@
+//! A bounded pool of netlink receive buffers, one per family.
+//!
+//! Netlinkers take a buffer, `recv` into it and send it down the channel;
+//! the inetdiager that walked it drops it, which puts it back. Buffers are
+//! allocated on first use, never more than `capacity`, so memory is bounded
+//! by `capacity x buffer length` and an idle host holds only what one poll
+//! needed.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+
+pub struct BufferPool {
+    free_tx: Sender<Vec<u8>>,
+    free_rx: Receiver<Vec<u8>>,
+    allocated: AtomicUsize,
+    capacity: usize,
+    buffer_len: usize,
+}
+
+impl BufferPool {
+    pub fn new(capacity: usize, buffer_len: usize) -> Arc<Self> {
+        let (free_tx, free_rx) = bounded(capacity);
+        Arc::new(BufferPool {
+            free_tx,
+            free_rx,
+            allocated: AtomicUsize::new(0),
+            capacity,
+            buffer_len,
+        })
+    }
+
+    /// A buffer, and how long the caller waited for one (zero unless all
+    /// `capacity` buffers were in use). `None` if `abort` disconnected first.
+    pub fn get(self: &Arc<Self>, abort: &Receiver<()>) -> Option<(PooledBuf, Duration)> {
+        let buf = |buf| PooledBuf {
+            buf,
+            pool: Arc::clone(self),
+        };
+        if let Ok(b) = self.free_rx.try_recv() {
+            return Some((buf(b), Duration::ZERO));
+        }
+        let grew = self
+            .allocated
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.capacity).then_some(n + 1)
+            });
+        if grew.is_ok() {
+            return Some((buf(vec![0; self.buffer_len]), Duration::ZERO));
+        }
+        let started = Instant::now();
+        select! {
+            recv(self.free_rx) -> b => b.ok().map(|b| (buf(b), started.elapsed())),
+            recv(abort) -> _ => None,
+        }
+    }
+
+    /// Buffers currently out of the pool (in a netlinker, a channel or an
+    /// inetdiager).
+    pub fn in_use(&self) -> usize {
+        self.allocated
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.free_rx.len())
+    }
+
+    /// Buffers allocated so far (at most the capacity).
+    pub fn allocated(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+}
+
+/// A receive buffer on loan; dropping it returns it to its pool.
+pub struct PooledBuf {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        // Cannot be full: the channel holds `capacity` and at most that many
+        // buffers exist.
+        let _ = self.pool.free_tx.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
+impl Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_reused_and_abortable() {
+        let pool = BufferPool::new(2, 64);
+        let (abort_tx, abort) = bounded::<()>(0);
+        let (a, _) = pool.get(&abort).unwrap();
+        let (b, _) = pool.get(&abort).unwrap();
+        assert_eq!((pool.allocated(), pool.in_use(), a.len()), (2, 2, 64));
+        drop(a);
+        assert_eq!(pool.in_use(), 1);
+        let (c, waited) = pool.get(&abort).unwrap();
+        assert_eq!((pool.allocated(), waited), (2, Duration::ZERO));
+        // All in use: the next get waits, and gives up on abort.
+        let t = std::thread::spawn({
+            let pool = Arc::clone(&pool);
+            move || pool.get(&abort).is_none()
+        });
+        drop(abort_tx);
+        assert!(t.join().unwrap());
+        drop((b, c));
+        assert_eq!(pool.in_use(), 0);
+    }
+}

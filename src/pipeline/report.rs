@@ -1,0 +1,181 @@
+//! What the poller says about each poll and, at exit, about the whole run:
+//! one line per poll with `--verbose`, a warning line for anything that went
+//! wrong, and a totals line when the exporter stops. Runs on the poller thread.
+
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+use crate::config::Family;
+use crate::pipeline::dump::{DumpReport, DumpTotals};
+
+/// Sums over every poll of the run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunTotals {
+    pub polls: u64,
+    /// Polls longer than `--polling-safety-buffer` x `--frequency`.
+    pub long_polls: u64,
+    pub families: Vec<(Family, DumpTotals)>,
+    /// Per family, datagrams that belonged to no current dump.
+    pub stale_datagrams: u64,
+}
+
+impl RunTotals {
+    pub fn add_poll(&mut self, reports: &[DumpReport], long: bool) {
+        self.polls += 1;
+        self.long_polls += u64::from(long);
+        for r in reports {
+            match self.families.iter_mut().find(|(f, _)| *f == r.family) {
+                Some((_, t)) => t.add(&r.totals),
+                None => self.families.push((r.family, r.totals)),
+            }
+        }
+    }
+}
+
+impl fmt::Display for RunTotals {
+    /// `polls 3 long_polls 0 | v4 sockets 10 sampled 10 records 10 ...`:
+    /// `key value` pairs, easy to read and to grep.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "polls {} long_polls {} stale_datagrams {}",
+            self.polls, self.long_polls, self.stale_datagrams
+        )?;
+        for (family, t) in &self.families {
+            write!(
+                f,
+                " | {} sockets {} sampled {} records {} sent_datagrams {} sent_bytes {} \
+                 send_errors {} records_lost {} decode_errors {} channel_full {} \
+                 netlink_errors {} timeouts {} interrupted {}",
+                family.name(),
+                t.sockets,
+                t.sampled,
+                t.records,
+                t.sent_datagrams,
+                t.sent_bytes,
+                t.send_errors,
+                t.records_lost,
+                t.decode_errors,
+                t.channel_full,
+                t.netlink_errors + t.kernel_errors + t.request_errors,
+                t.timeouts,
+                t.interrupted
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The `--verbose` line of one poll.
+pub fn poll_line(poll_id: u64, reports: &[DumpReport], took: Duration) -> String {
+    let mut line = format!("poll {poll_id}:");
+    for r in reports {
+        let t = &r.totals;
+        let _ = write!(
+            line,
+            " {} {} sockets {} records {} datagrams;",
+            r.family.name(),
+            t.sockets,
+            t.records,
+            t.sent_datagrams
+        );
+    }
+    let _ = write!(line, " {:.1} ms", took.as_secs_f64() * 1e3);
+    line
+}
+
+/// A warning for a dump that lost or skipped anything, `None` if it was clean.
+pub fn dump_warning(poll_id: u64, r: &DumpReport) -> Option<String> {
+    let t = &r.totals;
+    let problems: Vec<String> = [
+        (t.decode_errors, "socket messages not decodable"),
+        (t.encode_errors, "records too long for the record buffer"),
+        (t.send_errors, "failed sends"),
+        (t.records_lost, "records lost in failed sends"),
+        (
+            t.interrupted,
+            "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)",
+        ),
+        (t.kernel_errors, "kernel errors"),
+        (t.netlink_errors, "netlink datagrams lost"),
+        (t.timeouts, "timeouts"),
+        (t.request_errors, "requests not sent"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if problems.is_empty() {
+        return None;
+    }
+    let mut line = format!(
+        "warning: poll {poll_id} {}: {}",
+        r.family.name(),
+        problems.join(", ")
+    );
+    if !r.first_errors.is_empty() {
+        let _ = write!(line, "; first {}", r.first_errors.join("; "));
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::request::AF_INET;
+
+    fn report(totals: DumpTotals) -> DumpReport {
+        DumpReport {
+            family: Family {
+                af: AF_INET,
+                netlinkers: 1,
+                inetdiagers: 1,
+            },
+            totals,
+            done_after: None,
+            finished_after: Duration::from_millis(3),
+            first_errors: vec!["send: Connection refused".into()],
+        }
+    }
+
+    #[test]
+    fn warnings_name_what_was_lost() {
+        let clean = report(DumpTotals {
+            sockets: 5,
+            records: 5,
+            ..Default::default()
+        });
+        assert_eq!(dump_warning(1, &clean), None);
+        let lossy = report(DumpTotals {
+            send_errors: 2,
+            records_lost: 2,
+            ..Default::default()
+        });
+        let w = dump_warning(4, &lossy).unwrap();
+        assert!(
+            w.starts_with("warning: poll 4 v4: 2 failed sends, 2 records lost"),
+            "{w}"
+        );
+        assert!(w.ends_with("first send: Connection refused"), "{w}");
+    }
+
+    #[test]
+    fn totals_add_up_per_family() {
+        let mut run = RunTotals::default();
+        let r = report(DumpTotals {
+            sockets: 5,
+            records: 4,
+            ..Default::default()
+        });
+        run.add_poll(std::slice::from_ref(&r), false);
+        run.add_poll(std::slice::from_ref(&r), true);
+        assert_eq!((run.polls, run.long_polls), (2, 1));
+        assert_eq!(run.families[0].1.sockets, 10);
+        let line = run.to_string();
+        assert!(line.starts_with("polls 2 long_polls 1"), "{line}");
+        assert!(
+            line.contains("| v4 sockets 10 sampled 0 records 8 "),
+            "{line}"
+        );
+    }
+}
