@@ -10,8 +10,7 @@
 mod scenario;
 
 use std::error::Error;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use xtcp::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
 
 /// Established pairs per family in the bench capture (2 sockets each).
-const BENCH_PAIRS: u16 = 128;
+const BENCH_PAIRS: usize = 128;
 /// tcp_info lengths older kernels send: 4.4, 4.15, 5.4..6.1, 6.8..6.17.
 pub const SHORT_LENGTHS: [usize; 5] = [104, 144, 192, 232, 248];
 /// The 7.0 tail written into the `-v7` fixture: ecn_mode 1, accecn_opt_seen 2,
@@ -133,24 +132,15 @@ fn rewrite_info(payload: &[u8], edit: impl Fn(&mut Vec<u8>)) -> Result<Vec<u8>> 
 }
 
 /// `pairs` established connections per family with a little data each way.
-fn open_pairs(pairs: u16) -> Result<Vec<TcpStream>> {
-    let mut open = Vec::new();
-    for addr in [
+fn open_pairs(pairs: usize) -> Result<Vec<scenario::Pairs>> {
+    let open = [
         SocketAddr::from((Ipv4Addr::LOCALHOST, 40002)),
         SocketAddr::from((Ipv6Addr::LOCALHOST, 40002)),
-    ] {
-        let listener = TcpListener::bind(addr)?;
-        for _ in 0..pairs {
-            let mut client = TcpStream::connect(addr)?;
-            let (mut server, _) = listener.accept()?;
-            let mut buf = [7u8; 100];
-            client.write_all(&buf)?;
-            server.read_exact(&mut buf)?;
-            server.write_all(&buf)?;
-            client.read_exact(&mut buf)?;
-            open.extend([client, server]);
-        }
-    }
+    ]
+    .into_iter()
+    .map(|addr| scenario::established_pairs(addr, pairs, true))
+    .collect::<std::io::Result<_>>()?;
+    // Let delayed ACKs land so the counters settle.
     std::thread::sleep(Duration::from_millis(300));
     Ok(open)
 }

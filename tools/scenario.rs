@@ -261,3 +261,53 @@ pub fn other_congestion(default_cc: &str) -> &'static str {
         "cubic"
     }
 }
+
+/// Many established loopback connections on one listener, held open.
+pub struct Pairs {
+    pub listener: TcpListener,
+    /// Client and accepted server ends, alternating.
+    pub streams: Vec<TcpStream>,
+}
+
+impl Pairs {
+    /// `(family, source port, destination port)` of every socket, listener
+    /// included: what a dump of the namespace must report.
+    pub fn keys(&self) -> io::Result<Vec<(u32, u16, u16)>> {
+        let listen = self.listener.local_addr()?;
+        let mut keys = vec![(family_of(&listen), listen.port(), 0)];
+        for s in &self.streams {
+            let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+            keys.push((family_of(&local), local.port(), peer.port()));
+        }
+        Ok(keys)
+    }
+}
+
+fn family_of(addr: &SocketAddr) -> u32 {
+    (if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    }) as u32
+}
+
+/// Opens `pairs` established connections to a new listener on `server`,
+/// from inside the current namespace. With `exchange`, each pair sends 100
+/// bytes both ways so the byte and segment counters are not zero.
+pub fn established_pairs(server: SocketAddr, pairs: usize, exchange: bool) -> io::Result<Pairs> {
+    let listener = TcpListener::bind(server)?;
+    let mut streams = Vec::with_capacity(2 * pairs);
+    for _ in 0..pairs {
+        let mut client = TcpStream::connect(server)?;
+        let (mut accepted, _) = listener.accept()?;
+        if exchange {
+            let mut buf = [7u8; 100];
+            client.write_all(&buf)?;
+            accepted.read_exact(&mut buf)?;
+            accepted.write_all(&buf)?;
+            client.read_exact(&mut buf)?;
+        }
+        streams.extend([client, accepted]);
+    }
+    Ok(Pairs { listener, streams })
+}

@@ -1,0 +1,461 @@
+//! The exporter at scale against the real kernel: a private network namespace
+//! with 5000 established loopback connections (2500 per family, 10002 TCP
+//! sockets with the two listeners), the `xtcp` binary run inside it with
+//! `ip netns exec`, and UDP receivers in the same namespace: this test's own,
+//! or `xtcp-debug-server`. Needs root.
+//!
+//! Each test builds its own namespace; a lock runs them one at a time so the
+//! process stays under its open-file limit.
+
+#[path = "../tools/scenario.rs"]
+mod scenario;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use scenario::Netns;
+use serde_json::Value;
+use xtcp::export::udp::decode_datagram;
+use xtcp::proto::Record;
+
+/// Connections per family.
+const PAIRS: usize = 2500;
+const PORT: u16 = 13000;
+
+type Key = (u32, u16, u16);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A namespace holding the connections, deleted on drop.
+struct Farm {
+    ns: Netns,
+    keys: BTreeSet<Key>,
+    _pairs: Vec<scenario::Pairs>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Farm {
+    fn new(tag: &str) -> Farm {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // 10002 sockets, the receivers and the test harness's own files.
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap();
+        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        let pairs = in_ns(&ns, || {
+            [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 40001)),
+            ]
+            .map(|addr| scenario::established_pairs(addr, PAIRS, false).expect("open connections"))
+        });
+        let keys: BTreeSet<Key> = pairs.iter().flat_map(|p| p.keys().unwrap()).collect();
+        assert_eq!(keys.len(), 2 * (2 * PAIRS + 1));
+        Farm {
+            ns,
+            keys,
+            _pairs: pairs.into(),
+            _serial: serial,
+        }
+    }
+
+    /// `xtcp` inside the namespace with these flags.
+    fn xtcp(&self, args: &[&str]) -> Command {
+        self.exec(env!("CARGO_BIN_EXE_xtcp"), args)
+    }
+
+    fn exec(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name(), program])
+            .args(args);
+        cmd
+    }
+}
+
+/// Runs `f` on a thread inside the namespace (sockets it opens stay there).
+fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("enter namespace");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A UDP receiver inside the namespace that keeps every datagram's records.
+struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(Vec<Record>, u64)>,
+}
+
+impl Receiver {
+    fn start(ns: &Netns) -> Receiver {
+        let socket = in_ns(ns, || {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
+            // A poll of 10k records arrives as one burst: make room for it
+            // all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            s
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let (mut records, mut datagrams) = (Vec::new(), 0);
+                let mut buf = vec![0; 65536];
+                loop {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            datagrams += 1;
+                            records.extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => return (records, datagrams),
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+        Receiver { stop, thread }
+    }
+
+    /// Everything received; call once the exporter has exited (loopback
+    /// delivers a datagram before `send` returns).
+    fn finish(self) -> (Vec<Record>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn key(r: &Record) -> Key {
+    (
+        r.inet_diag_msg_family,
+        r.inet_diag_msg_socket_source_port as u16,
+        r.inet_diag_msg_socket_destination_port as u16,
+    )
+}
+
+/// Records by poll id.
+fn by_poll(records: &[Record]) -> BTreeMap<u64, Vec<&Record>> {
+    let mut polls: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        polls.entry(r.poll_id).or_default().push(r);
+    }
+    polls
+}
+
+fn run(mut cmd: Command) -> (Output, String) {
+    let out = cmd.output().expect("run xtcp");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    (out, stderr)
+}
+
+/// The value after `name` in the family section of the totals line
+/// (`xtcp: stopped: polls 2 ... | v4 sockets 5001 ...`); family "" = the head.
+fn total(stderr: &str, family: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("xtcp: stopped: "))
+        .unwrap_or_else(|| panic!("no totals line: {stderr}"));
+    let section = line
+        .split(" | ")
+        .find(|s| family.is_empty() || s.starts_with(&format!("{family} ")))
+        .unwrap_or_else(|| panic!("no {family} in {line}"));
+    let words: Vec<&str> = section.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == name)
+        .unwrap_or_else(|| panic!("no {name} in {section}"));
+    words[at + 1].parse().unwrap()
+}
+
+#[test]
+fn every_socket_arrives_exactly_once_per_poll() {
+    let farm = Farm::new("once");
+    let receiver = Receiver::start(&farm.ns);
+    let dest = format!("udp:127.0.0.1:{PORT}");
+    let (_, stderr) =
+        run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms", "--dest", &dest]));
+    let (records, datagrams) = receiver.finish();
+
+    let polls = by_poll(&records);
+    assert_eq!(polls.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    for (poll, records) in &polls {
+        let keys: BTreeSet<Key> = records.iter().map(|r| key(r)).collect();
+        assert_eq!(
+            keys.len(),
+            records.len(),
+            "poll {poll}: a socket arrived twice"
+        );
+        assert_eq!(keys, farm.keys, "poll {poll}: sockets received vs opened");
+    }
+    // One gapless record_counter sequence over both polls and families.
+    let mut counters: Vec<u64> = records.iter().map(|r| r.record_counter).collect();
+    counters.sort_unstable();
+    assert_eq!(counters, (1..=records.len() as u64).collect::<Vec<_>>());
+
+    for family in ["v4", "v6"] {
+        let sockets = 2 * (2 * PAIRS as u64 + 1);
+        assert_eq!(total(&stderr, family, "sockets"), sockets, "{stderr}");
+        assert_eq!(total(&stderr, family, "records"), sockets, "{stderr}");
+        assert_eq!(total(&stderr, family, "send_errors"), 0, "{stderr}");
+    }
+    // Batched by default: far fewer datagrams than records.
+    let sent = total(&stderr, "v4", "sent_datagrams") + total(&stderr, "v6", "sent_datagrams");
+    assert_eq!(sent, datagrams);
+    assert!(
+        datagrams * 10 < records.len() as u64,
+        "{datagrams} datagrams"
+    );
+}
+
+#[test]
+fn sampling_keeps_the_same_sockets_every_poll() {
+    let farm = Farm::new("sample");
+    let receiver = Receiver::start(&farm.ns);
+    let dest = format!("udp:127.0.0.1:{PORT}");
+    let modulus = 7;
+    let (_, stderr) = run(farm.xtcp(&[
+        "--max-loops",
+        "3",
+        "--frequency",
+        "300ms",
+        "--dest",
+        &dest,
+        "--sampling-modulus",
+        &modulus.to_string(),
+        // One record per datagram: the other layout, at scale.
+        "--udp-batch-bytes",
+        "0",
+    ]));
+    let (records, datagrams) = receiver.finish();
+    assert_eq!(datagrams, records.len() as u64);
+
+    let polls = by_poll(&records);
+    assert_eq!(polls.len(), 3);
+    let sets: Vec<BTreeSet<u64>> = polls
+        .values()
+        .map(|rs| rs.iter().map(|r| r.inet_diag_msg_socket_cookie).collect())
+        .collect();
+    assert!(
+        sets.iter().all(|s| *s == sets[0]),
+        "a different sample on a later poll"
+    );
+    let want = farm.keys.len() as f64 / modulus as f64;
+    let got = sets[0].len() as f64;
+    assert!(
+        (got - want).abs() < want * 0.15,
+        "kept {got}, expected about {want}"
+    );
+    let keys: BTreeSet<Key> = polls[&1].iter().map(|r| key(r)).collect();
+    assert!(keys.is_subset(&farm.keys));
+    let sampled = total(&stderr, "v4", "sampled") + total(&stderr, "v6", "sampled");
+    assert_eq!(sampled, records.len() as u64, "{stderr}");
+}
+
+/// Reads lines from `child`'s stdout until `n` arrived or `deadline`.
+fn read_lines(child: &mut Child, n: usize, deadline: Duration) -> Vec<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let end = Instant::now() + deadline;
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    lines
+}
+
+fn start_debug_server(farm: &Farm, format: &str) -> Child {
+    let listen = format!("127.0.0.1:{PORT}");
+    let mut child = farm
+        .exec(
+            env!("CARGO_BIN_EXE_xtcp-debug-server"),
+            &["--listen", &listen, "--format", format],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bound once the socket shows in the namespace's UDP table (thread-self:
+    // /proc/self/net would show the main thread's namespace).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let bound = format!(":{PORT:04X} ");
+    while !in_ns(&farm.ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/udp").unwrap()
+    })
+    .contains(&bound)
+    {
+        assert!(Instant::now() < deadline, "debug server did not bind");
+        assert!(child.try_wait().unwrap().is_none(), "debug server exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// SIGTERM, then the exit status and stderr.
+fn terminate(child: Child) -> (std::process::ExitStatus, String) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn debug_server_prints_every_record_as_json_and_counts_garbage() {
+    let farm = Farm::new("debug");
+    let mut server = start_debug_server(&farm, "json");
+    run(farm.xtcp(&["--max-loops", "1"]));
+    let lines = read_lines(&mut server, farm.keys.len(), Duration::from_secs(20));
+    // Garbage from another sender: counted and reported, not fatal.
+    in_ns(&farm.ns, || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(b"\xffnot protobuf", ("127.0.0.1", PORT)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, stderr) = terminate(server);
+    assert!(status.success(), "{status:?}: {stderr}");
+
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let keys: BTreeSet<Key> = records
+        .iter()
+        .map(|r| {
+            let n = |f: &str| r[f].as_u64().unwrap_or_else(|| panic!("{f} in {r}"));
+            (
+                n("inet_diag_msg_family") as u32,
+                n("inet_diag_msg_socket_source_port") as u16,
+                n("inet_diag_msg_socket_destination_port") as u16,
+            )
+        })
+        .collect();
+    assert_eq!(keys, farm.keys);
+    assert_eq!(records.len(), farm.keys.len());
+    for r in &records {
+        let v6 = r["inet_diag_msg_family"] == libc::AF_INET6;
+        let lo = if v6 { "::1" } else { "127.0.0.1" };
+        assert_eq!(r["inet_diag_msg_socket_source"], lo, "{r}");
+        assert_eq!(r["poll_id"], 1);
+        let established = r["inet_diag_msg_state"] == 1;
+        assert_eq!(r["tcp_info_state"], r["inet_diag_msg_state"], "{r}");
+        assert_eq!(
+            r["congestion_algorithm_string"].as_str().map(str::is_empty),
+            Some(false)
+        );
+        if established {
+            assert_eq!(r["inet_diag_msg_socket_destination"], lo, "{r}");
+        }
+    }
+    assert!(stderr.contains("warning: undecodable datagram"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("records {} undecodable 1", farm.keys.len())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn debug_server_text_format_reads_like_ss() {
+    let farm = Farm::new("text");
+    let mut server = start_debug_server(&farm, "text");
+    run(farm.xtcp(&["--max-loops", "1", "--no6", "--states", "established"]));
+    let lines = read_lines(&mut server, 2 * PAIRS, Duration::from_secs(20));
+    let (status, _) = terminate(server);
+    assert!(status.success());
+    assert_eq!(lines.len(), 2 * PAIRS);
+    for line in &lines {
+        assert!(line.starts_with("ESTAB 127.0.0.1:"), "{line}");
+        assert!(
+            line.contains(" > 127.0.0.1:") && line.contains(" rtt "),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn nobody_listening_keeps_polling_and_counts_send_errors() {
+    let farm = Farm::new("nobody");
+    let (_, stderr) = run(farm.xtcp(&[
+        "--max-loops",
+        "3",
+        "--frequency",
+        "200ms",
+        "--dest",
+        "udp:127.0.0.1:9",
+    ]));
+    assert_eq!(total(&stderr, "", "polls"), 3, "{stderr}");
+    let sockets = 3 * 2 * (2 * PAIRS as u64 + 1);
+    let records = total(&stderr, "v4", "records") + total(&stderr, "v6", "records");
+    assert_eq!(records, sockets, "records are still built: {stderr}");
+    let errors = total(&stderr, "v4", "send_errors") + total(&stderr, "v6", "send_errors");
+    let lost = total(&stderr, "v4", "records_lost") + total(&stderr, "v6", "records_lost");
+    assert!(errors > 0 && lost > 0, "{stderr}");
+    assert!(
+        stderr.contains("first send: Connection refused"),
+        "{stderr}"
+    );
+}
+
+/// Starts a long-running exporter, waits for its first poll, signals it and
+/// returns (exit status, time from the signal to the exit, stderr).
+fn signal_after_first_poll(
+    farm: &Farm,
+    signal: Signal,
+) -> (std::process::ExitStatus, Duration, String) {
+    let mut child = farm
+        .xtcp(&["--frequency", "1h", "-v"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("poll 1:") {
+        assert!(
+            stderr.read_line(&mut text).unwrap() > 0,
+            "exited early: {text}"
+        );
+    }
+    let signalled = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+    let status = child.wait().unwrap();
+    let took = signalled.elapsed();
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    (status, took, text)
+}
+
+#[test]
+fn sigterm_and_sigint_stop_within_a_second_with_exit_0() {
+    let farm = Farm::new("signal");
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let (status, took, stderr) = signal_after_first_poll(&farm, signal);
+        assert_eq!(status.code(), Some(0), "{signal}: {stderr}");
+        assert!(took < Duration::from_secs(1), "{signal}: took {took:?}");
+        assert_eq!(total(&stderr, "", "polls"), 1, "{stderr}");
+    }
+    let _ = std::io::stderr().flush();
+}
