@@ -4,11 +4,11 @@ CARGO ?= cargo
 FUZZ_RUNS ?= 200000
 FUZZ_MAX_LEN ?= 8192
 
-.PHONY: run build test lint unit fuzz-smoke fuzz bench fixtures clean
+.PHONY: run build test lint unit fuzz-smoke fuzz bench bench-udp fixtures clean
 
-## run: dump every TCP socket of this host once, as JSON lines
+## run: the exporter polling this host every 5s into the debug server, which prints each socket; Ctrl-C stops both
 run: build
-	./target/release/xtcp --max-loops 1 --dest stdout
+	./tools/run.sh
 
 build:
 	$(CARGO) build --release --locked
@@ -41,6 +41,10 @@ fuzz/corpus/decode: $(FUZZ_SEEDS)
 bench:
 	$(CARGO) bench --locked --bench decode
 	python3 tools/bench_report.py
+
+## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes (root; 16k sockets in a namespace)
+bench-udp: build
+	python3 tools/bench_udp.py
 
 ## fixtures: recapture tests/fixtures/ from this kernel (root)
 fixtures:

@@ -11,7 +11,7 @@
 mod scenario;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,9 +266,38 @@ fn sampling_keeps_the_same_sockets_every_poll() {
     assert_eq!(sampled, records.len() as u64, "{stderr}");
 }
 
-/// Reads lines from `child`'s stdout until `n` arrived or `deadline`.
-fn read_lines(child: &mut Child, n: usize, deadline: Duration) -> Vec<String> {
-    let stdout = child.stdout.take().unwrap();
+/// A child process, killed and reaped if the test fails before it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let child = self.0.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads lines from the child's stdout until `n` arrived or `deadline`.
+fn read_lines(child: &mut Running, n: usize, deadline: Duration) -> Vec<String> {
+    let stdout = child.child().stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -288,17 +317,18 @@ fn read_lines(child: &mut Child, n: usize, deadline: Duration) -> Vec<String> {
     lines
 }
 
-fn start_debug_server(farm: &Farm, format: &str) -> Child {
+fn start_debug_server(farm: &Farm, format: &str) -> Running {
     let listen = format!("127.0.0.1:{PORT}");
-    let mut child = farm
-        .exec(
+    let mut child = Running(Some(
+        farm.exec(
             env!("CARGO_BIN_EXE_xtcp-debug-server"),
             &["--listen", &listen, "--format", format],
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    ));
     // Bound once the socket shows in the namespace's UDP table (thread-self:
     // /proc/self/net would show the main thread's namespace).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -309,20 +339,13 @@ fn start_debug_server(farm: &Farm, format: &str) -> Child {
     .contains(&bound)
     {
         assert!(Instant::now() < deadline, "debug server did not bind");
-        assert!(child.try_wait().unwrap().is_none(), "debug server exited");
+        assert!(
+            child.child().try_wait().unwrap().is_none(),
+            "debug server exited"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child
-}
-
-/// SIGTERM, then the exit status and stderr.
-fn terminate(child: Child) -> (std::process::ExitStatus, String) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -337,7 +360,7 @@ fn debug_server_prints_every_record_as_json_and_counts_garbage() {
         s.send_to(b"\xffnot protobuf", ("127.0.0.1", PORT)).unwrap();
     });
     std::thread::sleep(Duration::from_millis(200));
-    let (status, stderr) = terminate(server);
+    let (status, stderr) = server.terminate();
     assert!(status.success(), "{status:?}: {stderr}");
 
     let records: Vec<Value> = lines
@@ -385,7 +408,7 @@ fn debug_server_text_format_reads_like_ss() {
     let mut server = start_debug_server(&farm, "text");
     run(farm.xtcp(&["--max-loops", "1", "--no6", "--states", "established"]));
     let lines = read_lines(&mut server, 2 * PAIRS, Duration::from_secs(20));
-    let (status, _) = terminate(server);
+    let (status, _) = server.terminate();
     assert!(status.success());
     assert_eq!(lines.len(), 2 * PAIRS);
     for line in &lines {
@@ -427,11 +450,13 @@ fn signal_after_first_poll(
     farm: &Farm,
     signal: Signal,
 ) -> (std::process::ExitStatus, Duration, String) {
-    let mut child = farm
-        .xtcp(&["--frequency", "1h", "-v"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut running = Running(Some(
+        farm.xtcp(&["--frequency", "1h", "-v"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let child = running.child();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut text = String::new();
     while !text.contains("poll 1:") {
@@ -457,5 +482,4 @@ fn sigterm_and_sigint_stop_within_a_second_with_exit_0() {
         assert!(took < Duration::from_secs(1), "{signal}: took {took:?}");
         assert_eq!(total(&stderr, "", "polls"), 1, "{stderr}");
     }
-    let _ = std::io::stderr().flush();
 }

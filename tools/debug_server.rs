@@ -1,8 +1,9 @@
 //! `xtcp-debug-server`: receives the exporter's UDP datagrams and prints
 //! every record, one JSON object per line (default) or, with `--format text`,
 //! one `ss`-like line per socket. Undecodable datagrams are counted and
-//! reported on stderr, never fatal. On SIGINT/SIGTERM (or when stdout closes)
-//! it prints its totals to stderr and exits 0.
+//! reported on stderr, never fatal. On SIGINT/SIGTERM it prints what is
+//! already queued on its socket, then its totals to stderr, and exits 0 (also
+//! when stdout closes).
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -30,6 +31,9 @@ enum Format {
     Json,
     /// One readable line per socket, like `ss -ti`.
     Text,
+    /// Print nothing per record; only the totals at exit (a counting sink
+    /// for benchmarks).
+    None,
 }
 
 /// Print the records an xtcp exporter sends over UDP.
@@ -120,9 +124,16 @@ fn serve(cli: &Cli) -> io::Result<Totals> {
     let mut totals = Totals::default();
     let mut buf = vec![0u8; 65536];
     let mut out = io::BufWriter::new(io::stdout().lock());
-    while !stop.load(Ordering::Relaxed) {
+    let mut draining = false;
+    loop {
+        if !draining && stop.load(Ordering::Relaxed) {
+            // Print what already arrived before exiting.
+            draining = true;
+            socket.set_nonblocking(true)?;
+        }
         let (len, peer) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
+            Err(e) if draining && e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -148,6 +159,9 @@ fn serve(cli: &Cli) -> io::Result<Totals> {
             }
         };
         totals.records += records.len() as u64;
+        if cli.format == Format::None {
+            continue;
+        }
         let written = records
             .iter()
             .try_for_each(|r| write_record(&mut out, r, cli.format))
@@ -166,6 +180,7 @@ fn write_record(out: &mut impl Write, r: &Record, format: Format) -> io::Result<
     match format {
         Format::Json => serde_json::to_writer(&mut *out, r).map_err(io::Error::from)?,
         Format::Text => out.write_all(text_line(r).as_bytes())?,
+        Format::None => return Ok(()),
     }
     out.write_all(b"\n")
 }
