@@ -253,3 +253,36 @@ fn cli_bad_flag_exits_2_with_one_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("unknown destination 'kafka'"), "{stderr}");
 }
+
+#[test]
+fn cli_takes_every_flag_from_the_environment() {
+    let xtcp = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtcp"));
+        cmd.env_clear();
+        cmd
+    };
+    let out = xtcp()
+        .args(["--print-config", "--no6"])
+        .env("XTCP_SAMPLING_MODULUS", "5")
+        .env("XTCP_DEST", "udp:[::1]:9999")
+        .env("XTCP_SINGLE", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "XTCP_SAMPLING_MODULUS=5",
+        "XTCP_DEST=udp:[::1]:9999",
+        "XTCP_SINGLE=true",
+        "XTCP_NO6=true",
+        "XTCP_FREQUENCY=30s",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    // A bad value from the environment is as clear as one from a flag.
+    let out = xtcp().env("XTCP_FREQUENCY", "soon").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--frequency"), "{stderr}");
+}

@@ -182,17 +182,21 @@ fn total(stderr: &str, family: &str, name: &str) -> u64 {
     words[at + 1].parse().unwrap()
 }
 
-#[test]
-fn every_socket_arrives_exactly_once_per_poll() {
-    let farm = Farm::new("once");
+/// Two polls into a receiver: every socket exactly once per poll.
+fn assert_exactly_once_per_poll(farm: &Farm, threads: &[&str]) {
     let receiver = Receiver::start(&farm.ns);
     let dest = format!("udp:127.0.0.1:{PORT}");
-    let (_, stderr) =
-        run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms", "--dest", &dest]));
+    let mut args = vec!["--max-loops", "2", "--frequency", "300ms", "--dest", &dest];
+    args.extend_from_slice(threads);
+    let (_, stderr) = run(farm.xtcp(&args));
     let (records, datagrams) = receiver.finish();
 
     let polls = by_poll(&records);
-    assert_eq!(polls.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        polls.keys().copied().collect::<Vec<_>>(),
+        [1, 2],
+        "{threads:?}"
+    );
     for (poll, records) in &polls {
         let keys: BTreeSet<Key> = records.iter().map(|r| key(r)).collect();
         assert_eq!(
@@ -219,6 +223,72 @@ fn every_socket_arrives_exactly_once_per_poll() {
     assert!(
         datagrams * 10 < records.len() as u64,
         "{datagrams} datagrams"
+    );
+}
+
+#[test]
+fn every_socket_arrives_exactly_once_per_poll() {
+    let farm = Farm::new("once");
+    assert_exactly_once_per_poll(&farm, &[]);
+    // Several netlinkers sharing a socket and several inetdiagers sharing a
+    // channel: the same sockets, still once each.
+    assert_exactly_once_per_poll(
+        &farm,
+        &[
+            "--netlinkers4",
+            "3",
+            "--netlinkers6",
+            "2",
+            "--inetdiagers4",
+            "3",
+            "--inetdiagers6",
+            "2",
+        ],
+    );
+}
+
+#[test]
+fn a_full_channel_waits_and_loses_nothing() {
+    let farm = Farm::new("full");
+    // JSON to stdout is far slower than the kernel: a one-buffer channel fills.
+    let mut cmd = farm.xtcp(&[
+        "--max-loops",
+        "1",
+        "--dest",
+        "stdout",
+        "--channel-size",
+        "1",
+    ]);
+    cmd.stdout(Stdio::null());
+    let (_, stderr) = run(cmd);
+    let full = total(&stderr, "v4", "channel_full") + total(&stderr, "v6", "channel_full");
+    assert!(full > 0, "{stderr}");
+    for family in ["v4", "v6"] {
+        assert_eq!(
+            total(&stderr, family, "records"),
+            2 * PAIRS as u64 + 1,
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn long_polls_are_warned_and_counted() {
+    let farm = Farm::new("long");
+    // 10k sockets take tens of ms, far over 0.8 x 5ms.
+    let (_, stderr) = run(farm.xtcp(&[
+        "--max-loops",
+        "2",
+        "--frequency",
+        "5ms",
+        "--dest",
+        "udp:127.0.0.1:9",
+    ]));
+    assert_eq!(total(&stderr, "", "long_polls"), 2, "{stderr}");
+    assert!(stderr.contains("warning: poll 1 took "), "{stderr}");
+    assert!(
+        stderr.contains("more than 0.8 of the 5ms --frequency"),
+        "{stderr}"
     );
 }
 

@@ -23,6 +23,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::pipeline::dump::{Dump, DumpTotals, FamilyState};
 use crate::pipeline::netlink::{scan_datagram, DumpError};
 use crate::pipeline::pool::PooledBuf;
+use crate::wire::netlink::datagram_seq;
 use crate::pipeline::shutdown::Shutdown;
 
 /// One received datagram on its way to an inetdiager.
@@ -47,7 +48,8 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         }
         // Cloned before `recv`: a datagram received after this belongs to
         // this dump or is stale, never to a later one (the next dump starts
-        // only once every clone of this one is dropped).
+        // only once every clone of this one is dropped), and the dump cannot
+        // be retired by another netlinker's NLMSG_DONE in between.
         let dump = family.current().clone();
         let Some((mut buf, waited)) = family.pool.get(shutdown.abort_signal()) else {
             return;
@@ -64,9 +66,20 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
                 continue;
             }
         };
-        let Some(dump) = dump else {
-            family.stale_datagrams.fetch_add(1, Relaxed);
-            continue;
+        // The datagram's dump: normally the one cloned above. If that was
+        // none or an older one (woken by the tail of an abandoned dump while
+        // the poller started the next), look again: the next dump is
+        // published before its request is sent.
+        let seq = datagram_seq(&buf[..len]);
+        let dump = match dump {
+            Some(d) if Some(d.seq) == seq => d,
+            _ => match family.current().clone() {
+                Some(d) if Some(d.seq) == seq => d,
+                _ => {
+                    family.stale_datagrams.fetch_add(1, Relaxed);
+                    continue;
+                }
+            },
         };
         let scan = match scan_datagram(&buf[..len], dump.seq, |_| {}) {
             Ok(Some(scan)) => scan,

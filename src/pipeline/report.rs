@@ -71,16 +71,19 @@ pub fn poll_line(poll_id: u64, reports: &[DumpReport], took: Duration) -> String
     let mut line = format!("poll {poll_id}:");
     for r in reports {
         let t = &r.totals;
+        let done = r.done_after.map_or("never".into(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        });
         let _ = write!(
             line,
-            " {} {} sockets {} records {} datagrams;",
+            " {} {} sockets {} records {} datagrams, NLMSG_DONE after {done};",
             r.family.name(),
             t.sockets,
             t.records,
             t.sent_datagrams
         );
     }
-    let _ = write!(line, " {:.1} ms", took.as_secs_f64() * 1e3);
+    let _ = write!(line, " all sent after {:.1} ms", took.as_secs_f64() * 1e3);
     line
 }
 

@@ -132,6 +132,13 @@ fn next_message(buf: &[u8]) -> Result<(NlMsg<'_>, &[u8]), WireError> {
     Ok((msg, &buf[next..]))
 }
 
+/// The sequence number of a reply datagram (that of its first message; a
+/// datagram answers one request), `None` if it has no whole header.
+pub fn datagram_seq(buf: &[u8]) -> Option<u32> {
+    buf.first_chunk::<NLMSG_HDRLEN>()
+        .map(|hdr| u32_ne_at::<8, NLMSG_HDRLEN>(hdr))
+}
+
 /// Writes a `struct nlmsghdr` into `out[..16]` (helper for request builders and tests).
 pub fn put_header(out: &mut [u8; NLMSG_HDRLEN], len: u32, msg_type: u16, flags: u16, seq: u32) {
     out[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -191,6 +198,14 @@ mod tests {
                 error: -libc::EPERM
             }
         );
+    }
+
+    #[test]
+    fn datagram_seq_is_the_first_header_s() {
+        let mut buf = msg(SOCK_DIAG_BY_FAMILY, NLM_F_MULTI, 42, &[1, 2, 3, 4]);
+        buf.extend(msg(NLMSG_DONE, NLM_F_MULTI, 42, &[0; 4]));
+        assert_eq!(datagram_seq(&buf), Some(42));
+        assert_eq!(datagram_seq(&buf[..NLMSG_HDRLEN - 1]), None);
     }
 
     #[test]
