@@ -31,12 +31,17 @@ pub struct PollStamp {
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.
 ///
 /// Clones share the `record_counter` sequence, so the inetdiager threads of
-/// one exporter hand out each number once: a consumer that sees a gap knows a
-/// record was lost on the way.
+/// one exporter hand out each number once and a consumer can tell from a gap
+/// that something was lost. Numbers are taken from the shared counter in
+/// blocks ([`Self::reserve`], one atomic add per netlink buffer): an atomic
+/// add per record cost ~15% of the encode time.
 #[derive(Debug, Clone)]
 pub struct RecordEncoder {
     hostname: String,
     counter: Arc<AtomicU64>,
+    /// The next number to write, and the end of the reserved block.
+    next: u64,
+    end: u64,
 }
 
 impl RecordEncoder {
@@ -44,12 +49,24 @@ impl RecordEncoder {
         RecordEncoder {
             hostname,
             counter: Arc::new(AtomicU64::new(0)),
+            next: 1,
+            end: 1,
         }
     }
 
-    /// Records encoded so far (by this encoder and its clones).
-    pub fn count(&self) -> u64 {
-        self.counter.load(Ordering::Relaxed)
+    /// Reserves the numbers of the next `n` records. Numbers left over from
+    /// the previous block (sockets that failed to decode) are not used: a
+    /// gap in `record_counter` is a record lost or skipped, and skips are
+    /// counted as decode errors.
+    pub fn reserve(&mut self, n: u64) {
+        let base = self.counter.fetch_add(n, Ordering::Relaxed);
+        (self.next, self.end) = (base + 1, base + 1 + n);
+    }
+
+    /// The `record_counter` of the last record this encoder wrote (0 before
+    /// the first).
+    pub fn last_number(&self) -> u64 {
+        self.next - 1
     }
 
     /// A buffer this long always holds one record of any socket the decoder
@@ -67,28 +84,21 @@ impl RecordEncoder {
             + FIELD_WINDOW
     }
 
-    /// Encodes `s` into `buf` and returns the length, or `None` (and counts
-    /// nothing) when `buf` is shorter than the record.
+    /// Encodes `s` into `buf` and returns the length, or `None` (using no
+    /// number) when `buf` is shorter than the record. Reserves one number if
+    /// the block is used up.
     pub fn encode(
         &mut self,
         s: &DiagSocket<'_>,
         poll: &PollStamp,
         buf: &mut [u8],
     ) -> Option<usize> {
-        let number = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let len = encode_fields(s, poll, &self.hostname, number, buf);
-        if len.is_none() {
-            // Give the number back unless another thread took the next one
-            // meanwhile (then this leaves a gap; the buffers the pipeline
-            // passes are `max_record_len()` long, so this does not happen).
-            let _ = self.counter.compare_exchange(
-                number,
-                number - 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+        if self.next == self.end {
+            self.reserve(1);
         }
-        len
+        let len = encode_fields(s, poll, &self.hostname, self.next, buf)?;
+        self.next += 1;
+        Some(len)
     }
 }
 

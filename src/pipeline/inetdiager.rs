@@ -15,7 +15,6 @@ use crate::pipeline::netlink::scan_datagram;
 use crate::pipeline::netlinker::Batch;
 use crate::pipeline::sample::Sampler;
 use crate::pipeline::shutdown::Shutdown;
-use crate::wire::inet_diag::InetDiagMsg;
 use crate::wire::{decode_socket, TailLayout};
 
 pub struct Inetdiager {
@@ -37,18 +36,19 @@ impl Inetdiager {
             let dump = &batch.dump;
             let mut tally = DumpTotals::default();
             let mut output_error = None;
+            let datagram = &batch.buf[..batch.len];
+            let sampler = self.sampler;
             // The netlinker already framed this datagram and checked its
-            // sequence number, so neither can fail here.
-            let _ = scan_datagram(&batch.buf[..batch.len], dump.seq, |payload| {
-                if output_error.is_some() || output_closed {
+            // sequence number, so neither can fail here. Counting first lets
+            // the encoder take this buffer's record numbers in one block.
+            let mut sampled = 0;
+            let _ = scan_datagram(datagram, dump.seq, |payload| {
+                sampled += u64::from(sampler.keep_message(payload));
+            });
+            self.encoder.reserve(sampled);
+            let _ = scan_datagram(datagram, dump.seq, |payload| {
+                if output_error.is_some() || output_closed || !sampler.keep_message(payload) {
                     return;
-                }
-                if !self.sampler.keeps_all() {
-                    match InetDiagMsg::new(payload) {
-                        Ok(msg) if !self.sampler.keep(msg.cookie()) => return,
-                        // A message too short for its cookie fails decode below.
-                        _ => {}
-                    }
                 }
                 tally.sampled += 1;
                 let socket = match decode_socket(payload, self.tail) {

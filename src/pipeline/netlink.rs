@@ -85,16 +85,6 @@ pub fn scan_datagram(
     Ok(Some(scan))
 }
 
-/// What one dump delivered.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DumpStats {
-    pub datagrams: u64,
-    pub bytes: u64,
-    /// Socket messages of this dump's sequence number.
-    pub sockets: u64,
-    pub interrupted: bool,
-}
-
 pub struct SockDiagSocket {
     fd: OwnedFd,
     seq: AtomicU32,
@@ -166,7 +156,6 @@ impl SockDiagSocket {
             socket: self,
             seq,
             done: false,
-            stats: DumpStats::default(),
         })
     }
 }
@@ -182,7 +171,6 @@ pub struct DumpReader<'s> {
     socket: &'s SockDiagSocket,
     seq: u32,
     done: bool,
-    stats: DumpStats,
 }
 
 impl DumpReader<'_> {
@@ -192,10 +180,7 @@ impl DumpReader<'_> {
         if self.done {
             return Ok(None);
         }
-        let len = self.socket.recv(buf, true)?;
-        self.stats.datagrams += 1;
-        self.stats.bytes += len as u64;
-        Ok(Some(len))
+        self.socket.recv(buf, true).map(Some)
     }
 
     /// Walks one received datagram, calling `on_socket` with each socket
@@ -204,16 +189,10 @@ impl DumpReader<'_> {
         let Some(scan) = scan_datagram(datagram, self.seq, on_socket)? else {
             return Ok(());
         };
-        self.stats.sockets += u64::from(scan.sockets);
-        self.stats.interrupted |= scan.interrupted;
         self.done |= scan.done;
         match scan.kernel_errno {
             Some(errno) => Err(DumpError::Kernel { errno }),
             None => Ok(()),
         }
-    }
-
-    pub fn stats(&self) -> DumpStats {
-        self.stats
     }
 }

@@ -23,8 +23,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::pipeline::dump::{Dump, DumpTotals, FamilyState};
 use crate::pipeline::netlink::{scan_datagram, DumpError};
 use crate::pipeline::pool::PooledBuf;
-use crate::wire::netlink::datagram_seq;
 use crate::pipeline::shutdown::Shutdown;
+use crate::wire::netlink::datagram_seq;
 
 /// One received datagram on its way to an inetdiager.
 pub struct Batch {

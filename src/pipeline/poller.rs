@@ -130,7 +130,16 @@ impl Poller {
 
     fn report(&self, poll_id: u64, reports: &[DumpReport], took: Duration, long: bool) {
         if self.config.verbose {
-            eprintln!("{}", poll_line(poll_id, reports, took));
+            let buffers: Vec<usize> = reports
+                .iter()
+                .map(|r| {
+                    self.families
+                        .iter()
+                        .find(|f| f.family == r.family)
+                        .map_or(0, |f| f.pool.allocated())
+                })
+                .collect();
+            eprintln!("{}", poll_line(poll_id, reports, &buffers, took));
         }
         for warning in reports.iter().filter_map(|r| dump_warning(poll_id, r)) {
             eprintln!("{warning}");

@@ -66,24 +66,30 @@ impl fmt::Display for RunTotals {
     }
 }
 
-/// The `--verbose` line of one poll.
-pub fn poll_line(poll_id: u64, reports: &[DumpReport], took: Duration) -> String {
+/// The `--verbose` line of one poll; `buffers` are the receive buffers each
+/// family has allocated so far.
+pub fn poll_line(
+    poll_id: u64,
+    reports: &[DumpReport],
+    buffers: &[usize],
+    took: Duration,
+) -> String {
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
     let mut line = format!("poll {poll_id}:");
-    for r in reports {
+    for (r, buffers) in reports.iter().zip(buffers) {
         let t = &r.totals;
-        let done = r.done_after.map_or("never".into(), |d| {
-            format!("{:.1} ms", d.as_secs_f64() * 1e3)
-        });
+        let done = r.done_after.map_or("never".into(), ms);
         let _ = write!(
             line,
-            " {} {} sockets {} records {} datagrams, NLMSG_DONE after {done};",
+            " {} {} sockets {} records {} datagrams, NLMSG_DONE {done}, sent {}, {buffers} buffers;",
             r.family.name(),
             t.sockets,
             t.records,
-            t.sent_datagrams
+            t.sent_datagrams,
+            ms(r.finished_after),
         );
     }
-    let _ = write!(line, " all sent after {:.1} ms", took.as_secs_f64() * 1e3);
+    let _ = write!(line, " poll {}", ms(took));
     line
 }
 

@@ -7,6 +7,8 @@
 //! as the two ends of a loopback connection, do not fall into a pattern with
 //! the modulus.
 
+use crate::wire::inet_diag::InetDiagMsg;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Sampler {
     modulus: u64,
@@ -20,12 +22,14 @@ impl Sampler {
         }
     }
 
-    pub fn keeps_all(&self) -> bool {
-        self.modulus == 1
-    }
-
     pub fn keep(&self, cookie: u64) -> bool {
         self.modulus == 1 || mix(cookie) % self.modulus == 0
+    }
+
+    /// [`Self::keep`] for a socket message; one too short to hold its cookie
+    /// is kept, so that decoding it fails and is counted.
+    pub fn keep_message(&self, payload: &[u8]) -> bool {
+        self.modulus == 1 || InetDiagMsg::new(payload).map_or(true, |m| self.keep(m.cookie()))
     }
 }
 
@@ -52,7 +56,11 @@ mod tests {
     #[test]
     fn modulus_one_keeps_everything_and_choice_is_stable() {
         let all = Sampler::new(1);
-        assert!(all.keeps_all() && (0..1000).all(|c| all.keep(c)));
+        assert!((0..1000).all(|c| all.keep(c)));
+        assert!(
+            Sampler::new(3).keep_message(&[0; 8]),
+            "short: kept, fails decode"
+        );
         let s = Sampler::new(7);
         let first: Vec<bool> = (0..1000).map(|c| s.keep(c)).collect();
         let again: Vec<bool> = (0..1000).map(|c| s.keep(c)).collect();

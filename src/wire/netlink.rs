@@ -136,7 +136,7 @@ fn next_message(buf: &[u8]) -> Result<(NlMsg<'_>, &[u8]), WireError> {
 /// datagram answers one request), `None` if it has no whole header.
 pub fn datagram_seq(buf: &[u8]) -> Option<u32> {
     buf.first_chunk::<NLMSG_HDRLEN>()
-        .map(|hdr| u32_ne_at::<8, NLMSG_HDRLEN>(hdr))
+        .map(u32_ne_at::<8, NLMSG_HDRLEN>)
 }
 
 /// Writes a `struct nlmsghdr` into `out[..16]` (helper for request builders and tests).
