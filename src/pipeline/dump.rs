@@ -80,8 +80,6 @@ counters! {
     channel_full,
     /// Nanoseconds netlinkers waited on a full channel.
     channel_blocked_ns,
-    /// Nanoseconds netlinkers waited for a free receive buffer.
-    pool_wait_ns,
     /// Reply datagrams flagged `NLM_F_DUMP_INTR` (sockets may be missing or repeated).
     interrupted,
     /// The kernel ended the dump with an error.

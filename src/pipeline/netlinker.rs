@@ -51,7 +51,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         // only once every clone of this one is dropped), and the dump cannot
         // be retired by another netlinker's NLMSG_DONE in between.
         let dump = family.current().clone();
-        let Some((mut buf, waited)) = family.pool.get(shutdown.abort_signal()) else {
+        let Some(mut buf) = family.pool.get(shutdown.abort_signal()) else {
             return;
         };
         let len = match family.socket.recv(&mut buf, false) {
@@ -99,7 +99,6 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             bytes: len as u64,
             sockets: u64::from(scan.sockets),
             interrupted: u64::from(scan.interrupted),
-            pool_wait_ns: waited.as_nanos() as u64,
             ..DumpTotals::default()
         };
         if let Some(errno) = scan.kernel_errno {

@@ -9,7 +9,6 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
@@ -33,15 +32,16 @@ impl BufferPool {
         })
     }
 
-    /// A buffer, and how long the caller waited for one (zero unless all
-    /// `capacity` buffers were in use). `None` if `abort` disconnected first.
-    pub fn get(self: &Arc<Self>, abort: &Receiver<()>) -> Option<(PooledBuf, Duration)> {
+    /// A buffer; `None` if `abort` disconnected first. Waits only if all
+    /// `capacity` buffers are out, which the pipeline sizes the pool never
+    /// to let happen.
+    pub fn get(self: &Arc<Self>, abort: &Receiver<()>) -> Option<PooledBuf> {
         let buf = |buf| PooledBuf {
             buf,
             pool: Arc::clone(self),
         };
         if let Ok(b) = self.free_rx.try_recv() {
-            return Some((buf(b), Duration::ZERO));
+            return Some(buf(b));
         }
         let grew = self
             .allocated
@@ -49,11 +49,10 @@ impl BufferPool {
                 (n < self.capacity).then_some(n + 1)
             });
         if grew.is_ok() {
-            return Some((buf(vec![0; self.buffer_len]), Duration::ZERO));
+            return Some(buf(vec![0; self.buffer_len]));
         }
-        let started = Instant::now();
         select! {
-            recv(self.free_rx) -> b => b.ok().map(|b| (buf(b), started.elapsed())),
+            recv(self.free_rx) -> b => b.ok().map(buf),
             recv(abort) -> _ => None,
         }
     }
@@ -100,12 +99,12 @@ mod tests {
     fn bounded_reused_and_abortable() {
         let pool = BufferPool::new(2, 64);
         let (abort_tx, abort) = bounded::<()>(0);
-        let (a, _) = pool.get(&abort).unwrap();
-        let (b, _) = pool.get(&abort).unwrap();
+        let a = pool.get(&abort).unwrap();
+        let b = pool.get(&abort).unwrap();
         assert_eq!((pool.allocated(), a.len()), (2, 64));
         drop(a);
-        let (c, waited) = pool.get(&abort).unwrap();
-        assert_eq!((pool.allocated(), waited), (2, Duration::ZERO));
+        let c = pool.get(&abort).unwrap();
+        assert_eq!(pool.allocated(), 2, "reused, not allocated");
         // All in use: the next get waits, and gives up on abort.
         let t = std::thread::spawn({
             let pool = Arc::clone(&pool);

@@ -46,7 +46,7 @@ impl fmt::Display for RunTotals {
                 f,
                 " | {} sockets {} sampled {} records {} sent_datagrams {} sent_bytes {} \
                  send_errors {} records_lost {} decode_errors {} channel_full {} \
-                 netlink_errors {} timeouts {} interrupted {}",
+                 channel_blocked_ms {} netlink_errors {} timeouts {} interrupted {}",
                 family.name(),
                 t.sockets,
                 t.sampled,
@@ -57,6 +57,7 @@ impl fmt::Display for RunTotals {
                 t.records_lost,
                 t.decode_errors,
                 t.channel_full,
+                t.channel_blocked_ns / 1_000_000,
                 t.netlink_errors + t.kernel_errors + t.request_errors,
                 t.timeouts,
                 t.interrupted
