@@ -33,6 +33,9 @@ impl Inetdiager {
             if shutdown.is_aborted() {
                 return;
             }
+            if output_closed {
+                continue; // drops the batch: its buffer goes back to the pool
+            }
             let dump = &batch.dump;
             let mut tally = DumpTotals::default();
             let mut output_error = None;
@@ -47,7 +50,7 @@ impl Inetdiager {
             });
             self.encoder.reserve(sampled);
             let _ = scan_datagram(datagram, dump.seq, |payload| {
-                if output_error.is_some() || output_closed || !sampler.keep_message(payload) {
+                if output_error.is_some() || !sampler.keep_message(payload) {
                     return;
                 }
                 tally.sampled += 1;
@@ -70,7 +73,6 @@ impl Inetdiager {
             });
             let flushed = match output_error {
                 Some(e) => Err(e),
-                None if output_closed => Ok(()),
                 None => self.sink.flush(),
             };
             if let Err(e) = flushed {

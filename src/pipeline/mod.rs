@@ -69,9 +69,8 @@ pub fn run(config: &Config) -> Result<RunTotals, RunError> {
     result
 }
 
-/// Runs the pipeline threads with a given [`Shutdown`] (tests stop it
-/// themselves instead of sending signals).
-pub fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunError> {
+/// Opens what the threads need, runs them until the poller ends, joins them.
+fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunError> {
     // Everything that can fail is opened before the first thread starts.
     let tail = TailLayout::for_release(&kernel_release());
     let encoder = RecordEncoder::new(hostname());

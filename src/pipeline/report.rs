@@ -15,7 +15,7 @@ pub struct RunTotals {
     /// Polls longer than `--polling-safety-buffer` x `--frequency`.
     pub long_polls: u64,
     pub families: Vec<(Family, DumpTotals)>,
-    /// Per family, datagrams that belonged to no current dump.
+    /// Datagrams (all families) that belonged to no current dump.
     pub stale_datagrams: u64,
 }
 
