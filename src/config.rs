@@ -20,6 +20,9 @@ use crate::wire::state;
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
 pub const DEFAULT_UDP_BATCH_BYTES: usize = 16_384;
+const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
+const DEFAULT_PROM_PATH: &str = "/metrics";
+const DEFAULT_STATSD_DST: &str = "127.0.0.1:8125";
 /// Smallest receive buffer: the kernel fills dump datagrams up to about one
 /// page (`NLMSG_GOODSIZE`) even when the reader offers less.
 const MIN_RECV_BUFFER: usize = 4096;
@@ -116,6 +119,28 @@ fn parse_safety_buffer(s: &str) -> Result<f64, String> {
         return Err(format!("{s} is not a fraction in (0, 1]"));
     }
     Ok(v)
+}
+
+/// `HOST:PORT`, resolved once at startup.
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}': {e} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| format!("'{s}': the name has no address"))
+}
+
+/// An absolute URL path of plain characters, not the health check's.
+fn parse_http_path(s: &str) -> Result<String, String> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/-._~".contains(c);
+    if !s.starts_with('/') || !s.chars().all(plain) {
+        return Err(format!(
+            "'{s}': expected a path like /metrics (letters, digits, / - . _ ~)"
+        ));
+    }
+    if s == "/healthz" || s == "/" {
+        return Err(format!("'{s}' is taken by the health check and index"));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_batch_bytes(s: &str) -> Result<usize, String> {
@@ -215,6 +240,27 @@ struct Cli {
     #[arg(long, env = "XTCP_UDP_BATCH_BYTES", default_value_t = DEFAULT_UDP_BATCH_BYTES, value_parser = parse_batch_bytes)]
     udp_batch_bytes: usize,
 
+    /// Serve Prometheus metrics and /healthz over HTTP on this HOST:PORT
+    /// (port 0 picks a free one, printed at start).
+    #[arg(long, env = "XTCP_PROM_LISTEN", default_value = DEFAULT_PROM_LISTEN, value_parser = parse_socket_addr)]
+    prom_listen: SocketAddr,
+
+    /// HTTP path of the Prometheus metrics.
+    #[arg(long, env = "XTCP_PROM_PATH", default_value = DEFAULT_PROM_PATH, value_parser = parse_http_path)]
+    prom_path: String,
+
+    /// Do not serve Prometheus metrics.
+    #[arg(long, env = "XTCP_NO_PROM")]
+    no_prom: bool,
+
+    /// Send statsd metrics after every poll to this HOST:PORT (UDP).
+    #[arg(long, env = "XTCP_STATSD_DST", default_value = DEFAULT_STATSD_DST, value_parser = parse_socket_addr)]
+    statsd_dst: SocketAddr,
+
+    /// Do not send statsd metrics.
+    #[arg(long, env = "XTCP_NO_STATSD")]
+    no_statsd: bool,
+
     /// Print one line per poll to stderr (otherwise only warnings and the
     /// totals at exit).
     #[arg(short, long, env = "XTCP_VERBOSE")]
@@ -266,7 +312,18 @@ pub struct Config {
     pub extensions: u8,
     pub dest: Dest,
     pub udp_batch_bytes: usize,
+    /// Where Prometheus metrics are served; `None` with `--no-prom`.
+    pub prom: Option<PromEndpoint>,
+    /// Where statsd lines go; `None` with `--no-statsd`.
+    pub statsd: Option<SocketAddr>,
     pub verbose: bool,
+}
+
+/// `--prom-listen` and `--prom-path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromEndpoint {
+    pub listen: SocketAddr,
+    pub path: String,
 }
 
 /// A command line that cannot run, or a request for text output.
@@ -353,6 +410,11 @@ impl Config {
             extensions: ALL_EXTENSIONS,
             dest: cli.dest,
             udp_batch_bytes: cli.udp_batch_bytes,
+            prom: (!cli.no_prom).then(|| PromEndpoint {
+                listen: cli.prom_listen,
+                path: cli.prom_path.clone(),
+            }),
+            statsd: (!cli.no_statsd).then_some(cli.statsd_dst),
             verbose: cli.verbose,
         })
     }
@@ -404,6 +466,27 @@ impl Config {
             ("STATES", states_to_string(self.states)),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            // Turned off, an endpoint prints its default, which the NO_
+            // line below overrides.
+            (
+                "PROM_LISTEN",
+                self.prom
+                    .as_ref()
+                    .map_or(DEFAULT_PROM_LISTEN.into(), |p| p.listen.to_string()),
+            ),
+            (
+                "PROM_PATH",
+                self.prom
+                    .as_ref()
+                    .map_or(DEFAULT_PROM_PATH.into(), |p| p.path.clone()),
+            ),
+            ("NO_PROM", self.prom.is_none().to_string()),
+            (
+                "STATSD_DST",
+                self.statsd
+                    .map_or(DEFAULT_STATSD_DST.into(), |a| a.to_string()),
+            ),
+            ("NO_STATSD", self.statsd.is_none().to_string()),
             ("VERBOSE", self.verbose.to_string()),
         ];
         let mut out =
@@ -452,6 +535,12 @@ mod tests {
         assert_eq!(c.states, ALL_STATES);
         assert_eq!(c.sampling_modulus, 1);
         assert_eq!(c.polling_safety_buffer, 0.8);
+        let prom = c.prom.clone().unwrap();
+        assert_eq!(
+            (prom.listen, prom.path.as_str()),
+            ("127.0.0.1:9000".parse().unwrap(), "/metrics")
+        );
+        assert_eq!(c.statsd, Some("127.0.0.1:8125".parse().unwrap()));
         assert!(c.recv_buffer_len() >= MIN_RECV_BUFFER);
     }
 
@@ -492,6 +581,11 @@ mod tests {
             (&["--packet-size", "100"][..], "outside 4096"),
             (&["--polling-safety-buffer", "1.5"][..], "(0, 1]"),
             (&["--udp-batch-bytes", "100"][..], "one record per datagram"),
+            (&["--prom-listen", "localhost"][..], "HOST:PORT"),
+            (&["--prom-listen", "1.2.3.4:99999"][..], "HOST:PORT"),
+            (&["--prom-path", "metrics"][..], "like /metrics"),
+            (&["--prom-path", "/healthz"][..], "health check"),
+            (&["--statsd-dst", ":8125"][..], "--statsd-dst"),
             (
                 &["--states", "established,bogus"][..],
                 "unknown state 'bogus'",
@@ -536,6 +630,11 @@ mod tests {
             "4",
             "--netlink-timeout",
             "250ms",
+            "--prom-listen",
+            "[::1]:9100",
+            "--prom-path",
+            "/x/metrics",
+            "--no-statsd",
         ];
         let config = parse(&args).unwrap();
         let printed = match Config::from_args(

@@ -58,16 +58,22 @@ counters! {
     datagrams,
     /// Bytes of those datagrams.
     bytes,
+    /// Netlink messages in them (sockets, `NLMSG_DONE`, errors).
+    messages,
     /// Socket messages in them.
     sockets,
     /// Sockets the sampling kept.
     sampled,
     /// Records built.
     records,
-    /// Socket messages that failed to decode (skipped).
+    /// Sampled socket messages that failed to decode (skipped).
     decode_errors,
     /// Records longer than the record buffer (never expected; skipped).
     encode_errors,
+    /// Sampled sockets not written because the output was closed (stdout).
+    output_closed,
+    /// Attributes of kinds this version does not decode.
+    unknown_attributes,
     /// Datagrams sent to the destination (UDP), or flushes (stdout).
     sent_datagrams,
     /// Bytes sent.
@@ -84,12 +90,68 @@ counters! {
     interrupted,
     /// The kernel ended the dump with an error.
     kernel_errors,
-    /// Datagrams that could not be received or framed (lost).
-    netlink_errors,
+    /// Datagrams that could not be received (lost).
+    receive_errors,
+    /// Datagrams that could not be framed (lost).
+    malformed,
     /// The kernel sent nothing for --netlink-timeout; the dump was abandoned.
     timeouts,
     /// The request could not be sent.
     request_errors,
+}
+
+impl DumpTotals {
+    /// Datagrams lost between the kernel and the inetdiagers.
+    pub fn netlink_errors(&self) -> u64 {
+        self.receive_errors + self.malformed
+    }
+}
+
+/// Sockets counted by the length of the `tcp_info` the kernel sent with
+/// them. A kernel sends one length (its `sizeof(struct tcp_info)`), and none
+/// for sockets without one (`TIME_WAIT`, `SYN_RECV`), so a few slots are
+/// enough; lengths beyond them are counted together as `other`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpInfoLengths {
+    /// `(key, sockets)`; key 0 is no `tcp_info`, otherwise length + 1.
+    /// Slots with no sockets are free.
+    slots: [(u32, u64); 4],
+    other: u64,
+}
+
+impl TcpInfoLengths {
+    /// Counts `n` sockets whose `tcp_info` was `len` bytes (`None`: absent).
+    #[inline]
+    pub fn add(&mut self, len: Option<usize>, n: u64) {
+        let key = len.map_or(0, |l| l as u32 + 1);
+        for slot in &mut self.slots {
+            if slot.1 == 0 || slot.0 == key {
+                *slot = (key, slot.1 + n);
+                return;
+            }
+        }
+        self.other += n;
+    }
+
+    pub fn merge(&mut self, other: &TcpInfoLengths) {
+        for (len, n) in other.iter() {
+            self.add(len, n);
+        }
+        self.other += other.other;
+    }
+
+    /// `(length, sockets)` per length seen; `None` is no `tcp_info`.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<usize>, u64)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.1 != 0)
+            .map(|&(key, n)| ((key != 0).then(|| key as usize - 1), n))
+    }
+
+    /// Sockets whose length found no free slot.
+    pub fn other(&self) -> u64 {
+        self.other
+    }
 }
 
 /// What the poller learns when a dump is finished.
@@ -97,6 +159,7 @@ counters! {
 pub struct DumpReport {
     pub family: Family,
     pub totals: DumpTotals,
+    pub tcp_info_lengths: TcpInfoLengths,
     /// From the request to `NLMSG_DONE`; `None` if it never came.
     pub done_after: Option<Duration>,
     /// From the request to the last record sent.
@@ -110,6 +173,7 @@ pub struct Dump {
     pub seq: u32,
     pub stamp: PollStamp,
     pub counters: DumpCounters,
+    tcp_info_lengths: Mutex<TcpInfoLengths>,
     started: Instant,
     /// Nanoseconds after `started` of the last progress (datagram received
     /// or handed over): the timeout clock.
@@ -126,6 +190,7 @@ impl Dump {
             seq,
             stamp,
             counters: DumpCounters::default(),
+            tcp_info_lengths: Mutex::default(),
             started: Instant::now(),
             last_progress_ns: AtomicU64::new(0),
             done_ns: AtomicU64::new(0),
@@ -153,6 +218,14 @@ impl Dump {
         self.done_ns.store(self.now_ns().max(1), Relaxed);
     }
 
+    /// Adds an inetdiager's tally of one buffer.
+    pub fn add_tcp_info_lengths(&self, lengths: &TcpInfoLengths) {
+        self.tcp_info_lengths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(lengths);
+    }
+
     /// Keeps the first message of each kind (`kind` is the prefix).
     pub fn note_error(&self, kind: &str, detail: impl std::fmt::Display) {
         let mut errors = self.first_errors.lock().unwrap_or_else(|e| e.into_inner());
@@ -168,6 +241,10 @@ impl Drop for Dump {
         let report = DumpReport {
             family: self.family,
             totals: self.counters.snapshot(),
+            tcp_info_lengths: *self
+                .tcp_info_lengths
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
             done_after: (done_ns != 0).then(|| Duration::from_nanos(done_ns)),
             finished_after: self.started.elapsed(),
             first_errors: std::mem::take(
@@ -249,5 +326,24 @@ mod tests {
         assert_eq!((report.totals.sockets, report.totals.records), (3, 2));
         assert_eq!(report.first_errors, vec!["decode: bad".to_string()]);
         assert!(report.done_after.is_some());
+    }
+
+    #[test]
+    fn tcp_info_lengths_fill_slots_then_other() {
+        let mut a = TcpInfoLengths::default();
+        a.add(Some(280), 3);
+        a.add(None, 2);
+        a.add(Some(280), 1);
+        assert_eq!(a.iter().collect::<Vec<_>>(), [(Some(280), 4), (None, 2)]);
+        let mut b = TcpInfoLengths::default();
+        for len in [0, 104, 232, 248, 256] {
+            b.add(Some(len), 1);
+        }
+        a.merge(&b);
+        assert_eq!(
+            a.iter().collect::<Vec<_>>(),
+            [(Some(280), 4), (None, 2), (Some(0), 1), (Some(104), 1)]
+        );
+        assert_eq!(a.other(), 3, "232, 248 and 256 found no slot");
     }
 }

@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
-use crate::pipeline::dump::DumpTotals;
+use crate::pipeline::dump::{DumpTotals, TcpInfoLengths};
 use crate::pipeline::netlink::scan_datagram;
 use crate::pipeline::netlinker::Batch;
 use crate::pipeline::sample::Sampler;
@@ -33,27 +33,33 @@ impl Inetdiager {
             if shutdown.is_aborted() {
                 return;
             }
-            if output_closed {
-                continue; // drops the batch: its buffer goes back to the pool
-            }
             let dump = &batch.dump;
             let mut tally = DumpTotals::default();
-            let mut output_error = None;
             let datagram = &batch.buf[..batch.len];
             let sampler = self.sampler;
             // The netlinker already framed this datagram and checked its
             // sequence number, so neither can fail here. Counting first lets
             // the encoder take this buffer's record numbers in one block.
-            let mut sampled = 0;
             let _ = scan_datagram(datagram, dump.seq, |payload| {
-                sampled += u64::from(sampler.keep_message(payload));
+                tally.sampled += u64::from(sampler.keep_message(payload));
             });
-            self.encoder.reserve(sampled);
+            if output_closed {
+                // The batch is dropped: its buffer goes back to the pool.
+                tally.output_closed = tally.sampled;
+                dump.counters.add(&tally);
+                continue;
+            }
+            self.encoder.reserve(tally.sampled);
+            let mut lengths = TcpInfoLengths::default();
+            let mut output_error = None;
             let _ = scan_datagram(datagram, dump.seq, |payload| {
-                if output_error.is_some() || !sampler.keep_message(payload) {
+                if !sampler.keep_message(payload) {
                     return;
                 }
-                tally.sampled += 1;
+                if output_error.is_some() {
+                    tally.output_closed += 1;
+                    return;
+                }
                 let socket = match decode_socket(payload, self.tail) {
                     Ok(socket) => socket,
                     Err(e) => {
@@ -62,6 +68,8 @@ impl Inetdiager {
                         return;
                     }
                 };
+                tally.unknown_attributes += u64::from(socket.unknown_attributes);
+                lengths.add(socket.tcp_info.map(|t| t.len()), 1);
                 let Some(len) = self.encoder.encode(&socket, &dump.stamp, &mut record) else {
                     tally.encode_errors += 1;
                     return;
@@ -93,6 +101,7 @@ impl Inetdiager {
                 dump.note_error("send", e);
             }
             dump.counters.add(&tally);
+            dump.add_tcp_info_lengths(&lengths);
         }
     }
 }

@@ -30,9 +30,14 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::bounded;
 
-use crate::config::Config;
+use std::time::Duration;
+
+use crate::config::{Config, Family};
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
+use crate::metrics::prom::PromServer;
+use crate::metrics::statsd::Statsd;
+use crate::metrics::Metrics;
 use crate::wire::TailLayout;
 use dump::FamilyState;
 use inetdiager::Inetdiager;
@@ -47,16 +52,16 @@ use shutdown::{spawn, Shutdown, SignalThread};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{what}: {source}")]
-    Setup {
-        what: &'static str,
-        source: io::Error,
-    },
+    Setup { what: String, source: io::Error },
     #[error("{0}")]
     Aborted(String),
 }
 
-fn setup(what: &'static str) -> impl FnOnce(io::Error) -> RunError {
-    move |source| RunError::Setup { what, source }
+fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+    move |source| RunError::Setup {
+        what: what.into(),
+        source,
+    }
 }
 
 /// Runs the pipeline until `--max-loops` polls are done or a signal stops
@@ -72,20 +77,47 @@ pub fn run(config: &Config) -> Result<RunTotals, RunError> {
 /// Opens what the threads need, runs them until the poller ends, joins them.
 fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunError> {
     // Everything that can fail is opened before the first thread starts.
-    let tail = TailLayout::for_release(&kernel_release());
+    let kernel = kernel_release();
+    let tail = TailLayout::for_release(&kernel);
     let encoder = RecordEncoder::new(hostname());
+    // Each netlinker holds at most one buffer, the channel holds
+    // `channel_size`, each inetdiager works on one: a netlinker waits on the
+    // channel, never on the pool.
+    let pool_capacity = |f: &Family| config.channel_size + f.netlinkers + f.inetdiagers;
+    let metrics = Metrics::new(&config.families, pool_capacity, &kernel)
+        .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
+    let metrics = Arc::new(metrics);
+    let prom = config
+        .prom
+        .as_ref()
+        .map(|p| {
+            PromServer::bind(
+                p.listen,
+                p.path.clone(),
+                Arc::clone(&metrics),
+                stale_after(config),
+            )
+            .map_err(setup(format!(
+                "serving metrics on --prom-listen {}",
+                p.listen
+            )))
+        })
+        .transpose()?;
+    let statsd = config
+        .statsd
+        .map(|dst| {
+            Statsd::connect(dst, metrics.statsd_errors.clone())
+                .map_err(setup(format!("opening --statsd-dst {dst}")))
+        })
+        .transpose()?;
     let mut families = Vec::new();
     for &family in &config.families {
         let socket = SockDiagSocket::open(config.netlink_timeout)
             .map_err(setup("opening the netlink sock_diag socket"))?;
-        // Each netlinker holds at most one buffer, the channel holds
-        // `channel_size`, each inetdiager works on one: a netlinker waits on
-        // the channel, never on the pool.
-        let buffers = config.channel_size + family.netlinkers + family.inetdiagers;
         let state = Arc::new(FamilyState {
             family,
             socket,
-            pool: BufferPool::new(buffers, config.recv_buffer_len()),
+            pool: BufferPool::new(pool_capacity(&family), config.recv_buffer_len()),
             current: Mutex::new(None),
             stale_datagrams: AtomicU64::new(0),
         });
@@ -98,7 +130,33 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
 
     let states: Vec<Arc<FamilyState>> = families.iter().map(|(s, _)| Arc::clone(s)).collect();
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
-    let spawned = spawn_workers(config, shutdown, families, encoder, tail, &mut workers);
+    // Dropped after the poller ends, which stops the metrics server.
+    let (stop_prom, prom_stopped) = tokio::sync::oneshot::channel::<()>();
+    let spawned =
+        spawn_workers(config, shutdown, families, encoder, tail, &mut workers).and_then(|()| {
+            match prom {
+                Some(server) => {
+                    // Port 0 asks for any free port: say which one it got.
+                    let asked = config
+                        .prom
+                        .as_ref()
+                        .map(|p| (p.listen.port(), p.path.as_str()));
+                    if let (Ok(addr), Some((port, path))) = (server.local_addr(), asked) {
+                        if config.verbose || port == 0 {
+                            eprintln!("xtcp: metrics at http://{addr}{path}, health at /healthz");
+                        }
+                    }
+                    let sd = shutdown.clone();
+                    workers.push(spawn("prometheus".into(), shutdown, move || {
+                        if let Err(e) = server.serve(prom_stopped) {
+                            sd.abort(format!("serving metrics: {e}"));
+                        }
+                    })?);
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        });
     let (report_tx, report_rx) = bounded(config.families.len());
     let poller = spawned.and_then(|()| {
         let poller = Poller {
@@ -107,6 +165,8 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
             shutdown: shutdown.clone(),
             report_tx,
             report_rx,
+            metrics,
+            statsd,
         };
         spawn("poller".into(), shutdown, move || poller.run())
     });
@@ -119,6 +179,7 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     };
     // The poller released the netlinkers when it ended; their exit closes the
     // channels, and the inetdiagers drain them and exit.
+    drop(stop_prom);
     for worker in workers {
         // A panicked worker has already recorded the failure.
         let _ = worker.join();
@@ -168,6 +229,12 @@ fn spawn_workers(
         }
     }
     Ok(())
+}
+
+/// How old the last poll may be before `/healthz` fails: two polling
+/// periods and a netlink timeout, so one slow poll does not flap it.
+fn stale_after(config: &Config) -> Duration {
+    config.frequency * 2 + config.netlink_timeout
 }
 
 /// `uname -r`, which decides the tcp_info tail layout.

@@ -42,6 +42,8 @@ pub enum DumpError {
 /// What the walk over one reply datagram of the expected dump found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DatagramScan {
+    /// Netlink messages of every type.
+    pub messages: u32,
     /// Socket messages (`SOCK_DIAG_BY_FAMILY`).
     pub sockets: u32,
     /// `NLMSG_DONE` (the dump is complete) or an error ended the dump.
@@ -68,6 +70,7 @@ pub fn scan_datagram(
         if msg.seq != seq {
             return Ok(None);
         }
+        scan.messages += 1;
         scan.interrupted |= msg.dump_interrupted();
         match msg.body()? {
             Body::Socket(payload) => {

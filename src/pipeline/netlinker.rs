@@ -60,7 +60,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             Err(e) => {
                 // A truncated or refused datagram is lost; the dump goes on.
                 if let Some(dump) = &dump {
-                    dump.counters.netlink_errors.fetch_add(1, Relaxed);
+                    dump.counters.receive_errors.fetch_add(1, Relaxed);
                     dump.note_error("netlink receive", e);
                 }
                 continue;
@@ -88,7 +88,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
                 continue;
             }
             Err(e) => {
-                dump.counters.netlink_errors.fetch_add(1, Relaxed);
+                dump.counters.malformed.fetch_add(1, Relaxed);
                 dump.note_error("malformed netlink datagram", e);
                 continue;
             }
@@ -97,6 +97,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         let mut tally = DumpTotals {
             datagrams: 1,
             bytes: len as u64,
+            messages: u64::from(scan.messages),
             sockets: u64::from(scan.sockets),
             interrupted: u64::from(scan.interrupted),
             ..DumpTotals::default()

@@ -13,6 +13,8 @@ use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::export::record::PollStamp;
+use crate::metrics::statsd::Statsd;
+use crate::metrics::{Metrics, PoolState};
 use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::shutdown::Shutdown;
@@ -26,10 +28,12 @@ pub struct Poller {
     pub shutdown: Shutdown,
     pub report_tx: Sender<DumpReport>,
     pub report_rx: Receiver<DumpReport>,
+    pub metrics: Arc<Metrics>,
+    pub statsd: Option<Statsd>,
 }
 
 impl Poller {
-    pub fn run(self) -> RunTotals {
+    pub fn run(mut self) -> RunTotals {
         let mut totals = RunTotals::default();
         let mut next = Instant::now();
         for poll_id in 1.. {
@@ -51,6 +55,7 @@ impl Poller {
             let long = took.as_secs_f64()
                 > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
             self.report(poll_id, &reports, took, long);
+            self.observe(&reports, long);
             totals.add_poll(&reports, long);
             if poll_id == self.config.max_loops {
                 break;
@@ -128,16 +133,39 @@ impl Poller {
         }
     }
 
+    /// Moves the poll into the metrics and sends statsd what changed.
+    fn observe(&mut self, reports: &[DumpReport], long: bool) {
+        let pools: Vec<PoolState> = reports
+            .iter()
+            .map(|r| {
+                let family = self.family_state(r);
+                PoolState {
+                    allocated_bytes: family
+                        .map_or(0, |f| (f.pool.allocated() * f.pool.buffer_len()) as u64),
+                    peak_in_use: family.map_or(0, |f| f.pool.take_peak() as u64),
+                    stale_datagrams: family.map_or(0, |f| f.stale_datagrams.load(Relaxed)),
+                }
+            })
+            .collect();
+        self.metrics.observe_poll(reports, &pools, long);
+        self.metrics.health().poll_completed();
+        if let Some(statsd) = &mut self.statsd {
+            statsd.flush(self.metrics.registry());
+        }
+    }
+
+    fn family_state(&self, report: &DumpReport) -> Option<&FamilyState> {
+        self.families
+            .iter()
+            .find(|f| f.family == report.family)
+            .map(|f| &**f)
+    }
+
     fn report(&self, poll_id: u64, reports: &[DumpReport], took: Duration, long: bool) {
         if self.config.verbose {
             let buffers: Vec<usize> = reports
                 .iter()
-                .map(|r| {
-                    self.families
-                        .iter()
-                        .find(|f| f.family == r.family)
-                        .map_or(0, |f| f.pool.allocated())
-                })
+                .map(|r| self.family_state(r).map_or(0, |f| f.pool.allocated()))
                 .collect();
             eprintln!("{}", poll_line(poll_id, reports, &buffers, took));
         }

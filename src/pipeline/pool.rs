@@ -16,6 +16,10 @@ pub struct BufferPool {
     free_tx: Sender<Vec<u8>>,
     free_rx: Receiver<Vec<u8>>,
     allocated: AtomicUsize,
+    /// Buffers on loan now, and the most on loan at once since the last
+    /// [`BufferPool::take_peak`]: how close a poll came to the capacity.
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
     capacity: usize,
     buffer_len: usize,
 }
@@ -27,6 +31,8 @@ impl BufferPool {
             free_tx,
             free_rx,
             allocated: AtomicUsize::new(0),
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             capacity,
             buffer_len,
         })
@@ -36,9 +42,13 @@ impl BufferPool {
     /// `capacity` buffers are out, which the pipeline sizes the pool never
     /// to let happen.
     pub fn get(self: &Arc<Self>, abort: &Receiver<()>) -> Option<PooledBuf> {
-        let buf = |buf| PooledBuf {
-            buf,
-            pool: Arc::clone(self),
+        let buf = |buf| {
+            let in_use = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+            self.peak.fetch_max(in_use, Ordering::Relaxed);
+            PooledBuf {
+                buf,
+                pool: Arc::clone(self),
+            }
         };
         if let Ok(b) = self.free_rx.try_recv() {
             return Some(buf(b));
@@ -62,6 +72,21 @@ impl BufferPool {
     pub fn allocated(&self) -> usize {
         self.allocated.load(Ordering::Relaxed)
     }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn buffer_len(&self) -> usize {
+        self.buffer_len
+    }
+
+    /// The most buffers on loan at once since the last call; starts the
+    /// next period from those on loan now.
+    pub fn take_peak(&self) -> usize {
+        self.peak
+            .swap(self.in_use.load(Ordering::Relaxed), Ordering::Relaxed)
+    }
 }
 
 /// A receive buffer on loan; dropping it returns it to its pool.
@@ -72,6 +97,7 @@ pub struct PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
+        self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
         // Cannot be full: the channel holds `capacity` and at most that many
         // buffers exist.
         let _ = self.pool.free_tx.try_send(std::mem::take(&mut self.buf));
@@ -105,6 +131,7 @@ mod tests {
         drop(a);
         let c = pool.get(&abort).unwrap();
         assert_eq!(pool.allocated(), 2, "reused, not allocated");
+        assert_eq!(pool.take_peak(), 2);
         // All in use: the next get waits, and gives up on abort.
         let t = std::thread::spawn({
             let pool = Arc::clone(&pool);
@@ -114,5 +141,7 @@ mod tests {
         assert!(t.join().unwrap());
         drop((b, c));
         assert_eq!(pool.free_rx.len(), 2, "both back in the pool");
+        assert_eq!(pool.take_peak(), 2, "the peak outlives the loans");
+        assert_eq!(pool.take_peak(), 0, "a new period starts from none on loan");
     }
 }

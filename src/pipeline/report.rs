@@ -58,7 +58,7 @@ impl fmt::Display for RunTotals {
                 t.decode_errors,
                 t.channel_full,
                 t.channel_blocked_ns / 1_000_000,
-                t.netlink_errors + t.kernel_errors + t.request_errors,
+                t.netlink_errors() + t.kernel_errors + t.request_errors,
                 t.timeouts,
                 t.interrupted
             )?;
@@ -107,7 +107,7 @@ pub fn dump_warning(poll_id: u64, r: &DumpReport) -> Option<String> {
             "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)",
         ),
         (t.kernel_errors, "kernel errors"),
-        (t.netlink_errors, "netlink datagrams lost"),
+        (t.netlink_errors(), "netlink datagrams lost"),
         (t.timeouts, "timeouts"),
         (t.request_errors, "requests not sent"),
     ]
@@ -142,6 +142,7 @@ mod tests {
                 inetdiagers: 1,
             },
             totals,
+            tcp_info_lengths: Default::default(),
             done_after: None,
             finished_after: Duration::from_millis(3),
             first_errors: vec!["send: Connection refused".into()],

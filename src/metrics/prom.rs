@@ -1,0 +1,174 @@
+//! `--prom-listen`: the metrics over HTTP, served by hyper on a one-thread
+//! tokio runtime in its own thread (`prometheus`).
+//!
+//! - `GET --prom-path` (default `/metrics`): the Prometheus text format.
+//! - `GET /healthz`: 200 while polls keep completing, 503 once the last one
+//!   is older than [`PromServer::bind`]'s `stale_after`.
+//! - `GET /`: a short index; anything else 404, methods other than GET and
+//!   HEAD 405.
+//!
+//! The listener is bound when the exporter starts, so a taken port or an
+//! address not on this host fails the start with one line. Connections are
+//! capped and must send their request headers within a few seconds, so a
+//! misbehaving client cannot pile up memory or threads.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{Encoder, TextEncoder};
+use tokio::runtime::Runtime;
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// Connections served at once; more are closed at accept. A scraper needs
+/// one.
+const MAX_CONNECTIONS: usize = 16;
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct PromServer {
+    listener: TcpListener,
+    runtime: Runtime,
+    endpoint: Arc<Endpoint>,
+}
+
+struct Endpoint {
+    path: String,
+    metrics: Arc<Metrics>,
+    stale_after: Duration,
+}
+
+impl PromServer {
+    /// Binds `addr` and builds the runtime; serves nothing until [`serve`](Self::serve).
+    pub fn bind(
+        addr: SocketAddr,
+        path: String,
+        metrics: Arc<Metrics>,
+        stale_after: Duration,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        Ok(PromServer {
+            listener,
+            runtime,
+            endpoint: Arc::new(Endpoint {
+                path,
+                metrics,
+                stale_after,
+            }),
+        })
+    }
+
+    /// The bound address (the real port when `--prom-listen` asked for 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is sent or dropped.
+    pub fn serve(self, stop: oneshot::Receiver<()>) -> io::Result<()> {
+        let PromServer {
+            listener,
+            runtime,
+            endpoint,
+        } = self;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+            tokio::pin!(stop);
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => {
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            continue;
+                        }
+                    },
+                    _ = &mut stop => return Ok(()),
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    continue; // too many connections: this one is closed
+                };
+                let endpoint = Arc::clone(&endpoint);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let response = endpoint.respond(&req);
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    // A client that goes away mid-request is its own problem.
+                    let _ = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    drop(slot);
+                });
+            }
+        })
+    }
+}
+
+impl Endpoint {
+    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match req.uri().path() {
+            path if path == self.path => self.scrape(),
+            "/healthz" => match self.metrics.health().check(self.stale_after) {
+                Ok(line) => text(StatusCode::OK, format!("{line}\n")),
+                Err(line) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{line}\n")),
+            },
+            "/" => text(
+                StatusCode::OK,
+                format!("xtcp exporter\nmetrics: {}\nhealth: /healthz\n", self.path),
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn scrape(&self) -> Response<Full<Bytes>> {
+        let encoder = TextEncoder::new();
+        let mut body = Vec::with_capacity(16 * 1024);
+        if let Err(e) = encoder.encode(&self.metrics.registry().gather(), &mut body) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+        }
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        if let Ok(value) = HeaderValue::from_str(encoder.format_type()) {
+            response.headers_mut().insert(CONTENT_TYPE, value);
+        }
+        response
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
