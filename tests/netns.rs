@@ -199,6 +199,8 @@ fn cli_dump(ns: &Netns, unprivileged: bool) -> Vec<Value> {
         "1",
         "--dest",
         "stdout",
+        // Its listener would be one more socket than the scenario's.
+        "--no-prom",
     ]);
     let out = cmd.output().expect("run xtcp");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -285,4 +287,41 @@ fn cli_takes_every_flag_from_the_environment() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--frequency"), "{stderr}");
+}
+
+/// A taken port, an address that is not this host's and a malformed one:
+/// each stops the start with one line, before any poll.
+#[test]
+fn cli_prom_listen_errors_are_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let xtcp = |listen: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtcp"))
+            .args(["--max-loops", "1", "--dest", "stdout", "--no-statsd"])
+            .args(["--prom-listen", listen])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(out.stdout.is_empty(), "polled anyway");
+        (out.status.code(), stderr)
+    };
+    let (code, stderr) = xtcp(&format!("127.0.0.1:{port}"));
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with(&format!(
+            "error: serving metrics on --prom-listen 127.0.0.1:{port}: Address already in use"
+        )),
+        "{stderr}"
+    );
+    // TEST-NET-1 (RFC 5737) is never a local address.
+    let (code, stderr) = xtcp("192.0.2.1:9000");
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("192.0.2.1:9000: Cannot assign requested address"),
+        "{stderr}"
+    );
+    let (code, stderr) = xtcp("localhost:http-alt:9");
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--prom-listen"), "{stderr}");
 }

@@ -11,8 +11,8 @@
 mod scenario;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,9 +68,12 @@ impl Farm {
         }
     }
 
-    /// `xtcp` inside the namespace with these flags.
+    /// `xtcp` inside the namespace with these flags and `--no-prom`: the
+    /// metrics listener would be one more socket than the farm's.
     fn xtcp(&self, args: &[&str]) -> Command {
-        self.exec(env!("CARGO_BIN_EXE_xtcp"), args)
+        let mut cmd = self.exec(env!("CARGO_BIN_EXE_xtcp"), args);
+        cmd.arg("--no-prom");
+        cmd
     }
 
     fn exec(&self, program: &str, args: &[&str]) -> Command {
@@ -96,7 +99,15 @@ fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 /// A UDP receiver inside the namespace that keeps every datagram's records.
 struct Receiver {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Vec<Record>, u64)>,
+    thread: JoinHandle<Received>,
+}
+
+/// What a [`Receiver`] got.
+#[derive(Default)]
+struct Received {
+    records: Vec<Record>,
+    datagrams: u64,
+    bytes: u64,
 }
 
 impl Receiver {
@@ -114,15 +125,17 @@ impl Receiver {
         let thread = std::thread::spawn({
             let stop = Arc::clone(&stop);
             move || {
-                let (mut records, mut datagrams) = (Vec::new(), 0);
+                let mut got = Received::default();
                 let mut buf = vec![0; 65536];
                 loop {
                     match socket.recv(&mut buf) {
                         Ok(n) => {
-                            datagrams += 1;
-                            records.extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
+                            got.datagrams += 1;
+                            got.bytes += n as u64;
+                            got.records
+                                .extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
                         }
-                        Err(_) if stop.load(Ordering::Relaxed) => return (records, datagrams),
+                        Err(_) if stop.load(Ordering::Relaxed) => return got,
                         Err(_) => {}
                     }
                 }
@@ -133,7 +146,7 @@ impl Receiver {
 
     /// Everything received; call once the exporter has exited (loopback
     /// delivers a datagram before `send` returns).
-    fn finish(self) -> (Vec<Record>, u64) {
+    fn finish(self) -> Received {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
     }
@@ -189,7 +202,9 @@ fn assert_exactly_once_per_poll(farm: &Farm, threads: &[&str]) {
     let mut args = vec!["--max-loops", "2", "--frequency", "300ms", "--dest", &dest];
     args.extend_from_slice(threads);
     let (_, stderr) = run(farm.xtcp(&args));
-    let (records, datagrams) = receiver.finish();
+    let Received {
+        records, datagrams, ..
+    } = receiver.finish();
 
     let polls = by_poll(&records);
     assert_eq!(
@@ -311,7 +326,9 @@ fn sampling_keeps_the_same_sockets_every_poll() {
         "--udp-batch-bytes",
         "0",
     ]));
-    let (records, datagrams) = receiver.finish();
+    let Received {
+        records, datagrams, ..
+    } = receiver.finish();
     assert_eq!(datagrams, records.len() as u64);
 
     let polls = by_poll(&records);
@@ -552,4 +569,232 @@ fn sigterm_and_sigint_stop_within_a_second_with_exit_0() {
         assert!(took < Duration::from_secs(1), "{signal}: took {took:?}");
         assert_eq!(total(&stderr, "", "polls"), 1, "{stderr}");
     }
+}
+
+/// One HTTP/1.1 request to the exporter's metrics port inside the
+/// namespace: `(status, body)`, or status 0 when nothing listens.
+fn http(ns: &Netns, request_line: &str) -> (u16, String) {
+    let Ok(mut stream) = in_ns(ns, || TcpStream::connect((Ipv4Addr::LOCALHOST, PROM_PORT))) else {
+        return (0, String::new());
+    };
+    write!(
+        stream,
+        "{request_line} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+const PROM_PORT: u16 = 9000;
+
+/// The value of one series (`name{labels}` as exposed) in a scrape.
+fn series(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(s, _)| *s == name)
+        .map(|(_, v)| v.parse().unwrap())
+}
+
+/// Sum over every label set of metric `name`.
+fn sum(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_over_http_match_the_poll() {
+    let farm = Farm::new("prom");
+    let receiver = Receiver::start(&farm.ns);
+    let dest = format!("udp:127.0.0.1:{PORT}");
+    // Default --prom-listen (127.0.0.1:9000 of the namespace); one poll,
+    // then nothing for an hour.
+    let running = Running(Some(
+        farm.exec(env!("CARGO_BIN_EXE_xtcp"), &["--frequency", "1h", "--dest", &dest])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    // xtcp_polls_total is updated after the rest of a poll's metrics.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scrape = loop {
+        let (status, body) = http(&farm.ns, "GET /metrics");
+        if status == 200 && series(&body, "xtcp_polls_total") == Some(1.0) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no poll in the metrics: {status}\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    for f in ["v4", "v6"] {
+        // The exporter sees its own metrics listener, 127.0.0.1:9000.
+        let sockets = (2 * PAIRS + 1 + usize::from(f == "v4")) as f64;
+        let get = |name: &str| {
+            series(&scrape, &format!("{name}{{family=\"{f}\"}}"))
+                .unwrap_or_else(|| panic!("no {name} for {f}:\n{scrape}"))
+        };
+        assert_eq!(get("xtcp_sockets_total"), sockets, "{f}");
+        assert_eq!(get("xtcp_sockets_sampled_total"), sockets, "{f}");
+        assert_eq!(get("xtcp_records_total"), sockets, "{f}");
+        // One message per socket and the NLMSG_DONE.
+        assert_eq!(get("xtcp_netlink_messages_total"), sockets + 1.0, "{f}");
+        assert!(get("xtcp_netlink_datagrams_total") > 1.0);
+        assert_eq!(get("xtcp_poll_duration_seconds_count"), 1.0);
+        assert_eq!(get("xtcp_netlink_dump_duration_seconds_count"), 1.0);
+        assert!(
+            get("xtcp_netlink_dump_duration_seconds_sum") <= get("xtcp_poll_duration_seconds_sum")
+        );
+        assert!(get("xtcp_buffer_pool_peak_in_use_buffers") >= 1.0);
+        assert_eq!(get("xtcp_buffer_pool_allocated_bytes") % 4096.0, 0.0);
+        assert_eq!(get("xtcp_output_send_errors_total"), 0.0);
+        // Listeners and established sockets all carry one tcp_info length.
+        let lengths: Vec<&str> = scrape
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "xtcp_tcp_info_length_sockets_total{{family=\"{f}\""
+                ))
+            })
+            .collect();
+        assert_eq!(lengths.len(), 1, "{lengths:?}");
+        assert!(
+            lengths[0].ends_with(&format!("\"}} {sockets}")),
+            "{lengths:?}"
+        );
+    }
+    for zero in [
+        "xtcp_netlink_errors_total",
+        "xtcp_sockets_skipped_total",
+        "xtcp_output_records_lost_total",
+        "xtcp_long_polls_total",
+        "xtcp_unknown_attributes_total",
+    ] {
+        assert_eq!(sum(&scrape, zero), 0.0, "{zero}");
+    }
+    assert!(series(&scrape, "process_resident_memory_bytes").unwrap() > 0.0);
+
+    // promtool (Debian package prometheus) lints the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let lint = promtool.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    let (status, body) = http(&farm.ns, "GET /healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ok: last poll completed "), "{body}");
+    assert_eq!(http(&farm.ns, "GET /nope").0, 404);
+    assert_eq!(http(&farm.ns, "POST /metrics").0, 405);
+    let (status, body) = http(&farm.ns, "HEAD /metrics");
+    assert_eq!((status, body.as_str()), (200, ""));
+
+    let (status, stderr) = running.terminate();
+    assert!(status.success(), "{stderr}");
+    // What the exporter says it sent is what arrived.
+    let got = receiver.finish();
+    assert_eq!(got.records.len(), farm.keys.len() + 1);
+    assert_eq!(
+        sum(&scrape, "xtcp_output_datagrams_total"),
+        got.datagrams as f64
+    );
+    assert_eq!(sum(&scrape, "xtcp_output_bytes_total"), got.bytes as f64);
+}
+
+#[test]
+fn statsd_lines_carry_each_poll() {
+    let farm = Farm::new("statsd");
+    // The default --statsd-dst, 127.0.0.1:8125 of the namespace.
+    let listener = in_ns(&farm.ns, || {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 8125)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s
+    });
+    // Nobody on the record destination: send errors show up too.
+    let (_, stderr) = run(farm.xtcp(&[
+        "--max-loops",
+        "2",
+        "--frequency",
+        "300ms",
+        "--dest",
+        "udp:127.0.0.1:9",
+    ]));
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = listener.recv(&mut buf) {
+        lines.extend(
+            std::str::from_utf8(&buf[..n])
+                .unwrap()
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    let count = |line: &str| lines.iter().filter(|l| *l == line).count();
+    // Each poll sends its own increase, not a running total.
+    assert_eq!(count("xtcp.polls_total:1|c"), 2, "{lines:#?}");
+    let sockets = 2 * PAIRS + 1;
+    for f in ["v4", "v6"] {
+        assert_eq!(count(&format!("xtcp.sockets_total.{f}:{sockets}|c")), 2);
+        assert_eq!(count(&format!("xtcp.records_total.{f}:{sockets}|c")), 2);
+        let durations: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("xtcp.poll_duration_seconds.{f}:")))
+            .map(|v| v.strip_suffix("|h").unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(durations.len(), 2, "{lines:#?}");
+        assert!(durations.iter().all(|d| *d > 0.0 && *d < 10.0));
+        // The lost records add up to the exporter's own totals line.
+        let lost: u64 = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("xtcp.output_records_lost_total.{f}:")))
+            .map(|v| v.strip_suffix("|c").unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(lost, total(&stderr, f, "records_lost"), "{stderr}");
+    }
+    assert!(lost_some(&stderr), "{stderr}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("xtcp.last_poll_timestamp_seconds:"))
+            .count(),
+        2
+    );
+    assert!(!lines
+        .iter()
+        .any(|l| l.starts_with("xtcp.netlink_errors_total")));
+    // --no-prom: nothing listens on the metrics port.
+    assert_eq!(http(&farm.ns, "GET /metrics").0, 0);
+}
+
+fn lost_some(stderr: &str) -> bool {
+    total(stderr, "v4", "records_lost") + total(stderr, "v6", "records_lost") > 0
 }
