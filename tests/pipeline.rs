@@ -621,10 +621,13 @@ fn metrics_over_http_match_the_poll() {
     // Default --prom-listen (127.0.0.1:9000 of the namespace); one poll,
     // then nothing for an hour.
     let running = Running(Some(
-        farm.exec(env!("CARGO_BIN_EXE_xtcp"), &["--frequency", "1h", "--dest", &dest])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+        farm.exec(
+            env!("CARGO_BIN_EXE_xtcp"),
+            &["--frequency", "1h", "--dest", &dest],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
     ));
     // xtcp_polls_total is updated after the rest of a poll's metrics.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -10,14 +10,13 @@ POLLS` run inside the namespace. CPU is user+sys from getrusage of each
 child. Prints a Markdown table of medians.
 """
 import os
-import resource
 import signal
 import statistics
 import subprocess
 import sys
-import time
 
-BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release")
+from benchlib import BIN, children_cpu, start_farm, start_receiver, stop_farm
+
 PAIRS = int(os.environ.get("PAIRS", "4000"))
 POLLS = int(os.environ.get("POLLS", "5"))
 REPS = int(os.environ.get("REPS", "5"))
@@ -25,28 +24,14 @@ SIZES = [0, 1472, 8192, 16384, 32768, 65507]
 PORT = 13000
 
 
-def children_cpu():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def bound(ns):
-    udp = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/udp"],
-                         capture_output=True, text=True, check=True).stdout
-    return f":{PORT:04X} " in udp
-
-
 def one_run(ns, sockets, batch):
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", ns, f"{BIN}/xtcp-debug-server", "--format", "none",
-         "--listen", f"127.0.0.1:{PORT}"],
-        stderr=subprocess.PIPE, text=True)
-    while not bound(ns):
-        time.sleep(0.02)
+    server = start_receiver(ns, PORT)
     before = children_cpu()
     xtcp = subprocess.run(
         ["ip", "netns", "exec", ns, f"{BIN}/xtcp", "--max-loops", str(POLLS),
-         "--frequency", "200ms", "--udp-batch-bytes", str(batch)],
+         "--frequency", "200ms", "--udp-batch-bytes", str(batch),
+         # Its metrics listener would be a socket more than the farm's.
+         "--no-prom"],
         capture_output=True, text=True)
     exporter_cpu = children_cpu() - before
     if xtcp.returncode != 0:
@@ -67,13 +52,7 @@ def one_run(ns, sockets, batch):
 
 
 def main():
-    farm = subprocess.Popen([f"{BIN}/xtcp-socket-farm", "--netns", "udpbench",
-                             "--pairs", str(PAIRS)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ready = farm.stdout.readline().split()
-    if not ready or ready[0] != "ready":
-        sys.exit("socket farm failed")
-    ns, sockets = ready[1], int(ready[2])
+    farm, ns, sockets = start_farm("udpbench", PAIRS)
     results = {size: [] for size in SIZES}
     try:
         for rep in range(REPS):
@@ -81,8 +60,7 @@ def main():
             for size in order:
                 results[size].append(one_run(ns, sockets, size))
     finally:
-        farm.stdin.close()
-        farm.wait()
+        stop_farm(farm)
     print(f"{sockets} sockets, {POLLS} polls per run, {REPS} runs per size, medians per poll\n")
     print("| --udp-batch-bytes | datagrams/poll | exporter CPU ms/poll | receiver CPU ms/poll | records lost |")
     print("|---|---|---|---|---|")

@@ -3,6 +3,7 @@
 # by. Ctrl-C stops both (each drains and prints its totals).
 #   FREQUENCY=5s  time between polls      FORMAT=text  text | json
 #   PORT=13000    UDP port between them   XTCP_ARGS=   extra xtcp flags
+#   PROM=127.0.0.1:9000  metrics and /healthz (the exporter prints the URL)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release
@@ -15,7 +16,8 @@ if ! kill -0 "$server" 2>/dev/null; then
     wait "$server" || exit 1
 fi
 # shellcheck disable=SC2086 # XTCP_ARGS is a list of flags
-"$bin/xtcp" --dest "udp:127.0.0.1:$port" --frequency "${FREQUENCY:-5s}" -v ${XTCP_ARGS:-} &
+"$bin/xtcp" --dest "udp:127.0.0.1:$port" --frequency "${FREQUENCY:-5s}" \
+    --prom-listen "${PROM:-127.0.0.1:9000}" -v ${XTCP_ARGS:-} &
 exporter=$!
 
 # Ctrl-C reaches both through the terminal's process group; a TERM sent to

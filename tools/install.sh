@@ -1,0 +1,50 @@
+#!/bin/sh
+# `make install`: the binaries, the systemd unit, its environment file, the
+# optional CAP_NET_ADMIN drop-in and the operator docs.
+#
+#   PREFIX      /usr/local   binaries in PREFIX/bin, docs in PREFIX/share/doc/xtcp
+#   SYSCONFDIR  /etc         the environment file in SYSCONFDIR/xtcp/xtcp.env
+#   UNITDIR     PREFIX/lib/systemd/system
+#   DESTDIR     (empty)      staging root for packaging; paths inside the
+#                            unit stay without it
+#   BIN_DIR     target/release  where the built binaries are
+#
+# An existing environment file is never overwritten: the new one is put
+# beside it as xtcp.env.new.
+set -eu
+cd "$(dirname "$0")/.."
+
+PREFIX=${PREFIX:-/usr/local}
+SYSCONFDIR=${SYSCONFDIR:-/etc}
+UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+DESTDIR=${DESTDIR:-}
+BIN_DIR=${BIN_DIR:-target/release}
+DOCDIR=$PREFIX/share/doc/xtcp
+
+for bin in xtcp xtcp-debug-server; do
+    install -D -m 0755 "$BIN_DIR/$bin" "$DESTDIR$PREFIX/bin/$bin"
+done
+
+unit=$(mktemp)
+trap 'rm -f "$unit"' EXIT
+sed -e "s#/usr/local/bin/xtcp#$PREFIX/bin/xtcp#" \
+    -e "s#/usr/local/share/doc/xtcp#$DOCDIR#" \
+    -e "s#/etc/xtcp/xtcp.env#$SYSCONFDIR/xtcp/xtcp.env#" \
+    bundle/systemd/xtcp.service >"$unit"
+install -D -m 0644 "$unit" "$DESTDIR$UNITDIR/xtcp.service"
+
+env_file=$DESTDIR$SYSCONFDIR/xtcp/xtcp.env
+if [ -e "$env_file" ]; then
+    install -D -m 0644 bundle/systemd/xtcp.env "$env_file.new"
+    echo "kept $env_file; the shipped one is $env_file.new"
+else
+    install -D -m 0644 bundle/systemd/xtcp.env "$env_file"
+fi
+
+install -D -m 0644 bundle/systemd/net-admin.conf "$DESTDIR$DOCDIR/net-admin.conf"
+for doc in operations metrics flags record; do
+    install -D -m 0644 "docs/$doc.md" "$DESTDIR$DOCDIR/$doc.md"
+done
+
+echo "installed xtcp under $DESTDIR$PREFIX; unit $DESTDIR$UNITDIR/xtcp.service"
+echo "next: systemctl daemon-reload && systemctl enable --now xtcp"
