@@ -82,6 +82,11 @@ impl PromServer {
         self.listener.local_addr()
     }
 
+    /// `--prom-path`.
+    pub fn path(&self) -> &str {
+        &self.endpoint.path
+    }
+
     /// Serves until `stop` is sent or dropped.
     pub fn serve(self, stop: oneshot::Receiver<()>) -> io::Result<()> {
         let PromServer {

@@ -134,28 +134,10 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     let (stop_prom, prom_stopped) = tokio::sync::oneshot::channel::<()>();
     let spawned =
         spawn_workers(config, shutdown, families, encoder, tail, &mut workers).and_then(|()| {
-            match prom {
-                Some(server) => {
-                    // Port 0 asks for any free port: say which one it got.
-                    let asked = config
-                        .prom
-                        .as_ref()
-                        .map(|p| (p.listen.port(), p.path.as_str()));
-                    if let (Ok(addr), Some((port, path))) = (server.local_addr(), asked) {
-                        if config.verbose || port == 0 {
-                            eprintln!("xtcp: metrics at http://{addr}{path}, health at /healthz");
-                        }
-                    }
-                    let sd = shutdown.clone();
-                    workers.push(spawn("prometheus".into(), shutdown, move || {
-                        if let Err(e) = server.serve(prom_stopped) {
-                            sd.abort(format!("serving metrics: {e}"));
-                        }
-                    })?);
-                    Ok(())
-                }
-                None => Ok(()),
+            if let Some(server) = prom {
+                workers.push(spawn_prom(config, shutdown, server, prom_stopped)?);
             }
+            Ok(())
         });
     let (report_tx, report_rx) = bounded(config.families.len());
     let poller = spawned.and_then(|()| {
@@ -229,6 +211,30 @@ fn spawn_workers(
         }
     }
     Ok(())
+}
+
+/// Starts the metrics endpoint's thread. Says where it listens with `-v`,
+/// or when `--prom-listen` asked for any free port (0).
+fn spawn_prom(
+    config: &Config,
+    shutdown: &Shutdown,
+    server: PromServer,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> io::Result<JoinHandle<()>> {
+    let any_port = config.prom.as_ref().is_some_and(|p| p.listen.port() == 0);
+    if config.verbose || any_port {
+        let addr = server.local_addr()?;
+        eprintln!(
+            "xtcp: metrics at http://{addr}{}, health at /healthz",
+            server.path()
+        );
+    }
+    let sd = shutdown.clone();
+    spawn("prometheus".into(), shutdown, move || {
+        if let Err(e) = server.serve(stop) {
+            sd.abort(format!("serving metrics: {e}"));
+        }
+    })
 }
 
 /// How old the last poll may be before `/healthz` fails: two polling
