@@ -325,3 +325,63 @@ fn cli_prom_listen_errors_are_one_line() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--prom-listen"), "{stderr}");
 }
+
+/// `--prom-path` moves the metrics, `/healthz` answers, and `--no-statsd`
+/// sends nothing where the default would.
+#[test]
+fn cli_prom_path_and_statsd_switch() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let statsd = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    statsd
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let statsd_dst = statsd.local_addr().unwrap().to_string();
+    let get = |addr: &str, path: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    };
+    for no_statsd in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtcp"));
+        cmd.args(["--frequency", "1h", "-v", "--dest", "udp:127.0.0.1:9"])
+            .args(["--prom-listen", "127.0.0.1:0", "--prom-path", "/x/metrics"])
+            .args(["--statsd-dst", &statsd_dst])
+            .stderr(std::process::Stdio::piped());
+        if no_statsd {
+            cmd.arg("--no-statsd");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let mut addr = None;
+        while !line.starts_with("poll 1:") {
+            line.clear();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "exited early");
+            if let Some(rest) = line.strip_prefix("xtcp: metrics at http://") {
+                assert!(rest.contains("/x/metrics, health at /healthz"), "{line}");
+                addr = rest.split('/').next().map(str::to_string);
+            }
+        }
+        let addr = addr.expect("the metrics address is announced");
+        let scrape = get(&addr, "/x/metrics");
+        assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+        assert!(scrape.contains("# TYPE xtcp_polls_total counter"));
+        assert!(get(&addr, "/metrics").starts_with("HTTP/1.1 404"));
+        let health = get(&addr, "/healthz");
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let mut buf = [0u8; 2048];
+        let got = statsd.recv(&mut buf).ok();
+        assert_eq!(got.is_none(), no_statsd, "statsd datagram: {got:?}");
+        // Anything later (the other run's lines) must not be mistaken.
+        while statsd.recv(&mut buf).is_ok() {}
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+}

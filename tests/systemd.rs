@@ -293,8 +293,8 @@ fn syscall_filter_allows_everything_the_exporter_does() {
     .unwrap();
     assert!(child.wait().unwrap().success());
 
-    let used: BTreeSet<String> = std::fs::read_to_string(&trace)
-        .unwrap()
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let used: BTreeSet<String> = trace
         .lines()
         .filter_map(|l| {
             // "PID name(args..." ; resumed and signal lines do not match.
@@ -317,5 +317,27 @@ fn syscall_filter_allows_everything_the_exporter_does() {
     assert!(
         refused.is_empty(),
         "the unit's SystemCallFilter refuses {refused:?}"
+    );
+
+    // Every socket family it opened is one RestrictAddressFamilies= allows.
+    let unit = std::fs::read_to_string(repo().join("bundle/systemd/xtcp.service")).unwrap();
+    let families: BTreeSet<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    let opened: BTreeSet<&str> = trace
+        .lines()
+        .filter_map(|l| {
+            l.split_once("socket(")
+                .or_else(|| l.split_once("socketpair("))
+        })
+        .filter_map(|(_, args)| args.split(',').next())
+        .collect();
+    assert!(opened.contains("AF_NETLINK"), "{opened:?}");
+    let refused: Vec<&&str> = opened.iter().filter(|f| !families.contains(*f)).collect();
+    assert!(
+        refused.is_empty(),
+        "RestrictAddressFamilies= refuses {refused:?}"
     );
 }
