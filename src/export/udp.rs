@@ -59,14 +59,20 @@ pub struct UdpSink {
     tally: SendTally,
 }
 
+/// A UDP socket on an ephemeral port of the wildcard address of `dest`'s
+/// family, so it can send to `dest`.
+pub fn bind_for(dest: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match dest {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    UdpSocket::bind(any)
+}
+
 impl UdpSink {
     /// A socket connected to `dest` (so send errors come back to us).
     pub fn connect(dest: SocketAddr, batch_limit: usize) -> io::Result<Self> {
-        let any: SocketAddr = match dest {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(any)?;
+        let socket = bind_for(dest)?;
         socket.connect(dest)?;
         Ok(UdpSink {
             socket,

@@ -16,13 +16,15 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 
 use cadence::ext::MetricBackend;
 use cadence::prelude::*;
 use cadence::{BufferedUdpMetricSink, Counter, StatsdClient};
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 use prometheus::{IntCounter, Registry};
+
+use crate::export::udp::bind_for;
 
 /// Largest datagram: fits a 1500-byte MTU with IP and UDP headers.
 pub const DATAGRAM_BYTES: usize = 1432;
@@ -40,11 +42,7 @@ pub struct Statsd {
 impl Statsd {
     /// A client sending to `dst`; failed sends are counted in `errors`.
     pub fn connect(dst: SocketAddr, errors: IntCounter) -> io::Result<Self> {
-        let any: SocketAddr = match dst {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(any)?;
+        let socket = bind_for(dst)?;
         // The poller sends these: a full socket buffer drops lines (counted)
         // rather than delaying the next poll.
         socket.set_nonblocking(true)?;
@@ -146,6 +144,7 @@ fn key(base: &str, metric: &Metric) -> String {
 mod tests {
     use super::*;
     use crate::metrics::tests::{metrics, pool, report};
+    use std::net::UdpSocket;
     use std::time::Duration;
 
     /// The lines of every datagram that arrives within a short wait.
