@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
 use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 
 use crate::config::Family;
@@ -52,7 +51,7 @@ pub struct Definition {
 }
 
 /// How each metric type is built from its table row.
-trait Make: Collector + Clone + Sized + 'static {
+pub(crate) trait Make: Collector + Clone + Sized + 'static {
     const KIND: Kind;
     fn make(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<Self>;
 }
@@ -102,37 +101,50 @@ impl Make for HistogramVec {
     }
 }
 
+/// Declares a set of metrics: a struct holding each one and its registry,
+/// and a table of their definitions (for docs and tests).
 macro_rules! metrics {
-    ($($field:ident: $ty:ident $name:literal [$($label:literal),*] $help:literal;)*) => {
-        /// The exporter's metrics, registered in one registry.
-        pub struct Metrics {
-            registry: Registry,
-            health: Health,
+    (
+        $(#[$doc:meta])* pub struct $name:ident;
+        pub const $defs:ident;
+        $($field:ident: $ty:ident $metric:literal [$($label:literal),*] $help:literal;)*
+    ) => {
+        $(#[$doc])*
+        pub struct $name {
+            registry: prometheus::Registry,
             $(pub $field: $ty,)*
         }
 
         /// Every metric, in the order of the table.
-        pub const DEFINITIONS: &[Definition] = &[$(Definition {
-            name: $name,
-            kind: <$ty as Make>::KIND,
+        pub const $defs: &[$crate::metrics::Definition] = &[$($crate::metrics::Definition {
+            name: $metric,
+            kind: <$ty as $crate::metrics::Make>::KIND,
             labels: &[$($label),*],
             help: $help,
         },)*];
 
-        impl Metrics {
+        impl $name {
+            /// Registers every metric of the table in a new registry.
             fn register() -> prometheus::Result<Self> {
-                let registry = Registry::new();
+                let registry = prometheus::Registry::new();
                 $(
-                    let $field = <$ty as Make>::make($name, $help, &[$($label),*])?;
+                    let $field = <$ty as $crate::metrics::Make>::make($metric, $help, &[$($label),*])?;
                     registry.register(Box::new($field.clone()))?;
                 )*
-                Ok(Metrics { registry, health: Health::new(), $($field,)* })
+                Ok($name { registry, $($field,)* })
+            }
+
+            pub fn registry(&self) -> &prometheus::Registry {
+                &self.registry
             }
         }
     };
 }
 
 metrics! {
+    /// The exporter's metrics.
+    pub struct Metrics;
+    pub const DEFINITIONS;
     // Poller.
     polls: IntCounter "xtcp_polls_total" []
         "Polls completed (every enabled family dumped and every record sent).";
@@ -273,10 +285,6 @@ impl Metrics {
         ]
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Records a completed poll: its dump reports and each family's buffers
     /// (`pools`, in the order of `reports`).
     pub fn observe_poll(&self, reports: &[DumpReport], pools: &[PoolState], long: bool) {
@@ -361,47 +369,44 @@ impl Metrics {
     }
 }
 
-impl Metrics {
-    pub fn health(&self) -> &Health {
-        &self.health
-    }
-}
-
-/// Whether polls keep completing, for `/healthz`.
+/// Whether something keeps happening (polls completing, messages
+/// delivered), for `/healthz`.
 pub struct Health {
+    /// What happens, as in "last poll completed".
+    what: &'static str,
     started: Instant,
-    /// Nanoseconds after `started` at which the last poll completed; 0 before
+    /// Nanoseconds after `started` of the last time it happened; 0 before
     /// the first.
-    last_poll_ns: AtomicU64,
+    last_ns: AtomicU64,
 }
 
 impl Health {
-    fn new() -> Self {
+    pub fn new(what: &'static str) -> Self {
         Health {
+            what,
             started: Instant::now(),
-            last_poll_ns: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
         }
     }
 
-    pub fn poll_completed(&self) {
+    pub fn happened(&self) {
         let ns = self.started.elapsed().as_nanos() as u64;
-        self.last_poll_ns.store(ns.max(1), Relaxed);
+        self.last_ns.store(ns.max(1), Relaxed);
     }
 
-    /// `Ok` with a status line while the last poll (or the start, before
-    /// the first poll) is at most `stale_after` old, `Err` once it is older.
+    /// `Ok` with a status line while the last time it happened (or the
+    /// start, before the first) is at most `stale_after` ago, `Err` once it
+    /// is older.
     pub fn check(&self, stale_after: Duration) -> Result<String, String> {
         let now = self.started.elapsed();
-        let last = self.last_poll_ns.load(Relaxed);
-        let (since, what) = if last == 0 {
-            (now, "no poll completed yet, started")
+        let last = self.last_ns.load(Relaxed);
+        let line = if last == 0 {
+            format!("no {} yet, started", self.what)
         } else {
-            (
-                now.saturating_sub(Duration::from_nanos(last)),
-                "last poll completed",
-            )
+            format!("last {}", self.what)
         };
-        let line = format!("{what} {:.1} s ago", since.as_secs_f64());
+        let since = now.saturating_sub(Duration::from_nanos(last));
+        let line = format!("{line} {:.1} s ago", since.as_secs_f64());
         if since <= stale_after {
             Ok(format!("ok: {line}"))
         } else {
@@ -555,15 +560,18 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn health_goes_stale_without_polls() {
-        let m = metrics();
-        let fresh = m.health().check(Duration::from_secs(60)).unwrap();
-        assert!(fresh.starts_with("ok: no poll completed yet"), "{fresh}");
-        m.health().poll_completed();
+    fn health_goes_stale_when_nothing_happens() {
+        let health = Health::new("poll completed");
+        let fresh = health.check(Duration::from_secs(60)).unwrap();
+        assert!(
+            fresh.starts_with("ok: no poll completed yet, started"),
+            "{fresh}"
+        );
+        health.happened();
         std::thread::sleep(Duration::from_millis(5));
-        let ok = m.health().check(Duration::from_secs(60)).unwrap();
+        let ok = health.check(Duration::from_secs(60)).unwrap();
         assert!(ok.starts_with("ok: last poll completed 0.0 s ago"), "{ok}");
-        let stale = m.health().check(Duration::from_millis(1)).unwrap_err();
+        let stale = health.check(Duration::from_millis(1)).unwrap_err();
         assert!(stale.starts_with("stale: last poll completed"), "{stale}");
         assert!(stale.ends_with("(limit 1ms)"), "{stale}");
     }

@@ -2,8 +2,8 @@
 //! tokio runtime in its own thread (`prometheus`).
 //!
 //! - `GET --prom-path` (default `/metrics`): the Prometheus text format.
-//! - `GET /healthz`: 200 while polls keep completing, 503 once the last one
-//!   is older than [`PromServer::bind`]'s `stale_after`.
+//! - `GET /healthz`: 200 or 503 as the program's [`HealthCheck`] says
+//!   (the exporter: polls keep completing).
 //! - `GET /`: a short index; anything else 404, methods other than GET and
 //!   HEAD 405.
 //!
@@ -25,11 +25,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::{Encoder, TextEncoder};
+use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Semaphore};
-
-use crate::metrics::Metrics;
 
 /// Connections served at once; more are closed at accept. A scraper needs
 /// one.
@@ -46,19 +44,25 @@ pub struct PromServer {
     endpoint: Arc<Endpoint>,
 }
 
+/// `/healthz`: `Ok(line)` is 200, `Err(line)` 503.
+pub type HealthCheck = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 struct Endpoint {
+    /// Which program, for the index page.
+    program: &'static str,
     path: String,
-    metrics: Arc<Metrics>,
-    stale_after: Duration,
+    registry: Registry,
+    health: HealthCheck,
 }
 
 impl PromServer {
     /// Binds `addr` and builds the runtime; serves nothing until [`serve`](Self::serve).
     pub fn bind(
+        program: &'static str,
         addr: SocketAddr,
         path: String,
-        metrics: Arc<Metrics>,
-        stale_after: Duration,
+        registry: Registry,
+        health: HealthCheck,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
@@ -70,9 +74,10 @@ impl PromServer {
             listener,
             runtime,
             endpoint: Arc::new(Endpoint {
+                program,
                 path,
-                metrics,
-                stale_after,
+                registry,
+                health,
             }),
         })
     }
@@ -142,13 +147,16 @@ impl Endpoint {
         }
         match req.uri().path() {
             path if path == self.path => self.scrape(),
-            "/healthz" => match self.metrics.health().check(self.stale_after) {
+            "/healthz" => match (self.health)() {
                 Ok(line) => text(StatusCode::OK, format!("{line}\n")),
                 Err(line) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{line}\n")),
             },
             "/" => text(
                 StatusCode::OK,
-                format!("xtcp exporter\nmetrics: {}\nhealth: /healthz\n", self.path),
+                format!(
+                    "{}\nmetrics: {}\nhealth: /healthz\n",
+                    self.program, self.path
+                ),
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
@@ -157,7 +165,7 @@ impl Endpoint {
     fn scrape(&self) -> Response<Full<Bytes>> {
         let encoder = TextEncoder::new();
         let mut body = Vec::with_capacity(16 * 1024);
-        if let Err(e) = encoder.encode(&self.metrics.registry().gather(), &mut body) {
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut body) {
             return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
         }
         let mut response = Response::new(Full::new(Bytes::from(body)));

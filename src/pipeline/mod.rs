@@ -37,7 +37,7 @@ use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
 use crate::metrics::prom::PromServer;
 use crate::metrics::statsd::Statsd;
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::wire::TailLayout;
 use dump::FamilyState;
 use inetdiager::Inetdiager;
@@ -87,15 +87,18 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     let metrics = Metrics::new(&config.families, pool_capacity, &kernel)
         .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
     let metrics = Arc::new(metrics);
+    let health = Arc::new(Health::new("poll completed"));
     let prom = config
         .prom
         .as_ref()
         .map(|p| {
+            let (health, stale_after) = (Arc::clone(&health), stale_after(config));
             PromServer::bind(
+                "xtcp exporter",
                 p.listen,
                 p.path.clone(),
-                Arc::clone(&metrics),
-                stale_after(config),
+                metrics.registry().clone(),
+                Box::new(move || health.check(stale_after)),
             )
             .map_err(setup(format!(
                 "serving metrics on --prom-listen {}",
@@ -148,6 +151,7 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
             report_tx,
             report_rx,
             metrics,
+            health,
             statsd,
         };
         spawn("poller".into(), shutdown, move || poller.run())

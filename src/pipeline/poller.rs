@@ -14,7 +14,7 @@ use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use crate::config::Config;
 use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
-use crate::metrics::{Metrics, PoolState};
+use crate::metrics::{Health, Metrics, PoolState};
 use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::shutdown::Shutdown;
@@ -29,6 +29,7 @@ pub struct Poller {
     pub report_tx: Sender<DumpReport>,
     pub report_rx: Receiver<DumpReport>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     pub statsd: Option<Statsd>,
 }
 
@@ -148,7 +149,7 @@ impl Poller {
             })
             .collect();
         self.metrics.observe_poll(reports, &pools, long);
-        self.metrics.health().poll_completed();
+        self.health.happened();
         if let Some(statsd) = &mut self.statsd {
             statsd.flush(self.metrics.registry());
         }
