@@ -7,94 +7,24 @@
 //! Each test builds its own namespace; a lock runs them one at a time so the
 //! process stays under its open-file limit.
 
-#[path = "../tools/scenario.rs"]
-mod scenario;
+mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Output, Stdio};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::scenario::Netns;
+use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use scenario::Netns;
 use serde_json::Value;
 use xtcp::export::udp::decode_datagram;
 use xtcp::proto::Record;
-
-/// Connections per family.
-const PAIRS: usize = 2500;
-const PORT: u16 = 13000;
-
-type Key = (u32, u16, u16);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A namespace holding the connections, deleted on drop.
-struct Farm {
-    ns: Netns,
-    keys: BTreeSet<Key>,
-    _pairs: Vec<scenario::Pairs>,
-    _serial: MutexGuard<'static, ()>,
-}
-
-impl Farm {
-    fn new(tag: &str) -> Farm {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        // 10002 sockets, the receivers and the test harness's own files.
-        let (_, hard) =
-            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
-            .unwrap();
-        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
-        let pairs = in_ns(&ns, || {
-            [
-                SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
-                SocketAddr::from((Ipv6Addr::LOCALHOST, 40001)),
-            ]
-            .map(|addr| scenario::established_pairs(addr, PAIRS, false).expect("open connections"))
-        });
-        let keys: BTreeSet<Key> = pairs.iter().flat_map(|p| p.keys().unwrap()).collect();
-        assert_eq!(keys.len(), 2 * (2 * PAIRS + 1));
-        Farm {
-            ns,
-            keys,
-            _pairs: pairs.into(),
-            _serial: serial,
-        }
-    }
-
-    /// `xtcp` inside the namespace with these flags and `--no-prom`: the
-    /// metrics listener would be one more socket than the farm's.
-    fn xtcp(&self, args: &[&str]) -> Command {
-        let mut cmd = self.exec(env!("CARGO_BIN_EXE_xtcp"), args);
-        cmd.arg("--no-prom");
-        cmd
-    }
-
-    fn exec(&self, program: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.ns.name(), program])
-            .args(args);
-        cmd
-    }
-}
-
-/// Runs `f` on a thread inside the namespace (sockets it opens stay there).
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            ns.enter().expect("enter namespace");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
 
 /// A UDP receiver inside the namespace that keeps every datagram's records.
 struct Receiver {
@@ -150,49 +80,6 @@ impl Receiver {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
     }
-}
-
-fn key(r: &Record) -> Key {
-    (
-        r.inet_diag_msg_family,
-        r.inet_diag_msg_socket_source_port as u16,
-        r.inet_diag_msg_socket_destination_port as u16,
-    )
-}
-
-/// Records by poll id.
-fn by_poll(records: &[Record]) -> BTreeMap<u64, Vec<&Record>> {
-    let mut polls: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
-    for r in records {
-        polls.entry(r.poll_id).or_default().push(r);
-    }
-    polls
-}
-
-fn run(mut cmd: Command) -> (Output, String) {
-    let out = cmd.output().expect("run xtcp");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    (out, stderr)
-}
-
-/// The value after `name` in the family section of the totals line
-/// (`xtcp: stopped: polls 2 ... | v4 sockets 5001 ...`); family "" = the head.
-fn total(stderr: &str, family: &str, name: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("xtcp: stopped: "))
-        .unwrap_or_else(|| panic!("no totals line: {stderr}"));
-    let section = line
-        .split(" | ")
-        .find(|s| family.is_empty() || s.starts_with(&format!("{family} ")))
-        .unwrap_or_else(|| panic!("no {family} in {line}"));
-    let words: Vec<&str> = section.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| *w == name)
-        .unwrap_or_else(|| panic!("no {name} in {section}"));
-    words[at + 1].parse().unwrap()
 }
 
 /// Two polls into a receiver: every socket exactly once per poll.
@@ -351,35 +238,6 @@ fn sampling_keeps_the_same_sockets_every_poll() {
     assert!(keys.is_subset(&farm.keys));
     let sampled = total(&stderr, "v4", "sampled") + total(&stderr, "v6", "sampled");
     assert_eq!(sampled, records.len() as u64, "{stderr}");
-}
-
-/// A child process, killed and reaped if the test fails before it ends.
-struct Running(Option<Child>);
-
-impl Running {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().unwrap()
-    }
-
-    /// SIGTERM, then the exit status and stderr.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let child = self.0.take().unwrap();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Reads lines from the child's stdout until `n` arrived or `deadline`.

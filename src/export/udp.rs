@@ -128,6 +128,8 @@ pub enum DatagramError {
         len: usize,
         source: prost::DecodeError,
     },
+    #[error("not an xtcp Envelope ({len} bytes): bad framing at byte {offset}")]
+    Framing { len: usize, offset: usize },
 }
 
 /// The records of one datagram, in either layout.
@@ -141,6 +143,58 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
         Some(&ENVELOPE_KEY) => Envelope::decode(datagram).map(|e| e.records).map_err(err),
         Some(_) => Record::decode(datagram).map(|r| vec![r]).map_err(err),
     }
+}
+
+/// One datagram as length-delimited records (each record preceded by its
+/// length as a varint: what ClickHouse's `Protobuf` format, Java's
+/// `parseDelimitedFrom` and Go's `protodelim` read), written into `out`;
+/// returns how many records. A batch only loses its field keys (its framing
+/// is checked, the records are not decoded); a bare record is checked by
+/// decoding it.
+pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
+    out.clear();
+    match datagram.first() {
+        None => Err(DatagramError::Empty),
+        Some(&ENVELOPE_KEY) => envelope_to_delimited(datagram, out),
+        Some(_) => {
+            Record::decode(datagram).map_err(|source| DatagramError::Protobuf {
+                len: datagram.len(),
+                source,
+            })?;
+            encode_varint(datagram.len() as u64, out);
+            out.extend_from_slice(datagram);
+            Ok(1)
+        }
+    }
+}
+
+/// Copies the length-delimited field-1 entries of an envelope without their
+/// keys, checking that they tile it exactly.
+fn envelope_to_delimited(envelope: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
+    let mut rest = envelope;
+    let mut records = 0;
+    while let Some((&key, after_key)) = rest.split_first() {
+        let bad = DatagramError::Framing {
+            len: envelope.len(),
+            offset: envelope.len() - rest.len(),
+        };
+        if key != ENVELOPE_KEY {
+            return Err(bad);
+        }
+        let mut body = after_key;
+        let Ok(len) = prost::encoding::decode_varint(&mut body) else {
+            return Err(bad);
+        };
+        let Some(record) = usize::try_from(len).ok().and_then(|len| body.get(..len)) else {
+            return Err(bad);
+        };
+        // The varint as written, then the record.
+        let entry_len = after_key.len() - body.len() + record.len();
+        out.extend_from_slice(&after_key[..entry_len]);
+        rest = &after_key[entry_len..];
+        records += 1;
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -224,6 +278,46 @@ mod tests {
             tally.first_error.unwrap().kind(),
             io::ErrorKind::ConnectionRefused
         );
+    }
+
+    /// Records read back from length-delimited bytes.
+    fn delimited(mut bytes: &[u8]) -> Vec<Record> {
+        let mut records = Vec::new();
+        while !bytes.is_empty() {
+            records.push(Record::decode_length_delimited(&mut bytes).unwrap());
+        }
+        records
+    }
+
+    #[test]
+    fn datagrams_become_length_delimited_records() {
+        let (a, b) = (record(1), record(2));
+        let mut batch = Vec::new();
+        for r in [&a, &b] {
+            encode_key(1, WireType::LengthDelimited, &mut batch);
+            encode_varint(r.len() as u64, &mut batch);
+            batch.extend_from_slice(r);
+        }
+        let mut out = Vec::new();
+        assert_eq!(to_delimited(&batch, &mut out).unwrap(), 2);
+        assert_eq!(out.len(), batch.len() - 2, "only the two keys go");
+        let counters: Vec<u64> = delimited(&out).iter().map(|r| r.record_counter).collect();
+        assert_eq!(counters, [1, 2]);
+        assert_eq!(to_delimited(&a, &mut out).unwrap(), 1);
+        assert_eq!(delimited(&out)[0].record_counter, 1);
+        // Cut short, an unknown field, a length past the end, garbage.
+        for bad in [
+            &batch[..batch.len() - 1],
+            &[0x0a, 0x01, 0x08, 0x12][..],
+            &[0x0a, 0x7f, 1],
+            b"\x08\xff",
+        ] {
+            assert!(to_delimited(bad, &mut out).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            to_delimited(&[], &mut out),
+            Err(DatagramError::Empty)
+        ));
     }
 
     #[test]

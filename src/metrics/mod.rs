@@ -140,6 +140,7 @@ macro_rules! metrics {
         }
     };
 }
+pub(crate) use metrics;
 
 metrics! {
     /// The exporter's metrics.

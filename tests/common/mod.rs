@@ -1,0 +1,159 @@
+//! Helpers shared by the test crates that run the exporter against a farm of
+//! loopback connections in a private network namespace (`pipeline.rs`,
+//! `kafka.rs`). Each crate uses a different subset.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::{Child, Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use xtcp::proto::Record;
+
+#[path = "../../tools/scenario.rs"]
+pub mod scenario;
+use scenario::Netns;
+
+/// Connections per family.
+pub const PAIRS: usize = 2500;
+pub const PORT: u16 = 13000;
+
+pub type Key = (u32, u16, u16);
+
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A namespace holding the connections, deleted on drop.
+pub struct Farm {
+    pub ns: Netns,
+    pub keys: BTreeSet<Key>,
+    _pairs: Vec<scenario::Pairs>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Farm {
+    pub fn new(tag: &str) -> Farm {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // 10002 sockets, the receivers and the test harness's own files.
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap();
+        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        let pairs = in_ns(&ns, || {
+            [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 40001)),
+            ]
+            .map(|addr| scenario::established_pairs(addr, PAIRS, false).expect("open connections"))
+        });
+        let keys: BTreeSet<Key> = pairs.iter().flat_map(|p| p.keys().unwrap()).collect();
+        assert_eq!(keys.len(), 2 * (2 * PAIRS + 1));
+        Farm {
+            ns,
+            keys,
+            _pairs: pairs.into(),
+            _serial: serial,
+        }
+    }
+
+    /// `xtcp` inside the namespace with these flags and `--no-prom`: the
+    /// metrics listener would be one more socket than the farm's.
+    pub fn xtcp(&self, args: &[&str]) -> Command {
+        let mut cmd = self.exec(env!("CARGO_BIN_EXE_xtcp"), args);
+        cmd.arg("--no-prom");
+        cmd
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name(), program])
+            .args(args);
+        cmd
+    }
+}
+
+/// Runs `f` on a thread inside the namespace (sockets it opens stay there).
+pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("enter namespace");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+pub fn key(r: &Record) -> Key {
+    (
+        r.inet_diag_msg_family,
+        r.inet_diag_msg_socket_source_port as u16,
+        r.inet_diag_msg_socket_destination_port as u16,
+    )
+}
+
+/// Records by poll id.
+pub fn by_poll(records: &[Record]) -> BTreeMap<u64, Vec<&Record>> {
+    let mut polls: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        polls.entry(r.poll_id).or_default().push(r);
+    }
+    polls
+}
+
+pub fn run(mut cmd: Command) -> (Output, String) {
+    let out = cmd.output().expect("run xtcp");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    (out, stderr)
+}
+
+/// The value after `name` in the family section of the totals line
+/// (`xtcp: stopped: polls 2 ... | v4 sockets 5001 ...`); family "" = the head.
+pub fn total(stderr: &str, family: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("xtcp: stopped: "))
+        .unwrap_or_else(|| panic!("no totals line: {stderr}"));
+    let section = line
+        .split(" | ")
+        .find(|s| family.is_empty() || s.starts_with(&format!("{family} ")))
+        .unwrap_or_else(|| panic!("no {family} in {line}"));
+    let words: Vec<&str> = section.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == name)
+        .unwrap_or_else(|| panic!("no {name} in {section}"));
+    words[at + 1].parse().unwrap()
+}
+
+/// A child process, killed and reaped if the test fails before it ends.
+pub struct Running(pub Option<Child>);
+
+impl Running {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let child = self.0.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
