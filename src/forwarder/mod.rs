@@ -17,6 +17,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -25,6 +26,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
+use tokio::sync::oneshot;
 
 use crate::export::udp::to_delimited;
 use crate::metrics::prom::PromServer;
@@ -35,6 +37,8 @@ use metrics::ForwarderMetrics;
 const MAX_DATAGRAM: usize = 65_536;
 /// How often the receive loop looks at the stop flag and the queue gauge.
 const TICK: Duration = Duration::from_millis(100);
+/// `/healthz` fails when messages wait and none was delivered for this long.
+const HEALTHY_DELIVERY_GAP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Compression {
@@ -237,59 +241,16 @@ pub fn run(config: &ForwarderConfig, stop: &AtomicBool) -> Result<ForwarderTotal
     socket
         .set_read_timeout(Some(TICK))
         .map_err(setup("setting the receive timeout"))?;
-    let producer: ThreadedProducer<Context> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("compression.codec", config.compression.name())
-        .set("linger.ms", config.linger.as_millis().to_string())
-        .set("batch.size", config.batch_bytes.to_string())
-        .set(
-            "queue.buffering.max.messages",
-            config.queue_messages.to_string(),
-        )
-        .set("queue.buffering.max.kbytes", config.queue_kib.to_string())
-        .set(
-            "message.timeout.ms",
-            config.delivery_timeout.as_millis().to_string(),
-        )
-        // At least once: a retry after a lost acknowledgement can repeat a
-        // message; consumers drop repeats by (hostname, record_counter).
-        // Idempotence would need the broker to keep producer state across
-        // restarts, and makes a broker that lost it a fatal error.
-        .set("enable.idempotence", "false")
-        .create_with_context(Context {
+    let producer = create_producer(
+        config,
+        Context {
             metrics: Arc::clone(&metrics),
             health: Arc::clone(&health),
-        })?;
-    let _prom = if config.no_prom {
-        None
-    } else {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let queued = metrics.queued.clone();
-        let stale_after = Duration::from_secs(30);
-        let check_health = Arc::clone(&health);
-        let server = PromServer::bind(
-            "xtcp forwarder",
-            config.prom_listen,
-            "/metrics".into(),
-            metrics.registry().clone(),
-            Box::new(move || {
-                // Healthy while nothing waits, or deliveries keep coming.
-                if queued.get() == 0 {
-                    return Ok("ok: nothing queued".into());
-                }
-                check_health.check(stale_after)
-            }),
-        )
-        .map_err(setup(format!(
-            "serving metrics on --prom-listen {}",
-            config.prom_listen
-        )))?;
-        let thread = std::thread::Builder::new()
-            .name("prometheus".into())
-            .spawn(move || server.serve(stop_rx))
-            .map_err(setup("starting the metrics thread"))?;
-        Some((stop_tx, thread))
-    };
+        },
+    )?;
+    let prom = (!config.no_prom)
+        .then(|| start_metrics(config, &metrics, &health))
+        .transpose()?;
 
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut message = Vec::with_capacity(MAX_DATAGRAM);
@@ -352,6 +313,11 @@ pub fn run(config: &ForwarderConfig, stop: &AtomicBool) -> Result<ForwarderTotal
     }
     metrics.queued.set(i64::from(producer.in_flight_count()));
     drop(producer);
+    if let Some((stop_server, thread)) = prom {
+        drop(stop_server);
+        // Its only failure is at start, when no scrape was served yet.
+        let _ = thread.join();
+    }
     let dropped: u64 = metrics::DROP_REASONS
         .iter()
         .map(|r| metrics.dropped_records.with_label_values(&[r]).get())
@@ -363,6 +329,69 @@ pub fn run(config: &ForwarderConfig, stop: &AtomicBool) -> Result<ForwarderTotal
         delivered_records: metrics.delivered_records.get(),
         dropped_records: dropped,
     })
+}
+
+/// librdkafka's producer, configured from the flags.
+fn create_producer(
+    config: &ForwarderConfig,
+    context: Context,
+) -> Result<ThreadedProducer<Context>, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("compression.codec", config.compression.name())
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("batch.size", config.batch_bytes.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            config.queue_messages.to_string(),
+        )
+        .set("queue.buffering.max.kbytes", config.queue_kib.to_string())
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        )
+        // A broker that comes back is found within a second (librdkafka
+        // backs off up to 10 s by default), so little waits in the queue.
+        .set("reconnect.backoff.max.ms", "1000")
+        // At least once: a retry after a lost acknowledgement can repeat a
+        // message; consumers drop repeats by (hostname, record_counter).
+        // Idempotence would need the broker to keep producer state across
+        // restarts, and makes a broker that lost it a fatal error.
+        .set("enable.idempotence", "false")
+        .create_with_context(context)
+}
+
+/// The metrics endpoint's thread, and what stops it.
+fn start_metrics(
+    config: &ForwarderConfig,
+    metrics: &Arc<ForwarderMetrics>,
+    health: &Arc<Health>,
+) -> Result<(oneshot::Sender<()>, JoinHandle<io::Result<()>>), ForwarderError> {
+    let queued = metrics.queued.clone();
+    let health = Arc::clone(health);
+    let server = PromServer::bind(
+        "xtcp forwarder",
+        config.prom_listen,
+        "/metrics".into(),
+        metrics.registry().clone(),
+        Box::new(move || {
+            // Healthy while nothing waits, or deliveries keep coming.
+            if queued.get() == 0 {
+                return Ok("ok: nothing queued".into());
+            }
+            health.check(HEALTHY_DELIVERY_GAP)
+        }),
+    )
+    .map_err(setup(format!(
+        "serving metrics on --prom-listen {}",
+        config.prom_listen
+    )))?;
+    let (stop, stopped) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("prometheus".into())
+        .spawn(move || server.serve(stopped))
+        .map_err(setup("starting the metrics thread"))?;
+    Ok((stop, thread))
 }
 
 /// Asks for a large receive buffer: a poll arrives as one burst.
