@@ -417,3 +417,32 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
     assert_eq!(forwarder_total(&stderr, "delivered_records"), 0);
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 60, "{stderr}");
 }
+
+#[test]
+fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
+    let forwarder = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtcp-forwarder"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        (out.status.code(), stderr)
+    };
+    let (code, stderr) = forwarder(&["--compression", "zip"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--compression"), "{stderr}");
+    let (code, stderr) = forwarder(&["--linger", "soon"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--linger"), "{stderr}");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = forwarder(&["--listen", &listen, "--no-prom"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with(&format!(
+            "error: binding --listen {listen}: Address already in use"
+        )),
+        "{stderr}"
+    );
+}
