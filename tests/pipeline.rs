@@ -659,3 +659,52 @@ fn statsd_lines_carry_each_poll() {
 fn lost_some(stderr: &str) -> bool {
     total(stderr, "v4", "records_lost") + total(stderr, "v6", "records_lost") > 0
 }
+
+/// `xtcp-socket-farm` spreads connections over worker processes (one
+/// process may hold only about 9000): 20000 connections in 4 workers, every
+/// socket seen by the exporter, the namespace gone when the farm's stdin
+/// closes.
+#[test]
+fn socket_farm_holds_more_than_one_process_can() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut farm = Running(Some(
+        Command::new(env!("CARGO_BIN_EXE_xtcp-socket-farm"))
+            .args([
+                "--netns",
+                "multi",
+                "--pairs",
+                "10000",
+                "--per-process",
+                "6000",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut ready = String::new();
+    BufReader::new(farm.child().stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"ready"), "{ready}");
+    let (ns, sockets) = (words[1].to_string(), words[2]);
+    // Per family 10000 pairs: workers of 6000 and 4000, a listener each.
+    assert_eq!(sockets, "40004");
+    let workers =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", farm.child().id())).unwrap();
+    assert_eq!(workers.split_whitespace().count(), 4, "{workers}");
+    let (_, stderr) = run({
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_xtcp")])
+            .args(["--max-loops", "1", "--no-prom", "--no-statsd"])
+            .args(["--dest", "udp:127.0.0.1:9"]);
+        cmd
+    });
+    assert_eq!(total(&stderr, "v4", "sockets"), 20002, "{stderr}");
+    assert_eq!(total(&stderr, "v6", "sockets"), 20002, "{stderr}");
+    drop(farm.child().stdin.take());
+    assert!(farm.child().wait().unwrap().success());
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains(&ns));
+}
