@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_RUNS ?= 200000
 FUZZ_MAX_LEN ?= 8192
 
-.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp footprint fixtures clean
+.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -54,6 +54,10 @@ bench:
 ## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes (root; 16k sockets in a namespace)
 bench-udp: build
 	python3 tools/bench_udp.py
+
+## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
+bench-e2e: build
+	python3 tools/bench_e2e.py
 
 ## footprint: syscalls per poll, peak RSS, threads and descriptors of the exporter (root; 16k sockets in a namespace)
 footprint: build

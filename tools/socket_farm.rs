@@ -10,7 +10,7 @@
 //! One process may hold about 9000 connections here (an open-file limit of
 //! 20000), so the connections are opened by worker processes, this same
 //! program with `--worker`, each holding at most `--per-process` connections
-//! on its own listener port (40001, 40002, ...) inside the namespace. Any
+//! on its own listener port (20001, 20002, ...) inside the namespace. Any
 //! number of sockets fits: 200k sockets take 25 workers.
 
 #[path = "scenario.rs"]
@@ -28,8 +28,10 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// First listener port; worker i listens on FIRST_PORT + i.
-const FIRST_PORT: u16 = scenario::LISTEN_PORT;
+/// First listener port; worker i listens on FIRST_PORT + i. Below the
+/// ephemeral range (net.ipv4.ip_local_port_range, 32768..60999), where an
+/// earlier worker's client sockets could already hold the port.
+const FIRST_PORT: u16 = 20001;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Family {

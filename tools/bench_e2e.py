@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""End-to-end poll benchmark: one xtcp poll against the kernel's floor and
+against ss, at several socket counts, measured side by side.
+
+Run as root via `make bench-e2e` (builds the release binaries first). For
+each size a socket farm (several processes) holds the connections in a
+private namespace; then, REPS times and in rotated order, inside it:
+
+- floor: `xtcp-dump-floor`, the exporter's two dump requests only drained;
+- ss:    `ss -tinmH > /dev/null`, what a user would run instead;
+- xtcp:  `xtcp --max-loops 1`, every record sent over UDP to a counting
+         receiver (`xtcp-debug-server --format none`).
+
+Each runs as `/usr/bin/time -o F -f %M nsenter --net=NS PROGRAM`: wall
+time is taken around it and CPU time (user + system) from wait4, both
+including the two small launchers; peak RSS is GNU time's (the program's,
+after nsenter's exec; a fork of this Python script would count its own
+13 MiB). The same figures for `true` are printed as the launchers' share.
+Needs GNU time (Debian package time) and nsenter (util-linux). Prints
+Markdown tables of medians, the ratios, and records received against
+sockets.
+
+SIZES (sockets, default "10000 100000 200000") and REPS (default 5) change
+the run.
+"""
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchlib import BIN, start_farm, start_receiver, stop_farm
+
+SIZES = [int(s) for s in os.environ.get("SIZES", "10000 100000 200000").split()]
+REPS = int(os.environ.get("REPS", "5"))
+PORT = 13000
+
+
+def measure(ns, argv):
+    """(wall s, cpu s, peak RSS MiB) of one command run in `ns`."""
+    with tempfile.NamedTemporaryFile(mode="r") as rss:
+        started = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-o", rss.name, "-f", "%M", "nsenter",
+                                 f"--net=/run/netns/{ns}", *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        if status != 0:
+            sys.exit(f"{argv[0]} failed: {proc.stderr.read().decode()}")
+        proc.stderr.close()
+        return wall, usage.ru_utime + usage.ru_stime, int(rss.read().split()[-1]) / 1024
+
+
+def xtcp_poll(ns):
+    """measure() of one poll, and the records the receiver counted."""
+    receiver = start_receiver(ns, PORT)
+    result = measure(ns, [f"{BIN}/xtcp", "--max-loops", "1", "--no-prom", "--no-statsd",
+                          "--dest", f"udp:127.0.0.1:{PORT}"])
+    receiver.send_signal(signal.SIGTERM)
+    _, err = receiver.communicate()
+    words = err.split()
+    return result, int(words[words.index("records") + 1])
+
+
+def one_size(target):
+    # 2 sockets per connection, 2 families.
+    farm, ns, sockets = start_farm("e2e", target // 4)
+    runs = {"floor": [], "ss": [], "xtcp": []}
+    received = []
+    commands = {
+        "floor": lambda: measure(ns, [f"{BIN}/xtcp-dump-floor"]),
+        "ss": lambda: measure(ns, ["ss", "-tinmH"]),
+    }
+    try:
+        baseline = [statistics.median(m) for m in zip(*(measure(ns, ["true"]) for _ in range(REPS)))]
+        names = list(runs)
+        for rep in range(REPS):
+            for name in names[rep % 3:] + names[:rep % 3]:
+                if name == "xtcp":
+                    result, records = xtcp_poll(ns)
+                    received.append(records)
+                else:
+                    result = commands[name]()
+                runs[name].append(result)
+    finally:
+        stop_farm(farm)
+    return sockets, baseline, runs, received
+
+
+def main():
+    print(f"{REPS} runs of each, rotated; medians. Machine: {os.cpu_count()} CPUs, "
+          f"Linux {os.uname().release}\n")
+    summary = []
+    for target in SIZES:
+        sockets, baseline, runs, received = one_size(target)
+        med = {name: [statistics.median(r[i] for r in rs) for i in range(3)]
+               for name, rs in runs.items()}
+        print(f"### {sockets} sockets\n")
+        print("| | wall ms | CPU ms | peak RSS MiB |")
+        print("|---|---|---|---|")
+        for name, (wall, cpu, rss) in [("launchers (`true`)", baseline), *med.items()]:
+            print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
+        print()
+        summary.append((sockets, med, received))
+    print("| sockets | xtcp/floor wall | xtcp/floor CPU | ss/xtcp wall | xtcp CPU us/socket "
+          "| records received / sockets |")
+    print("|---|---|---|---|---|---|")
+    for sockets, med, received in summary:
+        x, f, s = med["xtcp"], med["floor"], med["ss"]
+        got = ", ".join(str(r) for r in sorted(set(received)))
+        print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
+              f"| {x[1] / sockets * 1e6:.2f} | {got} / {sockets} |")
+
+
+if __name__ == "__main__":
+    main()
