@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -132,14 +132,6 @@ fn consume(
     })
 }
 
-fn by_poll(records: &[Record]) -> BTreeMap<u64, Vec<&Record>> {
-    let mut polls: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
-    for r in records {
-        polls.entry(r.poll_id).or_default().push(r);
-    }
-    polls
-}
-
 /// Polls in which every socket of the farm arrived.
 fn whole_polls(records: &[Record], farm: &BTreeSet<Key>) -> BTreeSet<u64> {
     by_poll(records)
@@ -154,13 +146,7 @@ fn whole_polls(records: &[Record], farm: &BTreeSet<Key>) -> BTreeSet<u64> {
 
 /// The value after `name` in the forwarder's exit line.
 fn forwarder_total(stderr: &str, name: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("xtcp-forwarder: stopped: "))
-        .unwrap_or_else(|| panic!("no totals line: {stderr}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == name).unwrap();
-    words[at + 1].parse().unwrap()
+    stopped_value(stderr, "xtcp-forwarder", "", name)
 }
 
 #[test]

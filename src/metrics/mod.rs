@@ -577,18 +577,23 @@ pub(crate) mod tests {
         assert!(stale.ends_with("(limit 1ms)"), "{stale}");
     }
 
-    /// docs/metrics.md describes every metric with its labels.
-    #[test]
-    fn every_metric_is_documented() {
-        let doc = include_str!("../../docs/metrics.md");
-        for d in DEFINITIONS {
+    /// `doc` (the text of `doc_name`) has a table row for every metric of
+    /// `definitions`, naming each of its labels.
+    pub(crate) fn assert_documented(definitions: &[Definition], doc: &str, doc_name: &str) {
+        for d in definitions {
             let row = doc
                 .lines()
                 .find(|l| l.starts_with(&format!("| `{}` ", d.name)))
-                .unwrap_or_else(|| panic!("docs/metrics.md has no row for {}", d.name));
+                .unwrap_or_else(|| panic!("{doc_name} has no row for {}", d.name));
             for label in d.labels {
                 assert!(row.contains(&format!("`{label}`")), "{}: {label}", d.name);
             }
         }
+    }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        assert_documented(DEFINITIONS, doc, "docs/metrics.md");
     }
 }

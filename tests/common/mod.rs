@@ -113,19 +113,27 @@ pub fn run(mut cmd: Command) -> (Output, String) {
 /// The value after `name` in the family section of the totals line
 /// (`xtcp: stopped: polls 2 ... | v4 sockets 5001 ...`); family "" = the head.
 pub fn total(stderr: &str, family: &str, name: &str) -> u64 {
+    stopped_value(stderr, "xtcp", family, name)
+}
+
+/// The value after `name` in `program`'s exit line (`PROGRAM: stopped: ...`),
+/// within the ` | `-separated section that starts with `section` ("" = the
+/// first).
+pub fn stopped_value(stderr: &str, program: &str, section: &str, name: &str) -> u64 {
+    let prefix = format!("{program}: stopped: ");
     let line = stderr
         .lines()
-        .find(|l| l.starts_with("xtcp: stopped: "))
+        .find(|l| l.starts_with(&prefix))
         .unwrap_or_else(|| panic!("no totals line: {stderr}"));
-    let section = line
+    let part = line
         .split(" | ")
-        .find(|s| family.is_empty() || s.starts_with(&format!("{family} ")))
-        .unwrap_or_else(|| panic!("no {family} in {line}"));
-    let words: Vec<&str> = section.split_whitespace().collect();
+        .find(|s| section.is_empty() || s.starts_with(&format!("{section} ")))
+        .unwrap_or_else(|| panic!("no {section} in {line}"));
+    let words: Vec<&str> = part.split_whitespace().collect();
     let at = words
         .iter()
         .position(|w| *w == name)
-        .unwrap_or_else(|| panic!("no {name} in {section}"));
+        .unwrap_or_else(|| panic!("no {name} in {part}"));
     words[at + 1].parse().unwrap()
 }
 
