@@ -17,7 +17,11 @@ use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::pipeline::kernel_release;
 use xtcp::pipeline::netlink::{SockDiagSocket, RECV_BUFFER_LEN};
 use xtcp::proto::Record;
-use xtcp::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use xtcp::wire::bytecode::source_port_range;
+use xtcp::wire::request::{
+    all_families_dump_request, dump_request, filtered_dump_request, AF_INET, AF_INET6,
+    ALL_EXTENSIONS, ALL_STATES,
+};
 use xtcp::wire::{decode_socket, TailLayout};
 
 type Key = (u32, u32, u16, u16);
@@ -42,6 +46,16 @@ fn with_scenario(tag: &str, check: impl FnOnce(&Netns, &[ExpectedSocket]) + Send
 /// Dumps both families from the calling thread's namespace with the
 /// library's reader, decoder and encoder, and decodes each record with prost.
 fn library_dump() -> Vec<Value> {
+    library_dump_of(
+        &[AF_INET, AF_INET6].map(|family| {
+            move |seq| dump_request(family, ALL_STATES, ALL_EXTENSIONS, seq).to_vec()
+        }),
+    )
+}
+
+/// [`library_dump`] of the dumps `requests` build (each given its sequence
+/// number), read one after the other.
+fn library_dump_of(requests: &[impl Fn(u32) -> Vec<u8>]) -> Vec<Value> {
     let socket = SockDiagSocket::open(Duration::from_secs(5)).unwrap();
     let tail = TailLayout::for_release(&kernel_release());
     let mut encoder = RecordEncoder::new("test-host".into());
@@ -52,8 +66,8 @@ fn library_dump() -> Vec<Value> {
     };
     let mut buf = vec![0; RECV_BUFFER_LEN];
     let mut out = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        let mut reader = socket.dump(family, ALL_STATES, ALL_EXTENSIONS).unwrap();
+    for request in requests {
+        let mut reader = socket.dump_with(request).unwrap();
         while let Some(len) = reader.recv(&mut buf).unwrap() {
             reader
                 .scan(&buf[..len], |payload| {
@@ -176,6 +190,49 @@ fn library_dump_sees_exactly_the_opened_sockets() {
         assert_exactly(&records, expected);
         // As root, MARK (CAP_NET_ADMIN only) comes with every socket.
         assert!(records.iter().all(|r| r.get("socket_mark").is_some()));
+    });
+}
+
+#[test]
+fn one_old_style_dump_returns_both_families_whole() {
+    // xtcp-dump-floor's `--layout all-families`: a single TCPDIAG_GETSOCK
+    // dump carries every socket of both families with every attribute.
+    with_scenario("all", |_, expected| {
+        let records = library_dump_of(&[|seq| {
+            all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec()
+        }]);
+        assert_exactly(&records, expected);
+    });
+}
+
+#[test]
+fn source_port_filters_return_exactly_their_range() {
+    // xtcp-dump-floor's `--split-at`: disjoint bytecode filters that cover
+    // every port split a dump without losing or repeating a socket.
+    with_scenario("bc", |_, expected| {
+        let mut ports: Vec<u16> = expected.iter().map(|e| e.source_port).collect();
+        ports.sort_unstable();
+        // Below and from the median port: both halves hold sockets.
+        let split = ports[ports.len() / 2];
+        let mut union = Vec::new();
+        for (low, high) in [(0, split - 1), (split, u16::MAX)] {
+            let filtered = |family| {
+                move |seq| {
+                    let program = source_port_range(low, high);
+                    filtered_dump_request(family, ALL_STATES, ALL_EXTENSIONS, &program, seq)
+                }
+            };
+            let records = library_dump_of(&[filtered(AF_INET), filtered(AF_INET6)]);
+            let inside: Vec<ExpectedSocket> = expected
+                .iter()
+                .filter(|e| (low..=high).contains(&e.source_port))
+                .cloned()
+                .collect();
+            assert!(!inside.is_empty() && inside.len() < expected.len());
+            assert_exactly(&records, &inside);
+            union.extend(records);
+        }
+        assert_exactly(&union, expected);
     });
 }
 

@@ -6,10 +6,21 @@ Run as root via `make bench-e2e` (builds the release binaries first). For
 each size a socket farm (several processes) holds the connections in a
 private namespace; then, REPS times and in rotated order, inside it:
 
-- floor: `xtcp-dump-floor`, the exporter's two dump requests only drained;
+- floor: `xtcp-dump-floor`, the exporter's two dump requests only drained,
+         one thread per family as the exporter reads them;
 - ss:    `ss -tinmH > /dev/null`, what a user would run instead;
 - xtcp:  `xtcp --max-loops 1`, every record sent over UDP to a counting
-         receiver (`xtcp-debug-server --format none`).
+         receiver (`xtcp-debug-server --format count`);
+
+and the same kernel work laid out differently (`xtcp-dump-floor` options),
+for the "beyond the floor" question:
+
+- sequential:   both family dumps on one thread, one after the other;
+- all-families: one `TCPDIAG_GETSOCK` dump returning both families;
+- split:        each family's dump cut in two by source port with
+                `INET_DIAG_REQ_BYTECODE` (ports below 32768 and the rest:
+                the farm's listeners and its clients, even halves), four
+                sockets read in parallel.
 
 Each runs as `/usr/bin/time -o F -f %M nsenter --net=NS PROGRAM`: wall
 time is taken around it and CPU time (user + system) from wait4, both
@@ -36,6 +47,11 @@ from benchlib import BIN, start_farm, start_receiver, stop_farm
 SIZES = [int(s) for s in os.environ.get("SIZES", "10000 100000 200000").split()]
 REPS = int(os.environ.get("REPS", "5"))
 PORT = 13000
+LAYOUTS = {
+    "sequential": ["--layout", "sequential"],
+    "all-families": ["--layout", "all-families"],
+    "split": ["--split-at", "32768"],
+}
 
 
 def measure(ns, argv):
@@ -55,7 +71,7 @@ def measure(ns, argv):
 
 def xtcp_poll(ns):
     """measure() of one poll, and the records the receiver counted."""
-    receiver = start_receiver(ns, PORT)
+    receiver = start_receiver(ns, PORT, "count")
     result = measure(ns, [f"{BIN}/xtcp", "--max-loops", "1", "--no-prom", "--no-statsd",
                           "--dest", f"udp:127.0.0.1:{PORT}"])
     receiver.send_signal(signal.SIGTERM)
@@ -67,17 +83,21 @@ def xtcp_poll(ns):
 def one_size(target):
     # 2 sockets per connection, 2 families.
     farm, ns, sockets = start_farm("e2e", target // 4)
-    runs = {"floor": [], "ss": [], "xtcp": []}
     received = []
+    floor = f"{BIN}/xtcp-dump-floor"
     commands = {
-        "floor": lambda: measure(ns, [f"{BIN}/xtcp-dump-floor"]),
+        "floor": lambda: measure(ns, [floor]),
         "ss": lambda: measure(ns, ["ss", "-tinmH"]),
+        "xtcp": None,
+        **{name: (lambda args=args: measure(ns, [floor, *args])) for name, args in LAYOUTS.items()},
     }
+    runs = {name: [] for name in commands}
     try:
         baseline = [statistics.median(m) for m in zip(*(measure(ns, ["true"]) for _ in range(REPS)))]
         names = list(runs)
         for rep in range(REPS):
-            for name in names[rep % 3:] + names[:rep % 3]:
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
                 if name == "xtcp":
                     result, records = xtcp_poll(ns)
                     received.append(records)
@@ -101,6 +121,7 @@ def main():
         print("| | wall ms | CPU ms | peak RSS MiB |")
         print("|---|---|---|---|")
         for name, (wall, cpu, rss) in [("launchers (`true`)", baseline), *med.items()]:
+            name = f"floor, {name}" if name in LAYOUTS else name
             print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
         print()
         summary.append((sockets, med, received))
@@ -112,6 +133,14 @@ def main():
         got = ", ".join(str(r) for r in sorted(set(received)))
         print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
               f"| {x[1] / sockets * 1e6:.2f} | {got} / {sockets} |")
+    print("\nThe kernel's work laid out differently, against the floor (wall, CPU):\n")
+    print("| sockets | " + " | ".join(LAYOUTS) + " | ss/sequential wall |")
+    print("|---|" + "---|" * (len(LAYOUTS) + 1))
+    for sockets, med, _ in summary:
+        f = med["floor"]
+        cells = [f"{med[n][0] / f[0]:.2f}, {med[n][1] / f[1]:.2f}" for n in LAYOUTS]
+        ss_seq = med["ss"][0] / med["sequential"][0]
+        print(f"| {sockets} | " + " | ".join(cells) + f" | {ss_seq:.2f} |")
 
 
 if __name__ == "__main__":

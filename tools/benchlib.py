@@ -47,10 +47,11 @@ def children_cpu():
 RECV_BUFFER = 256 << 20
 
 
-def start_receiver(ns, port):
-    """A counting `xtcp-debug-server --format none` in `ns`, once bound."""
+def start_receiver(ns, port, fmt="none"):
+    """A counting `xtcp-debug-server --format none` (or `fmt`) in `ns`, once
+    bound."""
     server = subprocess.Popen(
-        ["ip", "netns", "exec", ns, f"{BIN}/xtcp-debug-server", "--format", "none",
+        ["ip", "netns", "exec", ns, f"{BIN}/xtcp-debug-server", "--format", fmt,
          "--listen", f"127.0.0.1:{port}", "--recv-buffer", str(RECV_BUFFER)],
         stderr=subprocess.PIPE, text=True)
     wait_udp_bound(ns, port)

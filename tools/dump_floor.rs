@@ -1,69 +1,191 @@
 //! `xtcp-dump-floor`: the kernel's own cost of what one xtcp poll asks for,
 //! the floor `make bench-e2e` compares the exporter with.
 //!
-//! Sends the exporter's dump request (every state, every extension) for
-//! IPv4 and IPv6 at once, one netlink socket and one thread per family as
-//! the exporter does, and only drains the replies into a 32 KiB buffer,
-//! walking message headers to find `NLMSG_DONE`: no decoding, no records,
-//! no sending. Prints `floor v4 sockets N datagrams N bytes N | v6 ...`.
+//! By default sends the exporter's dump request (every state, every
+//! extension) for IPv4 and IPv6 at once, one netlink socket and one thread
+//! per family as the exporter does, and only drains the replies into a
+//! 32 KiB buffer, walking message headers to find `NLMSG_DONE`: no decoding,
+//! no records, no sending. Other layouts of the same work, for comparing
+//! how the kernel's cost can be spread:
+//!
+//! - `--layout sequential`: the two family dumps one after the other on one
+//!   thread (what a single-threaded reader such as `ss` pays the kernel);
+//! - `--layout all-families`: one old-style `TCPDIAG_GETSOCK` dump, which
+//!   returns both families from a single walk of the socket tables;
+//! - `--split-at PORT,...`: every dump cut into source-port ranges by
+//!   `INET_DIAG_REQ_BYTECODE` filters, each range on its own netlink socket
+//!   and thread, all read in parallel.
+//!
+//! Prints one line per dump: `floor <dump> sockets N datagrams N bytes N`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use xtcp::pipeline::netlink::{SockDiagSocket, RECV_BUFFER_LEN};
-use xtcp::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use clap::{Parser, ValueEnum};
 
-/// What one family's dump held.
-#[derive(Debug, Default)]
+use xtcp::pipeline::netlink::{DumpError, SockDiagSocket, RECV_BUFFER_LEN};
+use xtcp::wire::bytecode::source_port_range;
+use xtcp::wire::request::{
+    all_families_dump_request, dump_request, filtered_dump_request, AF_INET, AF_INET6,
+    ALL_EXTENSIONS, ALL_STATES,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Layout {
+    /// One dump per family, the two read in parallel (the exporter's).
+    Families,
+    /// One dump per family, one after the other on one thread.
+    Sequential,
+    /// One dump of both families (`TCPDIAG_GETSOCK`).
+    AllFamilies,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtcp-dump-floor",
+    about = "Drain xtcp's dump requests; no decode, no send"
+)]
+struct Args {
+    #[arg(long, value_enum, default_value = "families")]
+    layout: Layout,
+    /// Cut every dump into source-port ranges at these ports (each port
+    /// starts a range), one netlink socket and thread per range.
+    #[arg(long, value_delimiter = ',')]
+    split_at: Vec<u16>,
+}
+
+/// One dump to drain: what it asks for and its name in the output.
+struct Dump {
+    name: String,
+    /// `None` for both families at once.
+    family: Option<u8>,
+    /// A source-port range, when the dump is split.
+    ports: Option<(u16, u16)>,
+}
+
+/// What one dump held.
+#[derive(Debug, Default, Clone)]
 struct Drained {
     sockets: u64,
     datagrams: u64,
     bytes: u64,
 }
 
-fn drain(family: u8) -> Result<Drained, String> {
-    let socket = SockDiagSocket::open(Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let mut reader = socket
-        .dump(family, ALL_STATES, ALL_EXTENSIONS)
-        .map_err(|e| e.to_string())?;
+fn request(dump: &Dump, seq: u32) -> Vec<u8> {
+    match (dump.family, dump.ports) {
+        (Some(family), None) => dump_request(family, ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
+        (Some(family), Some((low, high))) => filtered_dump_request(
+            family,
+            ALL_STATES,
+            ALL_EXTENSIONS,
+            &source_port_range(low, high),
+            seq,
+        ),
+        (None, _) => all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
+    }
+}
+
+fn drain(dump: &Dump) -> Result<Drained, DumpError> {
+    let socket = SockDiagSocket::open(Duration::from_secs(5))?;
+    let mut reader = socket.dump_with(|seq| request(dump, seq))?;
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
     let mut drained = Drained::default();
-    while let Some(len) = reader.recv(&mut buf).map_err(|e| e.to_string())? {
+    while let Some(len) = reader.recv(&mut buf)? {
         drained.datagrams += 1;
         drained.bytes += len as u64;
-        reader
-            .scan(&buf[..len], |_| drained.sockets += 1)
-            .map_err(|e| e.to_string())?;
+        reader.scan(&buf[..len], |_| drained.sockets += 1)?;
     }
     Ok(drained)
 }
 
+/// The dumps of `args`, grouped by the thread that reads them in turn.
+fn plan(args: &Args) -> Result<Vec<Vec<Dump>>, String> {
+    let families: Vec<(String, Option<u8>)> = match args.layout {
+        Layout::AllFamilies => vec![("all".into(), None)],
+        _ => vec![("v4".into(), Some(AF_INET)), ("v6".into(), Some(AF_INET6))],
+    };
+    let mut starts = args.split_at.clone();
+    starts.sort_unstable();
+    starts.dedup();
+    if args.layout != Layout::Families && !starts.is_empty() {
+        return Err("--split-at needs --layout families".into());
+    }
+    if starts.first() == Some(&0) {
+        return Err("--split-at ports start ranges after port 0: give ports > 0".into());
+    }
+    let mut ranges = Vec::new();
+    let mut low = 0u16;
+    for &start in &starts {
+        ranges.push((low, start - 1));
+        low = start;
+    }
+    ranges.push((low, u16::MAX));
+    let split = !starts.is_empty();
+    let mut dumps = Vec::new();
+    for (name, family) in families {
+        for &(low, high) in &ranges {
+            dumps.push(Dump {
+                name: if split {
+                    format!("{name}:{low}-{high}")
+                } else {
+                    name.clone()
+                },
+                family,
+                ports: split.then_some((low, high)),
+            });
+        }
+    }
+    Ok(match args.layout {
+        Layout::Sequential => vec![dumps],
+        _ => dumps.into_iter().map(|d| vec![d]).collect(),
+    })
+}
+
 fn main() -> ExitCode {
-    let results = std::thread::scope(|s| {
-        let v4 = s.spawn(|| drain(AF_INET));
-        let v6 = s.spawn(|| drain(AF_INET6));
-        [("v4", v4.join()), ("v6", v6.join())]
+    let args = Args::parse();
+    let threads = match plan(&args) {
+        Ok(threads) => threads,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let results: Vec<(String, Result<Drained, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = threads
+            .iter()
+            .map(|dumps| {
+                let names: Vec<String> = dumps.iter().map(|d| d.name.clone()).collect();
+                let handle = s.spawn(move || {
+                    dumps
+                        .iter()
+                        .map(|d| drain(d).map_err(|e| e.to_string()))
+                        .collect::<Vec<_>>()
+                });
+                (names, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(names, handle)| {
+                let results = handle
+                    .join()
+                    .unwrap_or_else(|_| vec![Err("reader thread panicked".into()); names.len()]);
+                names.into_iter().zip(results)
+            })
+            .collect()
     });
-    let mut line = String::from("floor");
-    for (i, (name, result)) in results.into_iter().enumerate() {
+    let mut status = ExitCode::SUCCESS;
+    for (name, result) in results {
         match result {
-            Ok(Ok(d)) => {
-                let sep = if i == 0 { "" } else { " |" };
-                line += &format!(
-                    "{sep} {name} sockets {} datagrams {} bytes {}",
-                    d.sockets, d.datagrams, d.bytes
-                );
-            }
-            Ok(Err(e)) => {
+            Ok(d) => println!(
+                "floor {name} sockets {} datagrams {} bytes {}",
+                d.sockets, d.datagrams, d.bytes
+            ),
+            Err(e) => {
                 eprintln!("error: {name} dump: {e}");
-                return ExitCode::FAILURE;
-            }
-            Err(_) => {
-                eprintln!("error: {name} dump panicked");
-                return ExitCode::FAILURE;
+                status = ExitCode::FAILURE;
             }
         }
     }
-    println!("{line}");
-    ExitCode::SUCCESS
+    status
 }

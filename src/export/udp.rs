@@ -171,30 +171,59 @@ pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramE
 /// Copies the length-delimited field-1 entries of an envelope without their
 /// keys, checking that they tile it exactly.
 fn envelope_to_delimited(envelope: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
-    let mut rest = envelope;
     let mut records = 0;
-    while let Some((&key, after_key)) = rest.split_first() {
+    for entry in envelope_entries(envelope) {
+        out.extend_from_slice(entry?);
+        records += 1;
+    }
+    Ok(records)
+}
+
+/// How many records one datagram holds, from an envelope's framing alone
+/// (checked, the records not decoded); a bare record is checked by decoding
+/// it. What a receiver that only counts needs.
+pub fn count_records(datagram: &[u8]) -> Result<u64, DatagramError> {
+    match datagram.first() {
+        None => Err(DatagramError::Empty),
+        Some(&ENVELOPE_KEY) => envelope_entries(datagram).try_fold(0, |n, e| e.map(|_| n + 1)),
+        Some(_) => Record::decode(datagram)
+            .map(|_| 1)
+            .map_err(|source| DatagramError::Protobuf {
+                len: datagram.len(),
+                source,
+            }),
+    }
+}
+
+/// The field-1 entries of an envelope, each its length varint and record
+/// bytes; an error (then nothing more) where they stop tiling it exactly.
+fn envelope_entries(envelope: &[u8]) -> impl Iterator<Item = Result<&[u8], DatagramError>> {
+    let mut rest = envelope;
+    std::iter::from_fn(move || {
+        let (&key, after_key) = rest.split_first()?;
         let bad = DatagramError::Framing {
             len: envelope.len(),
             offset: envelope.len() - rest.len(),
         };
-        if key != ENVELOPE_KEY {
-            return Err(bad);
-        }
         let mut body = after_key;
-        let Ok(len) = prost::encoding::decode_varint(&mut body) else {
-            return Err(bad);
-        };
-        let Some(record) = usize::try_from(len).ok().and_then(|len| body.get(..len)) else {
-            return Err(bad);
-        };
-        // The varint as written, then the record.
-        let entry_len = after_key.len() - body.len() + record.len();
-        out.extend_from_slice(&after_key[..entry_len]);
-        rest = &after_key[entry_len..];
-        records += 1;
-    }
-    Ok(records)
+        let entry = (key == ENVELOPE_KEY)
+            .then(|| prost::encoding::decode_varint(&mut body).ok())
+            .flatten()
+            .and_then(|len| usize::try_from(len).ok())
+            .and_then(|len| body.get(..len))
+            // The varint as written, then the record.
+            .map(|record| &after_key[..after_key.len() - body.len() + record.len()]);
+        match entry {
+            Some(entry) => {
+                rest = &after_key[entry.len()..];
+                Some(Ok(entry))
+            }
+            None => {
+                rest = &[];
+                Some(Err(bad))
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -303,8 +332,10 @@ mod tests {
         assert_eq!(out.len(), batch.len() - 2, "only the two keys go");
         let counters: Vec<u64> = delimited(&out).iter().map(|r| r.record_counter).collect();
         assert_eq!(counters, [1, 2]);
+        assert_eq!(count_records(&batch).unwrap(), 2);
         assert_eq!(to_delimited(&a, &mut out).unwrap(), 1);
         assert_eq!(delimited(&out)[0].record_counter, 1);
+        assert_eq!(count_records(&a).unwrap(), 1);
         // Cut short, an unknown field, a length past the end, garbage.
         for bad in [
             &batch[..batch.len() - 1],
@@ -313,11 +344,13 @@ mod tests {
             b"\x08\xff",
         ] {
             assert!(to_delimited(bad, &mut out).is_err(), "{bad:?}");
+            assert!(count_records(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(
             to_delimited(&[], &mut out),
             Err(DatagramError::Empty)
         ));
+        assert!(matches!(count_records(&[]), Err(DatagramError::Empty)));
     }
 
     #[test]

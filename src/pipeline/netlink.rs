@@ -121,10 +121,15 @@ impl SockDiagSocket {
 
     /// Sends the dump request for `family` under sequence number `seq`.
     pub fn request(&self, family: u8, states: u32, extensions: u8, seq: u32) -> io::Result<()> {
-        let req = dump_request(family, states, extensions, seq);
+        self.send(&dump_request(family, states, extensions, seq))
+    }
+
+    /// Sends a request datagram built elsewhere (`wire::request`); its
+    /// sequence number must come from [`Self::next_seq`].
+    pub fn send(&self, request: &[u8]) -> io::Result<()> {
         sendto(
             self.fd.as_raw_fd(),
-            &req,
+            request,
             &NetlinkAddr::new(0, 0),
             MsgFlags::empty(),
         )?;
@@ -153,8 +158,17 @@ impl SockDiagSocket {
 
     /// Sends the dump request for `family` and returns a reader for its reply.
     pub fn dump(&self, family: u8, states: u32, extensions: u8) -> io::Result<DumpReader<'_>> {
+        self.dump_with(|seq| dump_request(family, states, extensions, seq))
+    }
+
+    /// Sends the request `build` makes for a new sequence number and
+    /// returns a reader for its reply.
+    pub fn dump_with<R: AsRef<[u8]>>(
+        &self,
+        build: impl FnOnce(u32) -> R,
+    ) -> io::Result<DumpReader<'_>> {
         let seq = self.next_seq();
-        self.request(family, states, extensions, seq)?;
+        self.send(build(seq).as_ref())?;
         Ok(DumpReader {
             socket: self,
             seq,

@@ -6,6 +6,7 @@
 //! the poller sends. Runs in whichever thread holds the buffer. Integers are
 //! host-endian except the ports and addresses of `inet_diag_sockid`.
 
+pub mod bytecode;
 mod bytes;
 pub mod error;
 pub mod inet_diag;

@@ -16,6 +16,10 @@ pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 /// `SOCK_DIAG_BY_FAMILY` from `include/uapi/linux/sock_diag.h`.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `TCPDIAG_GETSOCK`, the pre-`sock_diag` request type the kernel still
+/// serves (`inet_diag_rcv_msg_compat`); its replies carry this type and the
+/// same `inet_diag_msg` payload.
+pub const TCPDIAG_GETSOCK: u16 = 18;
 
 pub const NLM_F_REQUEST: u16 = 0x01;
 pub const NLM_F_MULTI: u16 = 0x02;
@@ -38,7 +42,8 @@ pub struct NlMsg<'a> {
 /// What a message means to a dump reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body<'a> {
-    /// A `SOCK_DIAG_BY_FAMILY` reply: an `inet_diag_msg` and its attributes.
+    /// A `SOCK_DIAG_BY_FAMILY` (or `TCPDIAG_GETSOCK`) reply: an
+    /// `inet_diag_msg` and its attributes.
     Socket(&'a [u8]),
     /// `NLMSG_DONE`; `error` is the kernel's int payload (0, or a negative errno).
     Done { error: i32 },
@@ -64,7 +69,7 @@ impl<'a> NlMsg<'a> {
             })
         };
         Ok(match self.msg_type {
-            SOCK_DIAG_BY_FAMILY => Body::Socket(self.payload),
+            SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => Body::Socket(self.payload),
             NLMSG_DONE => Body::Done {
                 error: errno("NLMSG_DONE")?,
             },

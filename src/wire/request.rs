@@ -1,7 +1,9 @@
 //! The `SOCK_DIAG_BY_FAMILY` dump request: `nlmsghdr` + `struct inet_diag_req_v2`
 //! (`include/uapi/linux/inet_diag.h`).
 
-use super::netlink::{put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
+use super::netlink::{
+    put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK,
+};
 
 /// Size of `struct inet_diag_req_v2`.
 pub const INET_DIAG_REQ_V2_LEN: usize = 56;
@@ -25,24 +27,73 @@ const _: () = assert!(
     "VEGASINFO bit gates BBR/DCTCP info"
 );
 
+/// Writes the `nlmsghdr` of a dump request filling all of `out`; returns
+/// the bytes after it.
+fn dump_header<const N: usize>(out: &mut [u8; N], msg_type: u16, seq: u32) -> &mut [u8] {
+    const { assert!(N > NLMSG_HDRLEN) };
+    let (hdr, req) = out.split_at_mut(NLMSG_HDRLEN);
+    if let Ok(hdr) = <&mut [u8; NLMSG_HDRLEN]>::try_from(hdr) {
+        put_header(hdr, N as u32, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq);
+    }
+    req
+}
+
 /// Builds the dump request for one address family.
 pub fn dump_request(family: u8, states: u32, extensions: u8, seq: u32) -> [u8; DUMP_REQUEST_LEN] {
     let mut out = [0u8; DUMP_REQUEST_LEN];
-    let (hdr, req) = out.split_at_mut(NLMSG_HDRLEN);
-    if let Ok(hdr) = <&mut [u8; NLMSG_HDRLEN]>::try_from(hdr) {
-        put_header(
-            hdr,
-            DUMP_REQUEST_LEN as u32,
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            seq,
-        );
-    }
+    let req = dump_header(&mut out, SOCK_DIAG_BY_FAMILY, seq);
     req[0] = family; // sdiag_family
     req[1] = libc::IPPROTO_TCP as u8; // sdiag_protocol
     req[2] = extensions; // idiag_ext
     req[4..8].copy_from_slice(&states.to_ne_bytes()); // idiag_states
                                                       // req[8..56]: inet_diag_sockid left zero = match every socket.
+    out
+}
+
+/// Size of the old `struct inet_diag_req`.
+pub const INET_DIAG_REQ_LEN: usize = 60;
+/// Size of the whole old-style request datagram.
+pub const ALL_FAMILIES_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
+
+/// Builds a dump request for IPv4 and IPv6 sockets at once. The old
+/// `inet_diag_req` has no family field the kernel honours: its dump runs
+/// with `AF_UNSPEC` (`inet_diag_dump_compat`), so one walk of the socket
+/// tables returns both families, where two `SOCK_DIAG_BY_FAMILY` dumps walk
+/// them twice. Same states and extension bits as [`dump_request`].
+pub fn all_families_dump_request(
+    states: u32,
+    extensions: u8,
+    seq: u32,
+) -> [u8; ALL_FAMILIES_REQUEST_LEN] {
+    let mut out = [0u8; ALL_FAMILIES_REQUEST_LEN];
+    let req = dump_header(&mut out, TCPDIAG_GETSOCK, seq);
+    req[3] = extensions; // idiag_ext, after family and the two address lengths
+                         // req[4..52]: inet_diag_sockid left zero = match every socket.
+    req[52..56].copy_from_slice(&states.to_ne_bytes()); // idiag_states
+    out
+}
+
+/// `INET_DIAG_REQ_BYTECODE`: the attribute carrying a filter program.
+pub const INET_DIAG_REQ_BYTECODE: u16 = 1;
+
+/// [`dump_request`] followed by an `INET_DIAG_REQ_BYTECODE` attribute: the
+/// kernel runs `bytecode` (see [`super::bytecode`]) on each socket and
+/// builds messages only for those it accepts.
+pub fn filtered_dump_request(
+    family: u8,
+    states: u32,
+    extensions: u8,
+    bytecode: &[u8],
+    seq: u32,
+) -> Vec<u8> {
+    let attr_len = 4 + bytecode.len();
+    let total = DUMP_REQUEST_LEN + attr_len;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&dump_request(family, states, extensions, seq));
+    out[..4].copy_from_slice(&(total as u32).to_ne_bytes());
+    out.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    out.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    out.extend_from_slice(bytecode);
     out
 }
 
@@ -65,5 +116,44 @@ mod tests {
         assert_eq!(&req[..4], &[10, 6, 0x7f, 0]);
         assert_eq!(u32::from_ne_bytes(req[4..8].try_into().unwrap()), 0x3ffe);
         assert!(req[8..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn all_families_request_layout() {
+        let r = all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, 7);
+        let m = messages(&r).next().unwrap().unwrap();
+        assert_eq!(m.msg_type, TCPDIAG_GETSOCK);
+        assert_eq!((m.flags, m.seq), (NLM_F_REQUEST | NLM_F_DUMP, 7));
+        assert_eq!(m.payload.len(), INET_DIAG_REQ_LEN);
+        // Family and address lengths zero, then the extensions.
+        assert_eq!(&m.payload[..4], &[0, 0, 0, 0x7f]);
+        assert_eq!(
+            u32::from_ne_bytes(m.payload[52..56].try_into().unwrap()),
+            0x3ffe
+        );
+        assert!(m.payload[4..52]
+            .iter()
+            .chain(&m.payload[56..])
+            .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn filtered_request_carries_the_program() {
+        let program = [1, 2, 3, 4, 5, 6, 7, 8];
+        let r = filtered_dump_request(AF_INET, ALL_STATES, ALL_EXTENSIONS, &program, 9);
+        assert_eq!(r.len(), DUMP_REQUEST_LEN + 4 + program.len());
+        let m = messages(&r).next().unwrap().unwrap();
+        assert_eq!((m.msg_type, m.seq), (SOCK_DIAG_BY_FAMILY, 9));
+        assert_eq!(
+            &m.payload[..INET_DIAG_REQ_V2_LEN],
+            &dump_request(AF_INET, ALL_STATES, ALL_EXTENSIONS, 9)[NLMSG_HDRLEN..]
+        );
+        let attr = &m.payload[INET_DIAG_REQ_V2_LEN..];
+        assert_eq!(u16::from_ne_bytes([attr[0], attr[1]]), 12);
+        assert_eq!(
+            u16::from_ne_bytes([attr[2], attr[3]]),
+            INET_DIAG_REQ_BYTECODE
+        );
+        assert_eq!(&attr[4..], &program);
     }
 }
