@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_RUNS ?= 200000
 FUZZ_MAX_LEN ?= 8192
 
-.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e footprint fixtures clean
+.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -58,6 +58,10 @@ bench-udp: build
 ## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
 bench-e2e: build
 	python3 tools/bench_e2e.py
+
+## bench-filter: one poll and the kernel's floor with and without a kernel-side --filter (root; SIZE, REPS, FILTER)
+bench-filter: build
+	python3 tools/bench_filter.py
 
 ## footprint: syscalls per poll, peak RSS, threads and descriptors of the exporter (root; 16k sockets in a namespace)
 footprint: build

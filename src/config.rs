@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::filter::Filter;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
 use crate::wire::state;
 
@@ -230,6 +231,13 @@ struct Cli {
     #[arg(long, env = "XTCP_STATES", default_value = "all", value_parser = parse_states)]
     states: u32,
 
+    /// Only sockets matching this expression, tested by the kernel, e.g.
+    /// 'not (sport 22 or dst 10.0.0.0/8)'. Tests: sport/dport PORT, LOW-HIGH
+    /// or a comparison (>= 1024); src/dst ADDRESS[/LEN]; combined with and,
+    /// or, not and parentheses (docs/filter.md). Blank: every socket.
+    #[arg(long, env = "XTCP_FILTER", value_name = "EXPR")]
+    filter: Option<Filter>,
+
     /// Where records go: udp:HOST:PORT (protobuf) or stdout (JSON lines).
     #[arg(long, env = "XTCP_DEST", default_value = "udp:127.0.0.1:13000")]
     dest: Dest,
@@ -308,6 +316,8 @@ pub struct Config {
     pub sampling_modulus: u64,
     /// `1 << state` bits.
     pub states: u32,
+    /// Sent with each dump request; `None` dumps every socket.
+    pub filter: Option<Filter>,
     /// `1 << (INET_DIAG_X - 1)` bits.
     pub extensions: u8,
     pub dest: Dest,
@@ -407,6 +417,8 @@ impl Config {
             channel_size: cli.channel_size as usize,
             sampling_modulus: cli.sampling_modulus,
             states: cli.states,
+            // Blank (`XTCP_FILTER=` in an environment file): no filter.
+            filter: cli.filter.clone().filter(|f| !f.is_blank()),
             extensions: ALL_EXTENSIONS,
             dest: cli.dest,
             udp_batch_bytes: cli.udp_batch_bytes,
@@ -464,6 +476,12 @@ impl Config {
             ("NO4", v4.is_none().to_string()),
             ("NO6", v6.is_none().to_string()),
             ("STATES", states_to_string(self.states)),
+            (
+                "FILTER",
+                self.filter
+                    .as_ref()
+                    .map_or(String::new(), Filter::to_string),
+            ),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
             // Turned off, an endpoint prints its default, which the NO_
@@ -587,6 +605,10 @@ mod tests {
             (&["--prom-path", "/healthz"][..], "health check"),
             (&["--statsd-dst", ":8125"][..], "--statsd-dst"),
             (
+                &["--filter", "sport 22 or dport x"][..],
+                "for '--filter <EXPR>': at character 19: 'x' is not a port",
+            ),
+            (
                 &["--states", "established,bogus"][..],
                 "unknown state 'bogus'",
             ),
@@ -613,6 +635,8 @@ mod tests {
             "7",
             "--states",
             "listen,established",
+            "--filter",
+            "sport 22 or not (dst 10.0.0.0/8 and dport >= 1024)",
             "--dest",
             "stdout",
             "--udp-batch-bytes",

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod export;
+pub mod filter;
 pub mod forwarder;
 pub mod metrics;
 pub mod pipeline;

@@ -17,7 +17,7 @@ use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::pipeline::kernel_release;
 use xtcp::pipeline::netlink::{SockDiagSocket, RECV_BUFFER_LEN};
 use xtcp::proto::Record;
-use xtcp::wire::bytecode::source_port_range;
+use xtcp::wire::bytecode::{compile, Expr, Side};
 use xtcp::wire::request::{
     all_families_dump_request, dump_request, filtered_dump_request, AF_INET, AF_INET6,
     ALL_EXTENSIONS, ALL_STATES,
@@ -218,7 +218,8 @@ fn source_port_filters_return_exactly_their_range() {
         for (low, high) in [(0, split - 1), (split, u16::MAX)] {
             let filtered = |family| {
                 move |seq| {
-                    let program = source_port_range(low, high);
+                    let side = Side::Local;
+                    let program = compile(&Expr::Port { side, low, high }).unwrap();
                     filtered_dump_request(family, ALL_STATES, ALL_EXTENSIONS, &program, seq)
                 }
             };

@@ -13,9 +13,6 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::scenario::Netns;
@@ -23,64 +20,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use xtcp::export::udp::decode_datagram;
-use xtcp::proto::Record;
-
-/// A UDP receiver inside the namespace that keeps every datagram's records.
-struct Receiver {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Received>,
-}
-
-/// What a [`Receiver`] got.
-#[derive(Default)]
-struct Received {
-    records: Vec<Record>,
-    datagrams: u64,
-    bytes: u64,
-}
-
-impl Receiver {
-    fn start(ns: &Netns) -> Receiver {
-        let socket = in_ns(ns, || {
-            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
-            // A poll of 10k records arrives as one burst: make room for it
-            // all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
-                .unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            s
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
-            move || {
-                let mut got = Received::default();
-                let mut buf = vec![0; 65536];
-                loop {
-                    match socket.recv(&mut buf) {
-                        Ok(n) => {
-                            got.datagrams += 1;
-                            got.bytes += n as u64;
-                            got.records
-                                .extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
-                        }
-                        Err(_) if stop.load(Ordering::Relaxed) => return got,
-                        Err(_) => {}
-                    }
-                }
-            }
-        });
-        Receiver { stop, thread }
-    }
-
-    /// Everything received; call once the exporter has exited (loopback
-    /// delivers a datagram before `send` returns).
-    fn finish(self) -> Received {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
 
 /// Two polls into a receiver: every socket exactly once per poll.
 fn assert_exactly_once_per_poll(farm: &Farm, threads: &[&str]) {

@@ -69,11 +69,12 @@ def measure(ns, argv):
         return wall, usage.ru_utime + usage.ru_stime, int(rss.read().split()[-1]) / 1024
 
 
-def xtcp_poll(ns):
-    """measure() of one poll, and the records the receiver counted."""
+def xtcp_poll(ns, flags=()):
+    """measure() of one poll with these extra flags, and the records the
+    receiver counted."""
     receiver = start_receiver(ns, PORT, "count")
     result = measure(ns, [f"{BIN}/xtcp", "--max-loops", "1", "--no-prom", "--no-statsd",
-                          "--dest", f"udp:127.0.0.1:{PORT}"])
+                          "--dest", f"udp:127.0.0.1:{PORT}", *flags])
     receiver.send_signal(signal.SIGTERM)
     _, err = receiver.communicate()
     words = err.split()

@@ -16,6 +16,9 @@
 //!   `INET_DIAG_REQ_BYTECODE` filters, each range on its own netlink socket
 //!   and thread, all read in parallel.
 //!
+//! `--filter EXPR` sends xtcp's `--filter` program with every dump (with
+//! `--split-at`, together with each range's).
+//!
 //! Prints one line per dump: `floor <dump> sockets N datagrams N bytes N`.
 
 use std::process::ExitCode;
@@ -23,11 +26,11 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use xtcp::filter::Filter;
 use xtcp::pipeline::netlink::{DumpError, SockDiagSocket, RECV_BUFFER_LEN};
-use xtcp::wire::bytecode::source_port_range;
+use xtcp::wire::bytecode::{compile, Expr, Side};
 use xtcp::wire::request::{
-    all_families_dump_request, dump_request, filtered_dump_request, AF_INET, AF_INET6,
-    ALL_EXTENSIONS, ALL_STATES,
+    all_families_dump_request, filtered_dump_request, AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,6 +55,9 @@ struct Args {
     /// starts a range), one netlink socket and thread per range.
     #[arg(long, value_delimiter = ',')]
     split_at: Vec<u16>,
+    /// Only the sockets this xtcp `--filter` expression selects.
+    #[arg(long, value_name = "EXPR")]
+    filter: Option<Filter>,
 }
 
 /// One dump to drain: what it asks for and its name in the output.
@@ -59,8 +65,8 @@ struct Dump {
     name: String,
     /// `None` for both families at once.
     family: Option<u8>,
-    /// A source-port range, when the dump is split.
-    ports: Option<(u16, u16)>,
+    /// `INET_DIAG_REQ_BYTECODE`; empty: every socket.
+    program: Vec<u8>,
 }
 
 /// What one dump held.
@@ -72,16 +78,11 @@ struct Drained {
 }
 
 fn request(dump: &Dump, seq: u32) -> Vec<u8> {
-    match (dump.family, dump.ports) {
-        (Some(family), None) => dump_request(family, ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
-        (Some(family), Some((low, high))) => filtered_dump_request(
-            family,
-            ALL_STATES,
-            ALL_EXTENSIONS,
-            &source_port_range(low, high),
-            seq,
-        ),
-        (None, _) => all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
+    match dump.family {
+        Some(family) => {
+            filtered_dump_request(family, ALL_STATES, ALL_EXTENSIONS, &dump.program, seq)
+        }
+        None => all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
     }
 }
 
@@ -110,6 +111,9 @@ fn plan(args: &Args) -> Result<Vec<Vec<Dump>>, String> {
     if args.layout != Layout::Families && !starts.is_empty() {
         return Err("--split-at needs --layout families".into());
     }
+    if args.layout == Layout::AllFamilies && args.filter.is_some() {
+        return Err("--filter needs --layout families or sequential".into());
+    }
     if starts.first() == Some(&0) {
         return Err("--split-at ports start ranges after port 0: give ports > 0".into());
     }
@@ -124,6 +128,16 @@ fn plan(args: &Args) -> Result<Vec<Vec<Dump>>, String> {
     let mut dumps = Vec::new();
     for (name, family) in families {
         for &(low, high) in &ranges {
+            let range = Expr::Port {
+                side: Side::Local,
+                low,
+                high,
+            };
+            let expr = match &args.filter {
+                Some(f) => Expr::And(vec![f.expr().clone(), range]),
+                None => range,
+            };
+            let program = compile(&expr).map_err(|e| format!("--filter: {e}"))?;
             dumps.push(Dump {
                 name: if split {
                     format!("{name}:{low}-{high}")
@@ -131,7 +145,7 @@ fn plan(args: &Args) -> Result<Vec<Vec<Dump>>, String> {
                     name.clone()
                 },
                 family,
-                ports: split.then_some((low, high)),
+                program,
             });
         }
     }

@@ -119,11 +119,6 @@ impl SockDiagSocket {
         self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
     }
 
-    /// Sends the dump request for `family` under sequence number `seq`.
-    pub fn request(&self, family: u8, states: u32, extensions: u8, seq: u32) -> io::Result<()> {
-        self.send(&dump_request(family, states, extensions, seq))
-    }
-
     /// Sends a request datagram built elsewhere (`wire::request`); its
     /// sequence number must come from [`Self::next_seq`].
     pub fn send(&self, request: &[u8]) -> io::Result<()> {

@@ -18,6 +18,7 @@ use crate::metrics::{Health, Metrics, PoolState};
 use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::shutdown::Shutdown;
+use crate::wire::request::filtered_dump_request;
 
 /// How often the poller looks for a dump the kernel stopped answering.
 const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
@@ -92,10 +93,9 @@ impl Poller {
         // the first reply finds its dump.
         *family.current() = Some(Arc::clone(&dump));
         let c = &self.config;
-        if let Err(e) = family
-            .socket
-            .request(family.family.af, c.states, c.extensions, seq)
-        {
+        let filter = c.filter.as_ref().map_or(&[][..], |f| f.program());
+        let request = filtered_dump_request(family.family.af, c.states, c.extensions, filter, seq);
+        if let Err(e) = family.socket.send(&request) {
             dump.counters.request_errors.fetch_add(1, Relaxed);
             dump.note_error("request", e);
             family.retire(&dump);

@@ -78,7 +78,8 @@ pub const INET_DIAG_REQ_BYTECODE: u16 = 1;
 
 /// [`dump_request`] followed by an `INET_DIAG_REQ_BYTECODE` attribute: the
 /// kernel runs `bytecode` (see [`super::bytecode`]) on each socket and
-/// builds messages only for those it accepts.
+/// builds messages only for those it accepts. An empty program accepts
+/// every socket, and is left out: the kernel refuses an empty attribute.
 pub fn filtered_dump_request(
     family: u8,
     states: u32,
@@ -86,6 +87,9 @@ pub fn filtered_dump_request(
     bytecode: &[u8],
     seq: u32,
 ) -> Vec<u8> {
+    if bytecode.is_empty() {
+        return dump_request(family, states, extensions, seq).to_vec();
+    }
     let attr_len = 4 + bytecode.len();
     let total = DUMP_REQUEST_LEN + attr_len;
     let mut out = Vec::with_capacity(total);
@@ -155,5 +159,10 @@ mod tests {
             INET_DIAG_REQ_BYTECODE
         );
         assert_eq!(&attr[4..], &program);
+        let unfiltered = filtered_dump_request(AF_INET, ALL_STATES, ALL_EXTENSIONS, &[], 9);
+        assert_eq!(
+            unfiltered,
+            dump_request(AF_INET, ALL_STATES, ALL_EXTENSIONS, 9)
+        );
     }
 }

@@ -4,12 +4,16 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use xtcp::export::udp::decode_datagram;
 use xtcp::proto::Record;
 
 #[path = "../../tools/scenario.rs"]
@@ -163,5 +167,61 @@ impl Drop for Running {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A UDP receiver inside the namespace that keeps every datagram's records.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Received>,
+}
+
+/// What a [`Receiver`] got.
+#[derive(Default)]
+pub struct Received {
+    pub records: Vec<Record>,
+    pub datagrams: u64,
+    pub bytes: u64,
+}
+
+impl Receiver {
+    pub fn start(ns: &Netns) -> Receiver {
+        let socket = in_ns(ns, || {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
+            // A poll of 10k records arrives as one burst: make room for it
+            // all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            s
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut got = Received::default();
+                let mut buf = vec![0; 65536];
+                loop {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            got.datagrams += 1;
+                            got.bytes += n as u64;
+                            got.records
+                                .extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => return got,
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+        Receiver { stop, thread }
+    }
+
+    /// Everything received; call once the exporter has exited (loopback
+    /// delivers a datagram before `send` returns).
+    pub fn finish(self) -> Received {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
     }
 }
