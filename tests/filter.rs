@@ -37,7 +37,8 @@ fn poll(farm: &Farm, flags: &[&str]) -> (BTreeSet<Key>, String) {
 #[test]
 fn the_kernel_returns_exactly_the_matching_sockets() {
     let farm = Farm::new("filter");
-    let cases: [(&str, fn(&Key) -> bool); 7] = [
+    type Select = fn(&Key) -> bool;
+    let cases: [(&str, Select); 7] = [
         ("sport 40001", |k| k.1 == 40001),
         ("dport = 40001", |k| k.2 == 40001),
         ("not sport 40001 and dport >= 40001", |k| {
