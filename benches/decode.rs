@@ -63,6 +63,7 @@ fn decode(c: &mut Criterion) {
         let stamp = PollStamp {
             poll_id: 1,
             timestamp_ns: 1_795_000_000_000_000_000,
+            ..Default::default()
         };
         // A reused buffer, as the exporter has.
         let mut out = vec![0u8; encoder.max_record_len()];

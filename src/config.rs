@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
 use crate::wire::state;
@@ -101,6 +102,21 @@ fn states_to_string(mask: u32) -> String {
         return "all".into();
     }
     state::names(mask).collect::<Vec<_>>().join(",")
+}
+
+/// A `--netns` value: a name (no `/`) or a path, recorded in every record
+/// of the namespace, so at most `MAX_NETNS_NAME_LEN` bytes. Blank is
+/// allowed here and means none (an empty `XTCP_NETNS=`).
+fn parse_netns(s: &str) -> Result<String, String> {
+    if s.len() > MAX_NETNS_NAME_LEN {
+        return Err(format!(
+            "longer than {MAX_NETNS_NAME_LEN} bytes (names are recorded with every socket)"
+        ));
+    }
+    if matches!(s, "." | "..") {
+        return Err(format!("'{s}' is not a namespace name"));
+    }
+    Ok(s.to_string())
 }
 
 /// An integer flag with an inclusive range.
@@ -238,6 +254,17 @@ struct Cli {
     #[arg(long, env = "XTCP_FILTER", value_name = "EXPR")]
     filter: Option<Filter>,
 
+    /// Poll this network namespace: a name under /run/netns or a path such
+    /// as /proc/PID/ns/net (repeatable; comma-separated in the environment).
+    /// Without --netns and --all-netns: the exporter's own namespace.
+    #[arg(long, env = "XTCP_NETNS", value_name = "NAME|PATH", value_delimiter = ',', value_parser = parse_netns)]
+    netns: Vec<String>,
+
+    /// Poll every namespace under /run/netns, looked up again at every poll
+    /// (with --netns: those too).
+    #[arg(long, env = "XTCP_ALL_NETNS")]
+    all_netns: bool,
+
     /// Where records go: udp:HOST:PORT (protobuf) or stdout (JSON lines).
     #[arg(long, env = "XTCP_DEST", default_value = "udp:127.0.0.1:13000")]
     dest: Dest,
@@ -318,6 +345,7 @@ pub struct Config {
     pub states: u32,
     /// Sent with each dump request; `None` dumps every socket.
     pub filter: Option<Filter>,
+    pub netns: NetnsSelection,
     /// `1 << (INET_DIAG_X - 1)` bits.
     pub extensions: u8,
     pub dest: Dest,
@@ -327,6 +355,22 @@ pub struct Config {
     /// Where statsd lines go; `None` with `--no-statsd`.
     pub statsd: Option<SocketAddr>,
     pub verbose: bool,
+}
+
+/// `--netns` and `--all-netns`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetnsSelection {
+    /// Names under /run/netns and paths, as given.
+    pub names: Vec<String>,
+    /// Every namespace under /run/netns too.
+    pub all: bool,
+}
+
+impl NetnsSelection {
+    /// Neither flag: the exporter's own namespace only.
+    pub fn is_own(&self) -> bool {
+        self.names.is_empty() && !self.all
+    }
 }
 
 /// `--prom-listen` and `--prom-path`.
@@ -419,6 +463,16 @@ impl Config {
             states: cli.states,
             // Blank (`XTCP_FILTER=` in an environment file): no filter.
             filter: cli.filter.clone().filter(|f| !f.is_blank()),
+            netns: NetnsSelection {
+                // Blank (`XTCP_NETNS=`): none.
+                names: cli
+                    .netns
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .collect(),
+                all: cli.all_netns,
+            },
             extensions: ALL_EXTENSIONS,
             dest: cli.dest,
             udp_batch_bytes: cli.udp_batch_bytes,
@@ -482,6 +536,8 @@ impl Config {
                     .as_ref()
                     .map_or(String::new(), Filter::to_string),
             ),
+            ("NETNS", self.netns.names.join(",")),
+            ("ALL_NETNS", self.netns.all.to_string()),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
             // Turned off, an endpoint prints its default, which the NO_
@@ -604,6 +660,7 @@ mod tests {
             (&["--prom-path", "metrics"][..], "like /metrics"),
             (&["--prom-path", "/healthz"][..], "health check"),
             (&["--statsd-dst", ":8125"][..], "--statsd-dst"),
+            (&["--netns", ".."][..], "not a namespace name"),
             (
                 &["--filter", "sport 22 or dport x"][..],
                 "for '--filter <EXPR>': at character 19: 'x' is not a port",
@@ -637,6 +694,11 @@ mod tests {
             "listen,established",
             "--filter",
             "sport 22 or not (dst 10.0.0.0/8 and dport >= 1024)",
+            "--netns",
+            "blue",
+            "--netns",
+            "/proc/1/ns/net",
+            "--all-netns",
             "--dest",
             "stdout",
             "--udp-batch-bytes",

@@ -3,21 +3,27 @@
 //! exactly what prost itself encodes for that record.
 
 use prost::Message;
-use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::proto::Record;
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
-const STAMP: PollStamp = PollStamp {
-    poll_id: 7,
-    timestamp_ns: 1_795_000_000_123_456_789,
-};
+/// A namespace name of the longest length the exporter accepts, so the
+/// synthetic record below tests `max_record_len` at its bound.
+fn stamp() -> PollStamp {
+    PollStamp {
+        poll_id: 7,
+        timestamp_ns: 1_795_000_000_123_456_789,
+        netns_inode: u64::MAX,
+        netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+    }
+}
 
 fn encode(enc: &mut RecordEncoder, payload: &[u8]) -> Vec<u8> {
     let s = decode_socket(payload, TailLayout::U16Pair).unwrap();
     let mut buf = vec![0u8; enc.max_record_len()];
     let n = enc
-        .encode(&s, &STAMP, &mut buf)
+        .encode(&s, &stamp(), &mut buf)
         .expect("max_record_len is enough");
     buf.truncate(n);
     buf
@@ -38,7 +44,8 @@ fn canonical_on_captured_sockets() {
                 "field order and presence as prost"
             );
             assert_eq!(r.hostname, "host.example");
-            assert_eq!((r.poll_id, r.poll_timestamp_ns), (7, STAMP.timestamp_ns));
+            assert_eq!((r.poll_id, r.poll_timestamp_ns), (7, stamp().timestamp_ns));
+            assert_eq!((r.netns_inode, r.netns_name.len()), (u64::MAX, 255));
             checked += 1;
             assert_eq!(r.record_counter, checked);
         }
@@ -105,10 +112,12 @@ fn short_buffer_is_none_and_not_counted() {
     let s = decode_socket(&payload, TailLayout::U16Pair).unwrap();
     let need = encode(&mut RecordEncoder::new("host".into()), &payload).len();
     for len in [0, 1, need / 2, need - 1] {
-        assert_eq!(enc.encode(&s, &STAMP, &mut vec![0u8; len]), None, "{len}");
+        assert_eq!(enc.encode(&s, &stamp(), &mut vec![0u8; len]), None, "{len}");
     }
     assert_eq!(enc.last_number(), 0);
-    assert!(enc.encode(&s, &STAMP, &mut vec![0u8; need + 12]).is_some());
+    assert!(enc
+        .encode(&s, &stamp(), &mut vec![0u8; need + 12])
+        .is_some());
 }
 
 /// docs/record.md must document every field of proto/xtcp.proto, with its number.
@@ -135,5 +144,5 @@ fn record_doc_lists_every_field() {
         );
         fields += 1;
     }
-    assert_eq!(fields, 130);
+    assert_eq!(fields, 132);
 }

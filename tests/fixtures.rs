@@ -21,6 +21,7 @@ fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
     let stamp = PollStamp {
         poll_id: 1,
         timestamp_ns: 1,
+        ..Default::default()
     };
     let mut records = Vec::new();
     let mut dones = 0;

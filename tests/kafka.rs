@@ -17,6 +17,7 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use xtcp::export::record::SCHEMA_VERSION;
 use xtcp::proto::Record;
 
 const BROKER_PORT: u16 = 9092;
@@ -185,7 +186,7 @@ fn every_record_reaches_kafka_intact() {
         }
         for r in &farm_records {
             assert_eq!(r.hostname, hostname.to_string_lossy());
-            assert_eq!(r.schema_version, 1);
+            assert_eq!(r.schema_version, SCHEMA_VERSION);
             assert_eq!(r.tcp_info_state, Some(r.inet_diag_msg_state), "{r:?}");
             assert!(!r.congestion_algorithm_string.is_empty());
         }

@@ -2,7 +2,7 @@
 //! property tests that random or mutated buffers never panic the decoder.
 
 use proptest::prelude::*;
-use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout, WireError};
 
@@ -268,7 +268,12 @@ proptest! {
         if let Ok(s) = decode_socket(p, TailLayout::Bitfield) {
             let mut enc = RecordEncoder::new("h".repeat(64));
             let mut out = vec![0u8; enc.max_record_len()];
-            let stamp = PollStamp { poll_id: u64::MAX, timestamp_ns: u64::MAX };
+            let stamp = PollStamp {
+                poll_id: u64::MAX,
+                timestamp_ns: u64::MAX,
+                netns_inode: u64::MAX,
+                netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+            };
             prop_assert!(enc.encode(&s, &stamp, &mut out).is_some());
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use prost::Message;
 use scenario::{ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT};
 use serde_json::Value;
-use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::export::record::{PollStamp, RecordEncoder, SCHEMA_VERSION};
 use xtcp::pipeline::kernel_release;
 use xtcp::pipeline::netlink::{SockDiagSocket, RECV_BUFFER_LEN};
 use xtcp::proto::Record;
@@ -63,6 +63,7 @@ fn library_dump_of(requests: &[impl Fn(u32) -> Vec<u8>]) -> Vec<Value> {
     let stamp = PollStamp {
         poll_id: 1,
         timestamp_ns: 1,
+        ..Default::default()
     };
     let mut buf = vec![0; RECV_BUFFER_LEN];
     let mut out = Vec::new();
@@ -288,7 +289,12 @@ fn cli_one_shot_prints_exactly_the_opened_sockets() {
         assert_eq!(counters, (1..=records.len() as u64).collect::<Vec<_>>());
         assert!(records
             .iter()
-            .all(|r| r["poll_id"] == 1 && r["schema_version"] == 1));
+            .all(|r| r["poll_id"] == 1 && r["schema_version"] == SCHEMA_VERSION));
+        // Run inside the namespace without --netns: its own, unnamed.
+        let inode = ns.inode().unwrap();
+        assert!(records
+            .iter()
+            .all(|r| r["netns_inode"] == inode && r["netns_name"] == ""));
     });
 }
 

@@ -107,6 +107,8 @@ fn installed_unit_verifies_and_is_hardened() {
         "bin/xtcp-debug-server",
         "lib/systemd/system/xtcp.service",
         "share/doc/xtcp/net-admin.conf",
+        "share/doc/xtcp/netns.conf",
+        "share/doc/xtcp/filter.md",
         "share/doc/xtcp/operations.md",
         "share/doc/xtcp/metrics.md",
     ] {
@@ -129,16 +131,19 @@ fn installed_unit_verifies_and_is_hardened() {
     assert!(score <= MAX_EXPOSURE, "exposure {score}:\n{report}");
     println!("exposure {score}");
 
-    // The optional CAP_NET_ADMIN drop-in, applied by hand (the offline
-    // analysis reads only the file it is given).
-    let with_cap = root.0.join("xtcp-net-admin.service");
-    let drop_in = std::fs::read_to_string(repo().join("bundle/systemd/net-admin.conf")).unwrap();
-    std::fs::write(&with_cap, format!("{text}\n{drop_in}")).unwrap();
-    verify(&with_cap);
-    let (with_cap_score, report) = exposure(&with_cap);
-    assert!(report.contains("CAP_NET_ADMIN"), "{report}");
-    assert!(with_cap_score > score, "the capability must cost something");
-    println!("exposure with net-admin.conf {with_cap_score}");
+    // The optional drop-ins, applied by hand (the offline analysis reads
+    // only the file it is given).
+    for (drop_in, granted) in [("net-admin", "CAP_NET_ADMIN"), ("netns", "CAP_SYS_ADMIN")] {
+        let with_cap = root.0.join(format!("xtcp-{drop_in}.service"));
+        let conf = repo().join(format!("bundle/systemd/{drop_in}.conf"));
+        let conf = std::fs::read_to_string(conf).unwrap();
+        std::fs::write(&with_cap, format!("{text}\n{conf}")).unwrap();
+        verify(&with_cap);
+        let (with_cap_score, report) = exposure(&with_cap);
+        assert!(report.contains(granted), "{report}");
+        assert!(with_cap_score > score, "{granted} must cost something");
+        println!("exposure with {drop_in}.conf {with_cap_score}");
+    }
 
     // A second install keeps the operator's environment file.
     std::fs::write(&env_file, "XTCP_FREQUENCY=1m\n").unwrap();

@@ -41,8 +41,10 @@ else
     install -D -m 0644 bundle/systemd/xtcp.env "$env_file"
 fi
 
-install -D -m 0644 bundle/systemd/net-admin.conf "$DESTDIR$DOCDIR/net-admin.conf"
-for doc in operations metrics flags record; do
+for drop_in in net-admin netns; do
+    install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
+done
+for doc in operations metrics flags record filter; do
     install -D -m 0644 "docs/$doc.md" "$DESTDIR$DOCDIR/$doc.md"
 done
 

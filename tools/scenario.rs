@@ -54,6 +54,12 @@ impl Netns {
         &self.name
     }
 
+    /// The namespace's inode, as records carry it in `netns_inode`.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
+    }
+
     /// Moves the calling thread into the namespace: sockets it opens from now
     /// on, and threads it spawns, live there.
     pub fn enter(&self) -> io::Result<()> {

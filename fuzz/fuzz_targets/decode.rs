@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::proto::Record;
 use xtcp::wire::netlink::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
@@ -18,7 +18,12 @@ use xtcp::wire::{decode_socket, TailLayout};
 fuzz_target!(|data: &[u8]| {
     let mut encoder = RecordEncoder::new("fuzz".into());
     let mut buf = vec![0u8; encoder.max_record_len()];
-    let stamp = PollStamp { poll_id: 1, timestamp_ns: 1 };
+    let stamp = PollStamp {
+        poll_id: u64::MAX,
+        timestamp_ns: u64::MAX,
+        netns_inode: u64::MAX,
+        netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+    };
     for msg in messages(data) {
         let Ok(msg) = msg else { break };
         let Ok(Body::Socket(payload)) = msg.body() else { continue };

@@ -16,16 +16,25 @@ use crate::proto::{key, CongestionAlgorithm};
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
 
-/// Bumped whenever fields are added to `proto/xtcp.proto`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
+/// network namespace).
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// What every record of one poll shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Longest `netns_name`: a file name under /run/netns, or a `--netns` path
+/// (the config refuses longer ones).
+pub const MAX_NETNS_NAME_LEN: usize = 255;
+
+/// What every record of one dump shares: the poll and the namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollStamp {
     /// 1 for the first poll.
     pub poll_id: u64,
     /// Poll start, ns since the Unix epoch.
     pub timestamp_ns: u64,
+    pub netns_inode: u64,
+    /// At most [`MAX_NETNS_NAME_LEN`] bytes, or records may not fit the
+    /// buffer of [`RecordEncoder::max_record_len`] (encode fails, no panic).
+    pub netns_name: Arc<str>,
 }
 
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.
@@ -73,11 +82,13 @@ impl RecordEncoder {
     /// accepts (addresses are 4 or 16 bytes, names shorter than
     /// `TCP_CA_NAME_MAX`; the fuzz target checks the bound).
     pub fn max_record_len(&self) -> usize {
-        // Length-delimited fields: hostname, two addresses, congestion name,
-        // each with a key and a length varint; plus the writer's window slack.
+        // Length-delimited fields: hostname, namespace name, two addresses,
+        // congestion name, each with a key and a length varint; plus the
+        // writer's window slack.
         key::MAX_SCALAR_LEN
-            + 4 * FIELD_WINDOW
+            + 5 * FIELD_WINDOW
             + self.hostname.len()
+            + MAX_NETNS_NAME_LEN
             + 16
             + 16
             + TCP_CA_NAME_MAX
@@ -117,6 +128,8 @@ fn encode_fields(
     w.uint(key::POLL_TIMESTAMP_NS, poll.timestamp_ns)?;
     w.uint(key::POLL_ID, poll.poll_id)?;
     w.uint(key::RECORD_COUNTER, counter)?;
+    w.uint(key::NETNS_INODE, poll.netns_inode)?;
+    w.bytes(key::NETNS_NAME, poll.netns_name.as_bytes())?;
 
     let m = &s.msg;
     w.uint(key::INET_DIAG_MSG_FAMILY, m.family())?;

@@ -154,10 +154,14 @@ metrics! {
     last_poll: IntGauge "xtcp_last_poll_timestamp_seconds" []
         "Unix time at which the last poll completed.";
     poll_duration: HistogramVec "xtcp_poll_duration_seconds" ["family"]
-        "Time from a family's dump request to its last record sent.";
+        "Time from a family's dump request to its last record sent (summed over the namespaces polled).";
+    netns: IntGauge "xtcp_netns" []
+        "Network namespaces the last poll dumped (1 without --netns and --all-netns).";
+    netns_errors: IntCounter "xtcp_netns_errors_total" []
+        "Selected namespaces a poll could not dump (gone, not a namespace, no permission), counted at every poll that misses them.";
     // Netlinkers.
     dump_duration: HistogramVec "xtcp_netlink_dump_duration_seconds" ["family"]
-        "Time from a family's dump request to the kernel's NLMSG_DONE.";
+        "Time from a family's dump request to the kernel's NLMSG_DONE (summed over the namespaces polled).";
     datagrams: IntCounterVec "xtcp_netlink_datagrams_total" ["family"]
         "Netlink reply datagrams received for the dumps.";
     bytes: IntCounterVec "xtcp_netlink_bytes_total" ["family"]

@@ -7,8 +7,13 @@
 //! [`DumpReport`] to the poller, so "the poll is finished" means every socket
 //! of it was sent, with no extra bookkeeping.
 
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -155,7 +160,7 @@ impl TcpInfoLengths {
 }
 
 /// What the poller learns when a dump is finished.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpReport {
     pub family: Family,
     pub totals: DumpTotals,
@@ -168,8 +173,35 @@ pub struct DumpReport {
     pub first_errors: Vec<String>,
 }
 
+impl DumpReport {
+    /// A family's report of a poll that dumped no namespace yet.
+    pub fn empty(family: Family) -> Self {
+        DumpReport {
+            family,
+            totals: DumpTotals::default(),
+            tcp_info_lengths: TcpInfoLengths::default(),
+            done_after: Some(Duration::ZERO),
+            finished_after: Duration::ZERO,
+            first_errors: Vec::new(),
+        }
+    }
+
+    /// Adds the dump of the same family in another namespace: namespaces
+    /// are dumped one after the other, so times add up, and `NLMSG_DONE`
+    /// counts as having come only if it came in every one.
+    pub fn merge(&mut self, other: &DumpReport) {
+        self.totals.add(&other.totals);
+        self.tcp_info_lengths.merge(&other.tcp_info_lengths);
+        self.done_after = self.done_after.zip(other.done_after).map(|(a, b)| a + b);
+        self.finished_after += other.finished_after;
+        self.first_errors.extend(other.first_errors.iter().cloned());
+    }
+}
+
 pub struct Dump {
     pub family: Family,
+    /// The socket of the namespace dumped: replies come only on it.
+    pub socket: Arc<SockDiagSocket>,
     pub seq: u32,
     pub stamp: PollStamp,
     pub counters: DumpCounters,
@@ -184,9 +216,18 @@ pub struct Dump {
 }
 
 impl Dump {
-    pub fn new(family: Family, seq: u32, stamp: PollStamp, report_tx: Sender<DumpReport>) -> Self {
+    /// A dump of `family` in the namespace of `socket`, whose request will
+    /// carry `seq`.
+    pub fn new(
+        family: Family,
+        socket: Arc<SockDiagSocket>,
+        seq: u32,
+        stamp: PollStamp,
+        report_tx: Sender<DumpReport>,
+    ) -> Self {
         Dump {
             family,
+            socket,
             seq,
             stamp,
             counters: DumpCounters::default(),
@@ -226,10 +267,15 @@ impl Dump {
             .merge(lengths);
     }
 
-    /// Keeps the first message of each kind (`kind` is the prefix).
+    /// Keeps the first message of each kind (`kind` is the prefix), naming
+    /// the namespace when it is not the exporter's own.
     pub fn note_error(&self, kind: &str, detail: impl std::fmt::Display) {
+        let kind = match &*self.stamp.netns_name {
+            "" => kind.to_string(),
+            netns => format!("netns {netns}: {kind}"),
+        };
         let mut errors = self.first_errors.lock().unwrap_or_else(|e| e.into_inner());
-        if !errors.iter().any(|e| e.starts_with(kind)) {
+        if !errors.iter().any(|e| e.starts_with(&kind)) {
             errors.push(format!("{kind}: {detail}"));
         }
     }
@@ -258,11 +304,15 @@ impl Drop for Dump {
     }
 }
 
-/// One family's socket, buffers and current dump, shared by the poller and
-/// the family's netlinkers.
+/// One family's sockets (one per namespace), buffers and current dump,
+/// shared by the poller and the family's netlinkers.
 pub struct FamilyState {
     pub family: Family,
-    pub socket: SockDiagSocket,
+    /// Every socket of the family, and the release fd: what the netlinkers
+    /// wait on. Socket events carry the namespace's inode,
+    /// [`RELEASE_TOKEN`] is the release fd.
+    pub epoll: Epoll,
+    sockets: Mutex<HashMap<u64, Arc<SockDiagSocket>>>,
     pub pool: Arc<BufferPool>,
     /// The dump replies are currently expected for.
     pub current: Mutex<Option<Arc<Dump>>>,
@@ -270,7 +320,51 @@ pub struct FamilyState {
     pub stale_datagrams: AtomicU64,
 }
 
+/// The epoll token of the shutdown release fd (no inode is `u64::MAX`).
+pub const RELEASE_TOKEN: u64 = u64::MAX;
+
 impl FamilyState {
+    /// A family with no namespace yet; `release` wakes its netlinkers for
+    /// good (`Shutdown::release_fd`).
+    pub fn new(family: Family, pool: Arc<BufferPool>, release: BorrowedFd<'_>) -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(release, EpollEvent::new(EpollFlags::EPOLLIN, RELEASE_TOKEN))?;
+        Ok(FamilyState {
+            family,
+            epoll,
+            sockets: Mutex::default(),
+            pool,
+            current: Mutex::new(None),
+            stale_datagrams: AtomicU64::new(0),
+        })
+    }
+
+    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SockDiagSocket>>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts watching the socket of the namespace with this inode.
+    pub fn add_socket(&self, inode: u64, socket: Arc<SockDiagSocket>) -> io::Result<()> {
+        self.epoll
+            .add(&*socket, EpollEvent::new(EpollFlags::EPOLLIN, inode))?;
+        self.sockets().insert(inode, socket);
+        Ok(())
+    }
+
+    /// Stops watching a namespace's socket; it closes when the last dump
+    /// holding it ends.
+    pub fn remove_socket(&self, inode: u64) {
+        if let Some(socket) = self.sockets().remove(&inode) {
+            // Fails only if it was never added, which the map rules out.
+            let _ = self.epoll.delete(&*socket);
+        }
+    }
+
+    /// The socket an epoll event names; `None` once removed.
+    pub fn socket(&self, token: u64) -> Option<Arc<SockDiagSocket>> {
+        self.sockets().get(&token).cloned()
+    }
+
     pub fn current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Dump>>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -298,13 +392,12 @@ mod tests {
             netlinkers: 1,
             inetdiagers: 1,
         };
+        let socket = SockDiagSocket::open(Duration::from_secs(1)).unwrap();
         let dump = Arc::new(Dump::new(
             family,
+            Arc::new(socket),
             7,
-            PollStamp {
-                poll_id: 1,
-                timestamp_ns: 1,
-            },
+            PollStamp::default(),
             tx,
         ));
         let in_flight = Arc::clone(&dump);

@@ -17,6 +17,7 @@ pub mod dump;
 pub mod inetdiager;
 pub mod netlink;
 pub mod netlinker;
+pub mod netns;
 pub mod poller;
 pub mod pool;
 pub mod report;
@@ -24,8 +25,7 @@ pub mod sample;
 pub mod shutdown;
 
 use std::io;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::bounded;
@@ -41,7 +41,7 @@ use crate::metrics::{Health, Metrics};
 use crate::wire::TailLayout;
 use dump::FamilyState;
 use inetdiager::Inetdiager;
-use netlink::SockDiagSocket;
+use netns::Namespaces;
 use poller::Poller;
 use pool::BufferPool;
 use report::RunTotals;
@@ -115,15 +115,10 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
         .transpose()?;
     let mut families = Vec::new();
     for &family in &config.families {
-        let socket = SockDiagSocket::open(config.netlink_timeout)
-            .map_err(setup("opening the netlink sock_diag socket"))?;
-        let state = Arc::new(FamilyState {
-            family,
-            socket,
-            pool: BufferPool::new(pool_capacity(&family), config.recv_buffer_len()),
-            current: Mutex::new(None),
-            stale_datagrams: AtomicU64::new(0),
-        });
+        let pool = BufferPool::new(pool_capacity(&family), config.recv_buffer_len());
+        let state = FamilyState::new(family, pool, shutdown.release_fd())
+            .map_err(setup("creating the netlinkers' epoll set"))?;
+        let state = Arc::new(state);
         let sinks = (0..family.inetdiagers)
             .map(|_| Sink::open(config.dest, config.udp_batch_bytes))
             .collect::<io::Result<Vec<_>>>()
@@ -132,6 +127,16 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     }
 
     let states: Vec<Arc<FamilyState>> = families.iter().map(|(s, _)| Arc::clone(s)).collect();
+    let mut namespaces = Namespaces::new(config.netns.clone(), config.netlink_timeout);
+    let problems = namespaces.refresh(&states);
+    // The exporter's own namespace must open; selected ones may come and
+    // go, and each poll says which it missed.
+    if let (true, Some(problem)) = (config.netns.is_own(), problems.first()) {
+        return Err(RunError::Setup {
+            what: "opening the netlink sock_diag socket".into(),
+            source: io::Error::other(problem.clone()),
+        });
+    }
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     // Dropped after the poller ends, which stops the metrics server.
     let (stop_prom, prom_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -146,6 +151,7 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     let poller = spawned.and_then(|()| {
         let poller = Poller {
             families: states,
+            namespaces,
             config: config.clone(),
             shutdown: shutdown.clone(),
             report_tx,

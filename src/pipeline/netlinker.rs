@@ -1,12 +1,12 @@
 //! Netlinker threads (`--netlinkers4/6` per family): receive the reply
-//! datagrams of their family's netlink socket into pooled buffers and hand
-//! whole buffers to the inetdiagers.
+//! datagrams of their family's netlink sockets (one per namespace polled)
+//! into pooled buffers and hand whole buffers to the inetdiagers.
 //!
-//! A netlinker sleeps in `poll(2)` on the netlink socket and the shutdown
-//! release fd, so it costs nothing between polls and exits at once when
-//! released. The kernel builds each next datagram inside `recv`, in the
+//! A netlinker sleeps in `epoll_wait(2)` on the family's sockets and the
+//! shutdown release fd, so it costs nothing between polls and exits at once
+//! when released. The kernel builds each next datagram inside `recv`, in the
 //! calling thread. Several netlinkers on one socket take datagrams in turn
-//! (`MSG_DONTWAIT`: the loser of a race goes back to `poll`). A netlinker
+//! (`MSG_DONTWAIT`: the loser of a race goes back to waiting). A netlinker
 //! walks only the message headers: it drops datagrams of no current dump,
 //! notes `NLMSG_DONE`, errors and `NLM_F_DUMP_INTR`, and retires the dump when
 //! it ends.
@@ -18,10 +18,10 @@ use std::time::Instant;
 
 use crossbeam_channel::{select, Sender, TrySendError};
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{EpollEvent, EpollTimeout};
 
-use crate::pipeline::dump::{Dump, DumpTotals, FamilyState};
-use crate::pipeline::netlink::{scan_datagram, DumpError};
+use crate::pipeline::dump::{Dump, DumpTotals, FamilyState, RELEASE_TOKEN};
+use crate::pipeline::netlink::{scan_datagram, DumpError, SockDiagSocket};
 use crate::pipeline::pool::PooledBuf;
 use crate::pipeline::shutdown::Shutdown;
 use crate::wire::netlink::datagram_seq;
@@ -35,17 +35,17 @@ pub struct Batch {
 
 pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
     loop {
-        match wait_readable(family, shutdown) {
-            Ok(true) => {}
-            Ok(false) => return,
+        let socket = match wait_readable(family) {
+            Ok(Some(socket)) => socket,
+            Ok(None) => return,
             Err(e) => {
                 shutdown.abort(format!(
-                    "netlinker {}: poll(2) failed: {e}",
+                    "netlinker {}: epoll_wait(2) failed: {e}",
                     family.family.name()
                 ));
                 return;
             }
-        }
+        };
         // Cloned before `recv`: a datagram received after this belongs to
         // this dump or is stale, never to a later one (the next dump starts
         // only once every clone of this one is dropped), and the dump cannot
@@ -54,7 +54,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         let Some(mut buf) = family.pool.get(shutdown.abort_signal()) else {
             return;
         };
-        let len = match family.socket.recv(&mut buf, false) {
+        let len = match socket.recv(&mut buf, false) {
             Ok(len) => len,
             Err(DumpError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -69,12 +69,14 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         // The datagram's dump: normally the one cloned above. If that was
         // none or an older one (woken by the tail of an abandoned dump while
         // the poller started the next), look again: the next dump is
-        // published before its request is sent.
+        // published before its request is sent. Sequence numbers are per
+        // socket, so the socket must be the dump's too.
         let seq = datagram_seq(&buf[..len]);
+        let ours = |d: &Arc<Dump>| Some(d.seq) == seq && Arc::ptr_eq(&d.socket, &socket);
         let dump = match dump {
-            Some(d) if Some(d.seq) == seq => d,
+            Some(d) if ours(&d) => d,
             _ => match family.current().clone() {
-                Some(d) if Some(d.seq) == seq => d,
+                Some(d) if ours(&d) => d,
                 _ => {
                     family.stale_datagrams.fetch_add(1, Relaxed);
                     continue;
@@ -126,22 +128,26 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
     }
 }
 
-/// Waits until the socket has a datagram (`true`) or the netlinkers are
-/// released (`false`).
-fn wait_readable(family: &FamilyState, shutdown: &Shutdown) -> Result<bool, Errno> {
-    let mut fds = [
-        PollFd::new(shutdown.release_fd(), PollFlags::POLLIN),
-        PollFd::new(std::os::fd::AsFd::as_fd(&family.socket), PollFlags::POLLIN),
-    ];
+/// Waits until one of the family's sockets has a datagram and returns it,
+/// or `None` once the netlinkers are released. Level-triggered: a socket
+/// another netlinker drains first makes `recv` say `WouldBlock`.
+fn wait_readable(family: &FamilyState) -> Result<Option<Arc<SockDiagSocket>>, Errno> {
+    let mut events = [EpollEvent::empty(); 4];
     loop {
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => break,
+        let n = match family.epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
+        };
+        let ready = &events[..n];
+        if ready.iter().any(|e| e.data() == RELEASE_TOKEN) {
+            return Ok(None);
+        }
+        // A socket removed since the event (its namespace went) is skipped.
+        if let Some(socket) = ready.iter().find_map(|e| family.socket(e.data())) {
+            return Ok(Some(socket));
         }
     }
-    let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-    Ok(!ready(&fds[0]) && ready(&fds[1]))
 }
 
 /// Sends `batch`, waiting (counted) while the channel is full. `false` when

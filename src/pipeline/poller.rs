@@ -1,9 +1,11 @@
-//! The poller thread: every `--frequency`, stamp a poll, publish one
+//! The poller thread: every `--frequency`, stamp a poll, bring the polled
+//! namespaces up to date, and for each namespace in turn publish one
 //! [`Dump`] per enabled family and send its request, then wait until every
-//! dump of the poll is finished (all records sent), abandoning a dump the
-//! kernel stops answering for `--netlink-timeout`. It reports each poll,
-//! counts long ones, and on stop lets the poll in flight finish before it
-//! releases the netlinkers.
+//! dump is finished (all records sent), abandoning a dump the kernel stops
+//! answering for `--netlink-timeout`. A family's dumps of all namespaces
+//! add up to its report of the poll. It reports each poll, counts long
+//! ones, and on stop lets the poll in flight finish before it releases the
+//! netlinkers.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics, PoolState};
 use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
+use crate::pipeline::netlink::SockDiagSocket;
+use crate::pipeline::netns::Namespaces;
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::shutdown::Shutdown;
 use crate::wire::request::filtered_dump_request;
@@ -25,6 +29,7 @@ const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
 
 pub struct Poller {
     pub families: Vec<Arc<FamilyState>>,
+    pub namespaces: Namespaces,
     pub config: Config,
     pub shutdown: Shutdown,
     pub report_tx: Sender<DumpReport>,
@@ -46,18 +51,21 @@ impl Poller {
             let stamp = PollStamp {
                 poll_id,
                 timestamp_ns: unix_nanos(),
+                ..PollStamp::default()
             };
-            for family in &self.families {
-                self.start_dump(family, stamp);
+            let problems = self.namespaces.refresh(&self.families);
+            for problem in &problems {
+                eprintln!("warning: poll {poll_id}: {problem}");
             }
-            let Some(reports) = self.collect(self.families.len()) else {
+            totals.netns_errors += problems.len() as u64;
+            let Some(reports) = self.dump_namespaces(&stamp) else {
                 break; // aborted
             };
             let took = started.elapsed();
             let long = took.as_secs_f64()
                 > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
             self.report(poll_id, &reports, took, long);
-            self.observe(&reports, long);
+            self.observe(&reports, long, problems.len());
             totals.add_poll(&reports, long);
             if poll_id == self.config.max_loops {
                 break;
@@ -86,16 +94,48 @@ impl Poller {
         }
     }
 
-    fn start_dump(&self, family: &FamilyState, stamp: PollStamp) {
-        let seq = family.socket.next_seq();
-        let dump = Arc::new(Dump::new(family.family, seq, stamp, self.report_tx.clone()));
+    /// Dumps every family of each namespace in turn; one report per family,
+    /// summed over the namespaces. `None` if the pipeline aborts.
+    fn dump_namespaces(&self, stamp: &PollStamp) -> Option<Vec<DumpReport>> {
+        let mut merged: Vec<DumpReport> = self
+            .families
+            .iter()
+            .map(|f| DumpReport::empty(f.family))
+            .collect();
+        for ns in self.namespaces.iter() {
+            let stamp = PollStamp {
+                netns_inode: ns.inode,
+                netns_name: Arc::clone(&ns.name),
+                ..stamp.clone()
+            };
+            for (family, socket) in self.families.iter().zip(&ns.sockets) {
+                self.start_dump(family, socket, stamp.clone());
+            }
+            for report in self.collect(self.families.len())? {
+                if let Some(m) = merged.iter_mut().find(|m| m.family == report.family) {
+                    m.merge(&report);
+                }
+            }
+        }
+        Some(merged)
+    }
+
+    fn start_dump(&self, family: &FamilyState, socket: &Arc<SockDiagSocket>, stamp: PollStamp) {
+        let seq = socket.next_seq();
+        let dump = Arc::new(Dump::new(
+            family.family,
+            Arc::clone(socket),
+            seq,
+            stamp,
+            self.report_tx.clone(),
+        ));
         // Published before the request goes out, so a netlinker that sees
         // the first reply finds its dump.
         *family.current() = Some(Arc::clone(&dump));
         let c = &self.config;
         let filter = c.filter.as_ref().map_or(&[][..], |f| f.program());
         let request = filtered_dump_request(family.family.af, c.states, c.extensions, filter, seq);
-        if let Err(e) = family.socket.send(&request) {
+        if let Err(e) = socket.send(&request) {
             dump.counters.request_errors.fetch_add(1, Relaxed);
             dump.note_error("request", e);
             family.retire(&dump);
@@ -135,7 +175,11 @@ impl Poller {
     }
 
     /// Moves the poll into the metrics and sends statsd what changed.
-    fn observe(&mut self, reports: &[DumpReport], long: bool) {
+    fn observe(&mut self, reports: &[DumpReport], long: bool, netns_errors: usize) {
+        self.metrics
+            .netns
+            .set(self.namespaces.iter().count() as i64);
+        self.metrics.netns_errors.inc_by(netns_errors as u64);
         let pools: Vec<PoolState> = reports
             .iter()
             .map(|r| {

@@ -17,6 +17,8 @@ pub struct RunTotals {
     pub families: Vec<(Family, DumpTotals)>,
     /// Datagrams (all families) that belonged to no current dump.
     pub stale_datagrams: u64,
+    /// Selected namespaces that could not be polled, once per poll each.
+    pub netns_errors: u64,
 }
 
 impl RunTotals {
@@ -38,8 +40,8 @@ impl fmt::Display for RunTotals {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "polls {} long_polls {} stale_datagrams {}",
-            self.polls, self.long_polls, self.stale_datagrams
+            "polls {} long_polls {} stale_datagrams {} netns_errors {}",
+            self.polls, self.long_polls, self.stale_datagrams, self.netns_errors
         )?;
         for (family, t) in &self.families {
             write!(
