@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_RUNS ?= 200000
 FUZZ_MAX_LEN ?= 8192
 
-.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter footprint fixtures clean
+.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -62,6 +62,10 @@ bench-e2e: build
 ## bench-filter: one poll and the kernel's floor with and without a kernel-side --filter (root; SIZE, REPS, FILTER)
 bench-filter: build
 	python3 tools/bench_filter.py
+
+## soak: 10 minutes of socket churn under a polling exporter, RSS/threads/descriptors sampled (root; SOAK_SECS; 30 s of it runs in make test)
+soak:
+	SOAK_SECS=$${SOAK_SECS:-600} $(CARGO) test --release --locked --test soak -- --nocapture
 
 ## footprint: syscalls per poll, peak RSS, threads and descriptors of the exporter (root; 16k sockets in a namespace)
 footprint: build

@@ -202,6 +202,10 @@ fn a_dump_stalled_past_the_netlink_timeout_is_abandoned_and_later_polls_are_whol
         "{stderr}"
     );
     assert!(total(&stderr, "", "stale_datagrams") > 0, "{stderr}");
+    // Memory stayed bounded while stalled: each family's pool never grew
+    // past its capacity, --channel-size + one netlinker + one inetdiager.
+    let line = stderr.lines().find(|l| l.starts_with("poll 1: ")).unwrap();
+    assert_eq!(line.matches(", 3 buffers;").count(), 2, "{line}");
     // The abandoned dump's records that were already received still went out.
     assert!(polls[&1] > 0, "{polls:?}");
     let sockets = farm.keys.len() as u64;
