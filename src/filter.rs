@@ -194,26 +194,28 @@ impl<'a> Parser<'_, 'a> {
     }
 
     fn or(&mut self) -> Result<Expr, FilterError> {
-        let mut any = vec![self.and()?];
-        while self.eat(&["or", "||"]) {
-            any.push(self.and()?);
-        }
-        Ok(if any.len() == 1 {
-            any.remove(0)
-        } else {
-            Expr::Or(any)
-        })
+        self.chain(&["or", "||"], Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr, FilterError> {
-        let mut all = vec![self.unary()?];
-        while self.eat(&["and", "&&"]) {
-            all.push(self.unary()?);
+        self.chain(&["and", "&&"], Self::unary, Expr::And)
+    }
+
+    /// `item { op item }`: a lone item as it is, several joined by `join`.
+    fn chain(
+        &mut self,
+        ops: &[&str],
+        item: fn(&mut Self) -> Result<Expr, FilterError>,
+        join: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr, FilterError> {
+        let mut items = vec![item(self)?];
+        while self.eat(ops) {
+            items.push(item(self)?);
         }
-        Ok(if all.len() == 1 {
-            all.remove(0)
+        Ok(if items.len() == 1 {
+            items.remove(0)
         } else {
-            Expr::And(all)
+            join(items)
         })
     }
 

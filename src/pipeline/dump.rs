@@ -160,7 +160,7 @@ impl TcpInfoLengths {
 }
 
 /// What the poller learns when a dump is finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DumpReport {
     pub family: Family,
     pub totals: DumpTotals,
@@ -419,6 +419,35 @@ mod tests {
         assert_eq!((report.totals.sockets, report.totals.records), (3, 2));
         assert_eq!(report.first_errors, vec!["decode: bad".to_string()]);
         assert!(report.done_after.is_some());
+    }
+
+    #[test]
+    fn reports_of_namespaces_add_up() {
+        let family = Family {
+            af: AF_INET,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let dump = |sockets, done_ms: Option<u64>| DumpReport {
+            totals: DumpTotals {
+                sockets,
+                ..Default::default()
+            },
+            done_after: done_ms.map(Duration::from_millis),
+            finished_after: Duration::from_millis(10),
+            first_errors: vec![format!("e{sockets}")],
+            ..DumpReport::empty(family)
+        };
+        let mut poll = DumpReport::empty(family);
+        poll.merge(&dump(3, Some(4)));
+        poll.merge(&dump(5, Some(6)));
+        assert_eq!(poll.totals.sockets, 8);
+        assert_eq!(poll.done_after, Some(Duration::from_millis(10)));
+        assert_eq!(poll.finished_after, Duration::from_millis(20));
+        assert_eq!(poll.first_errors, ["e3", "e5"]);
+        // One namespace without NLMSG_DONE: the poll's dump never finished.
+        poll.merge(&dump(1, None));
+        assert_eq!(poll.done_after, None);
     }
 
     #[test]
