@@ -253,6 +253,10 @@ fn text_line(r: &Record) -> String {
         " rq {} wq {} cookie {:#x} poll {}",
         r.inet_diag_msg_rqueue, r.inet_diag_msg_wqueue, r.inet_diag_msg_socket_cookie, r.poll_id
     ));
+    // Records of other namespaces (--netns, --all-netns) say which.
+    if !r.netns_name.is_empty() {
+        line.push_str(&format!(" netns {}", r.netns_name));
+    }
     line
 }
 
@@ -283,5 +287,8 @@ mod tests {
         v6.inet_diag_msg_state = 6;
         v6.inet_diag_msg_socket_source = std::net::Ipv6Addr::LOCALHOST.octets().to_vec();
         assert!(text_line(&v6).starts_with("TIME-WAIT [::1]:443 > 10.0.0.2:5555"));
+        assert!(!line.contains("netns"));
+        v6.netns_name = "blue".into();
+        assert!(text_line(&v6).ends_with(" poll 0 netns blue"));
     }
 }
