@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{ChildStdout, Stdio};
 use std::thread::JoinHandle;
@@ -233,22 +232,14 @@ fn sigterm_mid_poll_finishes_the_poll_in_flight() {
 
 /// Records per poll id that a UDP socket bound now receives until `until`.
 fn receive(farm: &Farm, until: impl Fn(&BTreeMap<u64, u64>) -> bool) -> BTreeMap<u64, u64> {
-    let socket = in_ns(&farm.ns, || {
-        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
-            .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        s
-    });
+    let socket = bind_receiver(&farm.ns);
     let mut polls = BTreeMap::new();
     let mut buf = vec![0; 65536];
     let deadline = Instant::now() + Duration::from_secs(20);
     while !until(&polls) {
         assert!(Instant::now() < deadline, "received {polls:?}");
         if let Ok(n) = socket.recv(&mut buf) {
-            for r in xtcp::export::udp::decode_datagram(&buf[..n]).unwrap() {
-                *polls.entry(r.poll_id).or_default() += 1;
-            }
+            count_by_poll(&mut polls, &buf[..n]);
         }
     }
     polls

@@ -15,14 +15,14 @@ mod common;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::scenario::Netns;
-use common::{in_ns, total, Running, PORT};
+use common::{bind_receiver, count_by_poll, in_ns, total, Running, PORT};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::Pid;
@@ -71,22 +71,12 @@ fn churn(ns: &Netns, stop: &AtomicBool, opened: &AtomicU64) {
 
 /// Records per poll id received on the namespace's UDP port until `stop`.
 fn receive(ns: &Netns, stop: &AtomicBool) -> BTreeMap<u64, u64> {
-    let socket = in_ns(ns, || {
-        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
-        setsockopt(&s, sockopt::RcvBufForce, &(64 << 20)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        s
-    });
+    let socket = bind_receiver(ns);
     let mut polls = BTreeMap::new();
     let mut buf = vec![0; 65536];
     loop {
         match socket.recv(&mut buf) {
-            Ok(n) => {
-                for r in xtcp::export::udp::decode_datagram(&buf[..n]).unwrap() {
-                    *polls.entry(r.poll_id).or_default() += 1;
-                }
-            }
+            Ok(n) => count_by_poll(&mut polls, &buf[..n]),
             Err(_) if stop.load(Ordering::Relaxed) => return polls,
             Err(_) => {}
         }

@@ -170,6 +170,26 @@ impl Drop for Running {
     }
 }
 
+/// A UDP socket on the namespace's record port whose reads time out after
+/// 50 ms. A poll of 10k records arrives as one burst: its buffer makes room
+/// for it all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
+pub fn bind_receiver(ns: &Netns) -> UdpSocket {
+    in_ns(ns, || {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s
+    })
+}
+
+/// Adds the records of one received datagram to the counts per poll id.
+pub fn count_by_poll(polls: &mut BTreeMap<u64, u64>, datagram: &[u8]) {
+    for r in decode_datagram(datagram).expect("decodable datagram") {
+        *polls.entry(r.poll_id).or_default() += 1;
+    }
+}
+
 /// A UDP receiver inside the namespace that keeps every datagram's records.
 pub struct Receiver {
     stop: Arc<AtomicBool>,
@@ -186,15 +206,7 @@ pub struct Received {
 
 impl Receiver {
     pub fn start(ns: &Netns) -> Receiver {
-        let socket = in_ns(ns, || {
-            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
-            // A poll of 10k records arrives as one burst: make room for it
-            // all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
-                .unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            s
-        });
+        let socket = bind_receiver(ns);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
             let stop = Arc::clone(&stop);
