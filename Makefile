@@ -1,10 +1,13 @@
-# Every target here is what CI runs (`.ci/run` calls `make test`).
+# `make test` is what CI runs (`.ci/run`); `make check` is the part that
+# needs neither root nor external tools.
 
 CARGO ?= cargo
 FUZZ_RUNS ?= 200000
 FUZZ_MAX_LEN ?= 8192
+# Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build install test lint unit fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -15,22 +18,35 @@ DESTDIR ?=
 run: build
 	./tools/run.sh
 
+# The shipped programs.
 build:
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked -p xtcp -p xtcp-debug-server -p xtcp-forwarder
+
+# And the test kit's (socket farm, dump floor), for the benches.
+build-all:
+	$(CARGO) build --release --locked --workspace
 
 ## install: binaries, systemd unit, env file (kept if present), docs under PREFIX (see tools/install.sh)
 install: build
 	PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) DESTDIR=$(DESTDIR) ./tools/install.sh
 
-## test: formatting, lints, every test (needs root: tests make network namespaces), a short fuzz run
-test: lint unit fuzz-smoke
+## test: installs what the tests need if missing (tools/test-deps.sh), then formatting, lints, every test and a short fuzz run; as root (the tests make network namespaces); a test that cannot run fails
+test: test-deps lint
+	$(CARGO) build --locked --workspace --bins
+	XTCP_TEST_REQUIRE_ALL=1 $(CARGO) test --locked --workspace --all-targets
+	$(MAKE) fuzz-smoke
+
+test-deps:
+	./tools/test-deps.sh
+
+## check: formatting, lints, unit tests and the fixture tests: no root, no external tools, a few minutes
+check: lint
+	$(CARGO) test --locked --workspace --lib --bins
+	$(CARGO) test --locked --test it -- encode:: fixtures:: malformed::
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
-
-unit:
-	$(CARGO) test --locked --all-targets
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 ## fuzz-smoke: the decode fuzz target for a fixed number of runs, seeded with the fixtures
 fuzz-smoke: fuzz/corpus/decode
@@ -49,31 +65,31 @@ fuzz/corpus/decode: $(FUZZ_SEEDS)
 ## bench: criterion decode benches, then ns/socket and ratios
 bench:
 	$(CARGO) bench --locked --bench decode
-	python3 tools/bench_report.py
+	python3 tools/bench/bench_report.py
 
 ## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes (root; 16k sockets in a namespace)
-bench-udp: build
-	python3 tools/bench_udp.py
+bench-udp: build-all
+	python3 tools/bench/bench_udp.py
 
 ## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
-bench-e2e: build
-	python3 tools/bench_e2e.py
+bench-e2e: build-all
+	python3 tools/bench/bench_e2e.py
 
 ## bench-filter: one poll and the kernel's floor with and without a kernel-side --filter (root; SIZE, REPS, FILTER)
-bench-filter: build
-	python3 tools/bench_filter.py
+bench-filter: build-all
+	python3 tools/bench/bench_filter.py
 
 ## soak: 10 minutes of socket churn under a polling exporter, RSS/threads/descriptors sampled (root; SOAK_SECS; 30 s of it runs in make test)
 soak:
-	SOAK_SECS=$${SOAK_SECS:-600} $(CARGO) test --release --locked --test soak -- --nocapture
+	SOAK_SECS=$${SOAK_SECS:-600} $(CARGO) test --release --locked --test it -- soak:: --nocapture
 
 ## footprint: syscalls per poll, peak RSS, threads and descriptors of the exporter (root; 16k sockets in a namespace)
-footprint: build
-	python3 tools/footprint.py
+footprint: build-all
+	python3 tools/bench/footprint.py
 
 ## fixtures: recapture tests/fixtures/ from this kernel (root)
 fixtures:
-	$(CARGO) run --locked --bin xtcp-capture-fixtures -- tests/fixtures
+	$(CARGO) run --locked -p xtcp-testkit --bin xtcp-capture-fixtures -- tests/fixtures
 
 clean:
 	$(CARGO) clean

@@ -12,7 +12,7 @@
 //!   owned values, tcp_info copied as bytes).
 //!
 //! One iteration = the whole buffer; throughput is in sockets.
-//! `make bench` runs this and prints ns/socket and ratios (tools/bench_report.py).
+//! `make bench` runs this and prints ns/socket and ratios (tools/bench/bench_report.py).
 
 use std::hint::black_box;
 
@@ -20,7 +20,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use netlink_packet_core::NetlinkMessage;
 use netlink_packet_sock_diag::SockDiagMessage;
 use xtcp::export::record::{PollStamp, RecordEncoder};
-use xtcp::wire::netlink::{messages, Body};
+use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, DiagSocket, TailLayout};
 
 const DUMP: &[u8] = include_bytes!("../tests/fixtures/bench-dump.bin");

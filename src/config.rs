@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::cli::parse_positive_duration;
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
@@ -28,8 +29,10 @@ const DEFAULT_STATSD_DST: &str = "127.0.0.1:8125";
 /// Smallest receive buffer: the kernel fills dump datagrams up to about one
 /// page (`NLMSG_GOODSIZE`) even when the reader offers less.
 const MIN_RECV_BUFFER: usize = 4096;
-/// Largest receive buffer accepted. The kernel caps a dump datagram at
-/// 32 KiB, so more only wastes memory.
+/// Largest receive buffer accepted. A dump datagram is at most
+/// [`DUMP_DATAGRAM_MAX`](crate::pipeline::sock_diag::DUMP_DATAGRAM_MAX)
+/// bytes, which the default (8 pages of 4 KiB) is, so
+/// more only wastes memory.
 const MAX_RECV_BUFFER: usize = 1 << 20;
 
 /// Where records go.
@@ -69,15 +72,6 @@ impl fmt::Display for Dest {
             Dest::Udp(addr) => write!(f, "udp:{addr}"),
         }
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d =
-        humantime::parse_duration(s).map_err(|e| format!("'{s}': {e} (e.g. 30s, 500ms, 1m)"))?;
-    if d.is_zero() {
-        return Err(format!("'{s}' must be longer than zero"));
-    }
-    Ok(d)
 }
 
 /// `all` or a comma-separated list of state names -> `1 << state` bits.
@@ -179,7 +173,7 @@ fn parse_batch_bytes(s: &str) -> Result<usize, String> {
 #[command(name = "xtcp", version, about, long_about = None)]
 struct Cli {
     /// Time from one poll's start to the next (e.g. 30s, 500ms, 1m).
-    #[arg(long, env = "XTCP_FREQUENCY", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "XTCP_FREQUENCY", default_value = "30s", value_parser = parse_positive_duration)]
     frequency: Duration,
 
     /// Number of polls to run, then exit; 0 polls until stopped.
@@ -192,7 +186,7 @@ struct Cli {
     polling_safety_buffer: f64,
 
     /// Give up on a dump when the kernel sends nothing for this long.
-    #[arg(long, env = "XTCP_NETLINK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "XTCP_NETLINK_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     netlink_timeout: Duration,
 
     /// Threads reading the IPv4 netlink socket.
@@ -383,8 +377,9 @@ pub struct PromEndpoint {
 /// A command line that cannot run, or a request for text output.
 #[derive(Debug)]
 pub enum ArgsError {
-    /// `--help` / `--version`: print and exit 0.
-    Info(clap::Error),
+    /// clap's own: `--help`/`--version` (exit 0) or a malformed command
+    /// line (exit 2); [`crate::cli::exit_for`] says which.
+    Clap(clap::Error),
     /// `--print-config`: print this and exit 0.
     PrintConfig(String),
     /// Exit 2 with this one line.
@@ -397,12 +392,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args).map_err(|e| match e.kind() {
-            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                ArgsError::Info(e)
-            }
-            _ => ArgsError::Invalid(first_line(&e.render().to_string())),
-        })?;
+        let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
         let config =
             Config::validate(&cli).map_err(|e| ArgsError::Invalid(format!("error: {e}")))?;
         if cli.print_config {
@@ -572,14 +562,6 @@ impl Config {
     }
 }
 
-/// clap renders usage and a help hint after the error; operators get one line.
-fn first_line(s: &str) -> String {
-    s.lines()
-        .next()
-        .unwrap_or("error: invalid arguments")
-        .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,7 +571,7 @@ mod tests {
         Config::from_args(std::iter::once("xtcp").chain(args.iter().copied())).map_err(
             |e| match e {
                 ArgsError::Invalid(line) | ArgsError::PrintConfig(line) => line,
-                ArgsError::Info(e) => e.to_string(),
+                ArgsError::Clap(e) => crate::cli::first_line(&e.render().to_string()),
             },
         )
     }
@@ -616,6 +598,13 @@ mod tests {
         );
         assert_eq!(c.statsd, Some("127.0.0.1:8125".parse().unwrap()));
         assert!(c.recv_buffer_len() >= MIN_RECV_BUFFER);
+        if c.packet_size == 4096 {
+            // The default buffer holds the largest dump datagram, no more.
+            assert_eq!(
+                c.recv_buffer_len(),
+                crate::pipeline::sock_diag::DUMP_DATAGRAM_MAX
+            );
+        }
     }
 
     #[test]

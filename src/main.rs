@@ -3,16 +3,13 @@
 
 use std::process::ExitCode;
 
+use xtcp::cli::exit_for;
 use xtcp::config::{ArgsError, Config};
 
 fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,
-        Err(ArgsError::Info(e)) => {
-            // --help / --version: clap already formatted them.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(ArgsError::Clap(e)) => return exit_for(&e),
         Err(ArgsError::PrintConfig(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;

@@ -21,7 +21,7 @@ DESTDIR=${DESTDIR:-}
 BIN_DIR=${BIN_DIR:-target/release}
 DOCDIR=$PREFIX/share/doc/xtcp
 
-for bin in xtcp xtcp-debug-server; do
+for bin in xtcp xtcp-forwarder xtcp-debug-server; do
     install -D -m 0755 "$BIN_DIR/$bin" "$DESTDIR$PREFIX/bin/$bin"
 done
 
@@ -44,7 +44,7 @@ fi
 for drop_in in net-admin netns; do
     install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
 done
-for doc in operations metrics flags record filter; do
+for doc in operations metrics flags record filter kafka; do
     install -D -m 0644 "docs/$doc.md" "$DESTDIR$DOCDIR/$doc.md"
 done
 

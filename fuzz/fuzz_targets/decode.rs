@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::proto::Record;
-use xtcp::wire::netlink::{messages, Body};
+use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
 fuzz_target!(|data: &[u8]| {

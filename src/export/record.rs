@@ -4,7 +4,7 @@
 //! straight from the borrowed views of a [`DiagSocket`] into a caller's
 //! buffer, in field-number order, with the keys `build.rs` generates: no
 //! intermediate struct, no allocation. The bytes are exactly what prost
-//! would encode for the same `Record` (`tests/encode.rs`). Readers who want
+//! would encode for the same `Record` (`tests/it/encode.rs`). Readers who want
 //! the struct (the JSON output) decode them with prost.
 //! Runs in whichever thread decodes.
 

@@ -15,8 +15,10 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
+use nix::sys::socket::{setsockopt, sockopt};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::proto::{Envelope, Record};
 
@@ -67,6 +69,39 @@ pub fn bind_for(dest: SocketAddr) -> io::Result<UdpSocket> {
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     UdpSocket::bind(any)
+}
+
+/// A UDP socket bound to `listen` for receiving the records of exporters,
+/// with `recv_buffer` bytes of receive buffer asked for: a poll arrives as a
+/// burst, and a small buffer drops datagrams. `SO_RCVBUFFORCE` (needs
+/// `CAP_NET_ADMIN`) ignores `net.core.rmem_max`; without it `SO_RCVBUF` is
+/// capped there, and a warning prefixed with `program` says so.
+pub fn bind_receiver(
+    listen: SocketAddr,
+    recv_buffer: usize,
+    program: &str,
+) -> io::Result<UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM, // socket2 sets SOCK_CLOEXEC
+        Some(Protocol::UDP),
+    )?;
+    let wanted = recv_buffer.min(i32::MAX as usize / 2);
+    if setsockopt(&socket, sockopt::RcvBufForce, &wanted).is_err() {
+        socket.set_recv_buffer_size(wanted)?;
+    }
+    // The kernel doubles what it grants, for its own bookkeeping.
+    let granted = socket.recv_buffer_size()? / 2;
+    if granted < wanted {
+        eprintln!(
+            "{program}: warning: UDP receive buffer is {granted} bytes, not the {wanted} asked \
+             for (net.core.rmem_max; CAP_NET_ADMIN lifts it): bursts may be dropped"
+        );
+    }
+    socket
+        .bind(&listen.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("listening on udp:{listen}: {e}")))?;
+    Ok(socket.into())
 }
 
 impl UdpSink {

@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +29,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Semaphore};
+
+use crate::shutdown::{spawn, Shutdown};
 
 /// Connections served at once; more are closed at accept. A scraper needs
 /// one.
@@ -42,6 +45,21 @@ pub struct PromServer {
     listener: TcpListener,
     runtime: Runtime,
     endpoint: Arc<Endpoint>,
+}
+
+/// The endpoint's running thread.
+pub struct PromThread {
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl PromThread {
+    /// Stops serving and joins the thread.
+    pub fn stop(self) {
+        drop(self.stop);
+        // A panic there has already aborted the program's shutdown handle.
+        let _ = self.thread.join();
+    }
 }
 
 /// `/healthz`: `Ok(line)` is 200, `Err(line)` 503.
@@ -92,8 +110,21 @@ impl PromServer {
         &self.endpoint.path
     }
 
+    /// Serves on a thread named `prometheus` until [`PromThread::stop`]. A
+    /// failure to serve aborts `shutdown`, with the reason.
+    pub fn spawn(self, shutdown: &Shutdown) -> io::Result<PromThread> {
+        let (stop, stopped) = oneshot::channel();
+        let sd = shutdown.clone();
+        let thread = spawn("prometheus".into(), shutdown, move || {
+            if let Err(e) = self.serve(stopped) {
+                sd.abort(format!("serving metrics: {e}"));
+            }
+        })?;
+        Ok(PromThread { stop, thread })
+    }
+
     /// Serves until `stop` is sent or dropped.
-    pub fn serve(self, stop: oneshot::Receiver<()>) -> io::Result<()> {
+    fn serve(self, stop: oneshot::Receiver<()>) -> io::Result<()> {
         let PromServer {
             listener,
             runtime,

@@ -166,8 +166,11 @@ mod tests {
     fn sends_counter_increases_gauges_and_each_observation() {
         let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
         let m = metrics();
-        let mut statsd =
-            Statsd::connect(listener.local_addr().unwrap(), m.statsd_errors.clone()).unwrap();
+        let mut statsd = Statsd::connect(
+            listener.local_addr().unwrap(),
+            m.table.statsd_errors.clone(),
+        )
+        .unwrap();
 
         m.observe_poll(&[report()], &[pool(0)], false);
         statsd.flush(m.registry());
@@ -207,6 +210,6 @@ mod tests {
         assert!(second
             .iter()
             .any(|l| l == "xtcp.poll_duration_seconds.v4:0.25|h"));
-        assert_eq!(m.statsd_errors.get(), 0);
+        assert_eq!(m.table.statsd_errors.get(), 0);
     }
 }

@@ -8,13 +8,13 @@ use std::io;
 
 use crossbeam_channel::Receiver;
 
+use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
-use crate::pipeline::dump::{DumpTotals, TcpInfoLengths};
-use crate::pipeline::netlink::scan_datagram;
-use crate::pipeline::netlinker::Batch;
+use crate::pipeline::netlinker::ReceivedDatagram;
 use crate::pipeline::sample::Sampler;
-use crate::pipeline::shutdown::Shutdown;
+use crate::pipeline::sock_diag::scan_datagram;
+use crate::shutdown::Shutdown;
 use crate::wire::{decode_socket, TailLayout};
 
 pub struct Inetdiager {
@@ -25,26 +25,30 @@ pub struct Inetdiager {
 }
 
 impl Inetdiager {
-    pub fn run(mut self, rx: Receiver<Batch>, shutdown: &Shutdown) {
+    pub fn run(mut self, rx: Receiver<ReceivedDatagram>, shutdown: &Shutdown) {
         let mut record = vec![0u8; self.encoder.max_record_len()];
         // After stdout closed (`xtcp --dest stdout | head`) records are dropped.
         let mut output_closed = false;
-        for batch in rx.iter() {
+        for received in rx.iter() {
             if shutdown.is_aborted() {
                 return;
             }
-            let dump = &batch.dump;
+            let dump = &received.dump;
             let mut tally = DumpTotals::default();
-            let datagram = &batch.buf[..batch.len];
+            let datagram = &received.buf[..received.len];
             let sampler = self.sampler;
             // The netlinker already framed this datagram and checked its
             // sequence number, so neither can fail here. Counting first lets
             // the encoder take this buffer's record numbers in one block.
             let _ = scan_datagram(datagram, dump.seq, |payload| {
-                tally.sampled += u64::from(sampler.keep_message(payload));
+                if sampler.keep_message(payload) {
+                    tally.sampled += 1;
+                } else {
+                    tally.unsampled += 1;
+                }
             });
             if output_closed {
-                // The batch is dropped: its buffer goes back to the pool.
+                // The datagram is dropped: its buffer goes back to the pool.
                 tally.output_closed = tally.sampled;
                 dump.counters.add(&tally);
                 continue;

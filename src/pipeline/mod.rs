@@ -6,23 +6,24 @@
 //! inetdiagers (per family)  sample, decode, encode, send --> destination
 //! ```
 //!
-//! - [`netlink`]: the `NETLINK_SOCK_DIAG` socket and datagram scanning.
+//! - [`sock_diag`]: the `NETLINK_SOCK_DIAG` socket and datagram scanning.
 //! - [`poller`], [`netlinker`], [`inetdiager`]: the three stages.
-//! - [`dump`]: one family's dump, shared by the stages, and its counters.
-//! - [`pool`]: receive buffers; [`sample`]: `--sampling-modulus`.
-//! - [`shutdown`]: signals, stop/abort, named threads; [`report`]: what is
-//!   printed per poll and at exit.
+//! - [`family`]: one family's sockets, buffers and current dump;
+//!   [`dump`]: one dump in flight, shared by the stages.
+//! - [`netns`]: the namespaces polled; [`pool`]: receive buffers;
+//!   [`sample`]: `--sampling-modulus`.
+//! - [`report`]: what is printed per poll and at exit.
 
 pub mod dump;
+pub mod family;
 pub mod inetdiager;
-pub mod netlink;
 pub mod netlinker;
 pub mod netns;
 pub mod poller;
 pub mod pool;
 pub mod report;
 pub mod sample;
-pub mod shutdown;
+pub mod sock_diag;
 
 use std::io;
 use std::sync::Arc;
@@ -35,18 +36,18 @@ use std::time::Duration;
 use crate::config::{Config, Family};
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
-use crate::metrics::prom::PromServer;
+use crate::metrics::prom::{PromServer, PromThread};
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics};
+use crate::shutdown::{spawn, Shutdown, SignalThread};
 use crate::wire::TailLayout;
-use dump::FamilyState;
+use family::FamilyState;
 use inetdiager::Inetdiager;
 use netns::Namespaces;
 use poller::Poller;
 use pool::BufferPool;
 use report::RunTotals;
 use sample::Sampler;
-use shutdown::{spawn, Shutdown, SignalThread};
 
 /// Why the exporter could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,7 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     let statsd = config
         .statsd
         .map(|dst| {
-            Statsd::connect(dst, metrics.statsd_errors.clone())
+            Statsd::connect(dst, metrics.table.statsd_errors.clone())
                 .map_err(setup(format!("opening --statsd-dst {dst}")))
         })
         .transpose()?;
@@ -138,12 +139,11 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
         });
     }
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
-    // Dropped after the poller ends, which stops the metrics server.
-    let (stop_prom, prom_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut prom_thread = None;
     let spawned =
         spawn_workers(config, shutdown, families, encoder, tail, &mut workers).and_then(|()| {
             if let Some(server) = prom {
-                workers.push(spawn_prom(config, shutdown, server, prom_stopped)?);
+                prom_thread = Some(spawn_prom(config, shutdown, server)?);
             }
             Ok(())
         });
@@ -171,7 +171,9 @@ fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunErr
     };
     // The poller released the netlinkers when it ended; their exit closes the
     // channels, and the inetdiagers drain them and exit.
-    drop(stop_prom);
+    if let Some(prom) = prom_thread {
+        prom.stop();
+    }
     for worker in workers {
         // A panicked worker has already recorded the failure.
         let _ = worker.join();
@@ -225,12 +227,7 @@ fn spawn_workers(
 
 /// Starts the metrics endpoint's thread. Says where it listens with `-v`,
 /// or when `--prom-listen` asked for any free port (0).
-fn spawn_prom(
-    config: &Config,
-    shutdown: &Shutdown,
-    server: PromServer,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> io::Result<JoinHandle<()>> {
+fn spawn_prom(config: &Config, shutdown: &Shutdown, server: PromServer) -> io::Result<PromThread> {
     let any_port = config.prom.as_ref().is_some_and(|p| p.listen.port() == 0);
     if config.verbose || any_port {
         let addr = server.local_addr()?;
@@ -239,12 +236,7 @@ fn spawn_prom(
             server.path()
         );
     }
-    let sd = shutdown.clone();
-    spawn("prometheus".into(), shutdown, move || {
-        if let Err(e) = server.serve(stop) {
-            sd.abort(format!("serving metrics: {e}"));
-        }
-    })
+    server.spawn(shutdown)
 }
 
 /// How old the last poll may be before `/healthz` fails: two polling

@@ -20,20 +20,22 @@ use crossbeam_channel::{select, Sender, TrySendError};
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 
-use crate::pipeline::dump::{Dump, DumpTotals, FamilyState, RELEASE_TOKEN};
-use crate::pipeline::netlink::{scan_datagram, DumpError, SockDiagSocket};
+use crate::counting::DumpTotals;
+use crate::pipeline::dump::Dump;
+use crate::pipeline::family::{FamilyState, RELEASE_TOKEN};
 use crate::pipeline::pool::PooledBuf;
-use crate::pipeline::shutdown::Shutdown;
-use crate::wire::netlink::datagram_seq;
+use crate::pipeline::sock_diag::{scan_datagram, DumpError, SockDiagSocket};
+use crate::shutdown::Shutdown;
+use crate::wire::message::datagram_seq;
 
-/// One received datagram on its way to an inetdiager.
-pub struct Batch {
+/// One received reply datagram on its way to an inetdiager.
+pub struct ReceivedDatagram {
     pub buf: PooledBuf,
     pub len: usize,
     pub dump: Arc<Dump>,
 }
 
-pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
+pub fn run(family: &FamilyState, tx: Sender<ReceivedDatagram>, shutdown: &Shutdown) {
     loop {
         let socket = match wait_readable(family) {
             Ok(Some(socket)) => socket,
@@ -113,12 +115,12 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             family.retire(&dump);
         }
         if scan.sockets > 0 {
-            let batch = Batch {
+            let received = ReceivedDatagram {
                 buf,
                 len,
                 dump: Arc::clone(&dump),
             };
-            if !hand_over(&tx, batch, &mut tally, shutdown) {
+            if !hand_over(&tx, received, &mut tally, shutdown) {
                 dump.counters.add(&tally);
                 return;
             }
@@ -150,23 +152,23 @@ fn wait_readable(family: &FamilyState) -> Result<Option<Arc<SockDiagSocket>>, Er
     }
 }
 
-/// Sends `batch`, waiting (counted) while the channel is full. `false` when
-/// the pipeline is aborting or the inetdiagers are gone.
+/// Sends `received`, waiting (counted) while the channel is full. `false`
+/// when the pipeline is aborting or the inetdiagers are gone.
 fn hand_over(
-    tx: &Sender<Batch>,
-    batch: Batch,
+    tx: &Sender<ReceivedDatagram>,
+    received: ReceivedDatagram,
     tally: &mut DumpTotals,
     shutdown: &Shutdown,
 ) -> bool {
-    let batch = match tx.try_send(batch) {
+    let received = match tx.try_send(received) {
         Ok(()) => return true,
         Err(TrySendError::Disconnected(_)) => return false,
-        Err(TrySendError::Full(batch)) => batch,
+        Err(TrySendError::Full(received)) => received,
     };
     tally.channel_full += 1;
     let started = Instant::now();
     let sent = select! {
-        send(tx, batch) -> r => r.is_ok(),
+        send(tx, received) -> r => r.is_ok(),
         recv(shutdown.abort_signal()) -> _ => false,
     };
     tally.channel_blocked_ns += started.elapsed().as_nanos() as u64;

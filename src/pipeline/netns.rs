@@ -24,8 +24,8 @@ use std::time::Duration;
 use nix::sched::{setns, CloneFlags};
 
 use crate::config::NetnsSelection;
-use crate::pipeline::dump::FamilyState;
-use crate::pipeline::netlink::SockDiagSocket;
+use crate::pipeline::family::FamilyState;
+use crate::pipeline::sock_diag::SockDiagSocket;
 
 /// Where `ip netns add` mounts named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";

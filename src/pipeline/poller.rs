@@ -14,14 +14,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
+use crate::counting::DumpReport;
 use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics, PoolState};
-use crate::pipeline::dump::{Dump, DumpReport, FamilyState};
-use crate::pipeline::netlink::SockDiagSocket;
+use crate::pipeline::dump::Dump;
+use crate::pipeline::family::FamilyState;
 use crate::pipeline::netns::Namespaces;
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
-use crate::pipeline::shutdown::Shutdown;
+use crate::pipeline::sock_diag::SockDiagSocket;
+use crate::shutdown::Shutdown;
 use crate::wire::request::filtered_dump_request;
 
 /// How often the poller looks for a dump the kernel stopped answering.
@@ -177,9 +179,10 @@ impl Poller {
     /// Moves the poll into the metrics and sends statsd what changed.
     fn observe(&mut self, reports: &[DumpReport], long: bool, netns_errors: usize) {
         self.metrics
+            .table
             .netns
             .set(self.namespaces.iter().count() as i64);
-        self.metrics.netns_errors.inc_by(netns_errors as u64);
+        self.metrics.table.netns_errors.inc_by(netns_errors as u64);
         let pools: Vec<PoolState> = reports
             .iter()
             .map(|r| {

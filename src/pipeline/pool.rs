@@ -73,10 +73,6 @@ impl BufferPool {
         self.allocated.load(Ordering::Relaxed)
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     pub fn buffer_len(&self) -> usize {
         self.buffer_len
     }

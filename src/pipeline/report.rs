@@ -6,7 +6,7 @@ use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 use crate::config::Family;
-use crate::pipeline::dump::{DumpReport, DumpTotals};
+use crate::counting::{DumpReport, DumpTotals};
 
 /// Sums over every poll of the run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -44,26 +44,10 @@ impl fmt::Display for RunTotals {
             self.polls, self.long_polls, self.stale_datagrams, self.netns_errors
         )?;
         for (family, t) in &self.families {
-            write!(
-                f,
-                " | {} sockets {} sampled {} records {} sent_datagrams {} sent_bytes {} \
-                 send_errors {} records_lost {} decode_errors {} channel_full {} \
-                 channel_blocked_ms {} netlink_errors {} timeouts {} interrupted {}",
-                family.name(),
-                t.sockets,
-                t.sampled,
-                t.records,
-                t.sent_datagrams,
-                t.sent_bytes,
-                t.send_errors,
-                t.records_lost,
-                t.decode_errors,
-                t.channel_full,
-                t.channel_blocked_ns / 1_000_000,
-                t.netlink_errors() + t.kernel_errors + t.request_errors,
-                t.timeouts,
-                t.interrupted
-            )?;
+            write!(f, " | {}", family.name())?;
+            for (key, value) in t.exit_fields() {
+                write!(f, " {key} {value}")?;
+            }
         }
         Ok(())
     }
@@ -98,25 +82,12 @@ pub fn poll_line(
 
 /// A warning for a dump that lost or skipped anything, `None` if it was clean.
 pub fn dump_warning(poll_id: u64, r: &DumpReport) -> Option<String> {
-    let t = &r.totals;
-    let problems: Vec<String> = [
-        (t.decode_errors, "socket messages not decodable"),
-        (t.encode_errors, "records too long for the record buffer"),
-        (t.send_errors, "failed sends"),
-        (t.records_lost, "records lost in failed sends"),
-        (
-            t.interrupted,
-            "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)",
-        ),
-        (t.kernel_errors, "kernel errors"),
-        (t.netlink_errors(), "netlink datagrams lost"),
-        (t.timeouts, "timeouts"),
-        (t.request_errors, "requests not sent"),
-    ]
-    .into_iter()
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, what)| format!("{n} {what}"))
-    .collect();
+    let problems: Vec<String> = r
+        .totals
+        .problems()
+        .into_iter()
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
     if problems.is_empty() {
         return None;
     }

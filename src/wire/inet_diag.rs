@@ -83,9 +83,6 @@ impl<'a> InetDiagMsg<'a> {
     pub fn source_ip(&self) -> IpAddr {
         to_ip(self.source())
     }
-    pub fn destination_ip(&self) -> IpAddr {
-        to_ip(self.destination())
-    }
     pub fn interface(&self) -> u32 {
         u32_ne_at::<40, INET_DIAG_MSG_LEN>(self.0)
     }

@@ -1,9 +1,7 @@
 //! The `SOCK_DIAG_BY_FAMILY` dump request: `nlmsghdr` + `struct inet_diag_req_v2`
 //! (`include/uapi/linux/inet_diag.h`).
 
-use super::netlink::{
-    put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK,
-};
+use super::message::{put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
 
 /// Size of `struct inet_diag_req_v2`.
 pub const INET_DIAG_REQ_V2_LEN: usize = 56;
@@ -27,9 +25,9 @@ const _: () = assert!(
     "VEGASINFO bit gates BBR/DCTCP info"
 );
 
-/// Writes the `nlmsghdr` of a dump request filling all of `out`; returns
-/// the bytes after it.
-fn dump_header<const N: usize>(out: &mut [u8; N], msg_type: u16, seq: u32) -> &mut [u8] {
+/// Writes the `nlmsghdr` of a dump request of type `msg_type` filling all of
+/// `out`; returns the bytes after it.
+pub fn dump_header<const N: usize>(out: &mut [u8; N], msg_type: u16, seq: u32) -> &mut [u8] {
     const { assert!(N > NLMSG_HDRLEN) };
     let (hdr, req) = out.split_at_mut(NLMSG_HDRLEN);
     if let Ok(hdr) = <&mut [u8; NLMSG_HDRLEN]>::try_from(hdr) {
@@ -47,29 +45,6 @@ pub fn dump_request(family: u8, states: u32, extensions: u8, seq: u32) -> [u8; D
     req[2] = extensions; // idiag_ext
     req[4..8].copy_from_slice(&states.to_ne_bytes()); // idiag_states
                                                       // req[8..56]: inet_diag_sockid left zero = match every socket.
-    out
-}
-
-/// Size of the old `struct inet_diag_req`.
-pub const INET_DIAG_REQ_LEN: usize = 60;
-/// Size of the whole old-style request datagram.
-pub const ALL_FAMILIES_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
-
-/// Builds a dump request for IPv4 and IPv6 sockets at once. The old
-/// `inet_diag_req` has no family field the kernel honours: its dump runs
-/// with `AF_UNSPEC` (`inet_diag_dump_compat`), so one walk of the socket
-/// tables returns both families, where two `SOCK_DIAG_BY_FAMILY` dumps walk
-/// them twice. Same states and extension bits as [`dump_request`].
-pub fn all_families_dump_request(
-    states: u32,
-    extensions: u8,
-    seq: u32,
-) -> [u8; ALL_FAMILIES_REQUEST_LEN] {
-    let mut out = [0u8; ALL_FAMILIES_REQUEST_LEN];
-    let req = dump_header(&mut out, TCPDIAG_GETSOCK, seq);
-    req[3] = extensions; // idiag_ext, after family and the two address lengths
-                         // req[4..52]: inet_diag_sockid left zero = match every socket.
-    req[52..56].copy_from_slice(&states.to_ne_bytes()); // idiag_states
     out
 }
 
@@ -104,7 +79,7 @@ pub fn filtered_dump_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::netlink::{messages, Body};
+    use crate::wire::message::{messages, Body};
 
     #[test]
     fn request_layout() {
@@ -120,25 +95,6 @@ mod tests {
         assert_eq!(&req[..4], &[10, 6, 0x7f, 0]);
         assert_eq!(u32::from_ne_bytes(req[4..8].try_into().unwrap()), 0x3ffe);
         assert!(req[8..].iter().all(|&b| b == 0));
-    }
-
-    #[test]
-    fn all_families_request_layout() {
-        let r = all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, 7);
-        let m = messages(&r).next().unwrap().unwrap();
-        assert_eq!(m.msg_type, TCPDIAG_GETSOCK);
-        assert_eq!((m.flags, m.seq), (NLM_F_REQUEST | NLM_F_DUMP, 7));
-        assert_eq!(m.payload.len(), INET_DIAG_REQ_LEN);
-        // Family and address lengths zero, then the extensions.
-        assert_eq!(&m.payload[..4], &[0, 0, 0, 0x7f]);
-        assert_eq!(
-            u32::from_ne_bytes(m.payload[52..56].try_into().unwrap()),
-            0x3ffe
-        );
-        assert!(m.payload[4..52]
-            .iter()
-            .chain(&m.payload[56..])
-            .all(|&b| b == 0));
     }
 
     #[test]

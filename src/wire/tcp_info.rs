@@ -5,7 +5,7 @@
 //! length arrived and each accessor returns `None` for a field past the end.
 //! Bytes past the last field known here are ignored; [`TcpInfo::len`] keeps the
 //! length seen. Offsets and the kernel that added each field are in
-//! `shared/KERNEL.md` and `docs/record.md`.
+//! `docs/kernel.md` and `docs/record.md`.
 //!
 //! One change was not an append: 7.0 repacked the last 4 bytes (offset 276),
 //! which 6.18/6.19 send as `u16 accecn_fail_mode, u16 accecn_opt_seen`, into a

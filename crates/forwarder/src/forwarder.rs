@@ -1,0 +1,386 @@
+//! The forwarder: the exporters' UDP feed into a Kafka topic.
+//!
+//! One thread receives datagrams, checks each is an xtcp Record or Envelope,
+//! and hands it to librdkafka as one message of length-delimited records
+//! (`export::udp::to_delimited`), which ClickHouse reads as `Protobuf`
+//! (docs/kafka.md). librdkafka batches, compresses, retries and reconnects
+//! on its own threads; its queue is bounded (`--queue-messages`,
+//! `--queue-bytes`), and a datagram that finds it full is dropped and
+//! counted. Every message ends delivered or counted as dropped, with its
+//! records: the delivery report says which. On SIGTERM/SIGINT it stops
+//! receiving and flushes for up to `--flush-timeout`; what is still queued
+//! then is counted as dropped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use xtcp::cli::parse_duration;
+use xtcp::export::udp::{bind_receiver, to_delimited};
+use xtcp::metrics::prom::{PromServer, PromThread};
+use xtcp::metrics::Health;
+use xtcp::shutdown::Shutdown;
+
+use crate::metrics::{ForwarderMetrics, DROP_REASONS};
+
+/// Largest UDP datagram.
+const MAX_DATAGRAM: usize = 65_536;
+/// How often the receive loop looks at the stop flag and the queue gauge.
+const TICK: Duration = Duration::from_millis(100);
+/// `/healthz` fails when messages wait and none was delivered for this long.
+const HEALTHY_DELIVERY_GAP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+}
+
+impl Compression {
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+        }
+    }
+}
+
+/// xtcp-forwarder: receive xtcp records over UDP and produce them to a
+/// Kafka topic, one message (length-delimited xtcp.v1.Records) per datagram.
+///
+/// Every flag can also be set from the environment variable in its help.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "xtcp-forwarder", version, about, long_about = None)]
+pub struct ForwarderConfig {
+    /// UDP address to receive the exporters' datagrams on.
+    #[arg(long, env = "XTCP_FORWARDER_LISTEN", default_value = "127.0.0.1:13000")]
+    pub listen: SocketAddr,
+
+    /// Kafka bootstrap brokers, HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "XTCP_FORWARDER_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+
+    /// Topic to produce to.
+    #[arg(long, env = "XTCP_FORWARDER_TOPIC", default_value = "xtcp")]
+    pub topic: String,
+
+    /// Compression of the message batches.
+    #[arg(
+        long,
+        env = "XTCP_FORWARDER_COMPRESSION",
+        value_enum,
+        default_value = "lz4"
+    )]
+    pub compression: Compression,
+
+    /// How long the producer waits to fill a batch (linger.ms).
+    #[arg(long, env = "XTCP_FORWARDER_LINGER", default_value = "20ms", value_parser = parse_duration)]
+    pub linger: Duration,
+
+    /// Largest batch of messages per partition request, bytes (batch.size).
+    #[arg(long, env = "XTCP_FORWARDER_BATCH_BYTES", default_value_t = 1 << 20)]
+    pub batch_bytes: u64,
+
+    /// Most messages waiting for the broker; more are dropped and counted.
+    #[arg(long, env = "XTCP_FORWARDER_QUEUE_MESSAGES", default_value_t = 100_000)]
+    pub queue_messages: u64,
+
+    /// Most bytes waiting for the broker, in KiB; more are dropped and counted.
+    #[arg(long, env = "XTCP_FORWARDER_QUEUE_KIB", default_value_t = 256 * 1024)]
+    pub queue_kib: u64,
+
+    /// How long a message may wait for the broker's acknowledgement
+    /// (retries and reconnections included) before it is counted as dropped.
+    #[arg(long, env = "XTCP_FORWARDER_DELIVERY_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+
+    /// At exit, how long to wait for queued messages to be delivered.
+    #[arg(long, env = "XTCP_FORWARDER_FLUSH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub flush_timeout: Duration,
+
+    /// UDP receive buffer, bytes (SO_RCVBUFFORCE when root, else SO_RCVBUF
+    /// capped by net.core.rmem_max).
+    #[arg(long, env = "XTCP_FORWARDER_RECV_BUFFER", default_value_t = 32 << 20)]
+    pub recv_buffer: usize,
+
+    /// Serve Prometheus metrics and /healthz on this HOST:PORT.
+    #[arg(
+        long,
+        env = "XTCP_FORWARDER_PROM_LISTEN",
+        default_value = "127.0.0.1:9001"
+    )]
+    pub prom_listen: SocketAddr,
+
+    /// Do not serve metrics.
+    #[arg(long, env = "XTCP_FORWARDER_NO_PROM")]
+    pub no_prom: bool,
+}
+
+/// Why the forwarder could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    #[error("{what}: {source}")]
+    Setup { what: String, source: io::Error },
+    #[error("creating the Kafka producer: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// The delivery reports and client errors, counted.
+struct Context {
+    metrics: Arc<ForwarderMetrics>,
+    health: Arc<Health>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // syslog levels: Error (3) and more severe; errors proper come
+        // through `error` below.
+        if (level as i32) <= RDKafkaLogLevel::Error as i32 {
+            eprintln!("xtcp-forwarder: kafka {fac}: {message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+        let counter = self.metrics.kafka_errors.with_label_values(&[&code]);
+        counter.inc();
+        // A broker that stays away repeats its errors every reconnect:
+        // print the 1st, 2nd, 4th, 8th... of each kind.
+        let n = counter.get();
+        if n.is_power_of_two() {
+            eprintln!("xtcp-forwarder: kafka error ({n} so far): {error}: {reason}");
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    /// Records in the message.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, records: usize) {
+        match result {
+            Ok(_) => {
+                self.metrics.delivered_messages.inc();
+                self.metrics.delivered_records.inc_by(records as u64);
+                self.health.happened();
+            }
+            Err((e, _)) => {
+                // Purged at exit: what --flush-timeout did not deliver.
+                let reason = match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+                        "shutdown"
+                    }
+                    _ => "delivery_failed",
+                };
+                self.metrics.drop_messages(reason, 1, records as u64);
+            }
+        }
+    }
+}
+
+/// What a run did, for the line printed at exit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderTotals {
+    pub datagrams: u64,
+    pub records: u64,
+    pub malformed: u64,
+    pub delivered_records: u64,
+    pub dropped_records: u64,
+}
+
+impl std::fmt::Display for ForwarderTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "datagrams {} records {} malformed {} delivered_records {} dropped_records {}",
+            self.datagrams,
+            self.records,
+            self.malformed,
+            self.delivered_records,
+            self.dropped_records
+        )
+    }
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> ForwarderError {
+    move |source| ForwarderError::Setup {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Runs until `shutdown` stops, then flushes.
+pub fn run(
+    config: &ForwarderConfig,
+    shutdown: &Shutdown,
+) -> Result<ForwarderTotals, ForwarderError> {
+    let metrics = Arc::new(
+        ForwarderMetrics::new().map_err(|e| setup("registering metrics")(io::Error::other(e)))?,
+    );
+    let health = Arc::new(Health::new("delivery"));
+    let socket = bind_receiver(config.listen, config.recv_buffer, "xtcp-forwarder")
+        .map_err(setup(format!("binding --listen {}", config.listen)))?;
+    socket
+        .set_read_timeout(Some(TICK))
+        .map_err(setup("setting the receive timeout"))?;
+    let producer = create_producer(
+        config,
+        Context {
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+        },
+    )?;
+    let prom = (!config.no_prom)
+        .then(|| start_metrics(config, &metrics, &health, shutdown))
+        .transpose()?;
+
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut message = Vec::with_capacity(MAX_DATAGRAM);
+    while !shutdown.is_stopping() {
+        metrics.queued.set(i64::from(producer.in_flight_count()));
+        let len = match socket.recv(&mut buf) {
+            Ok(len) => len,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("xtcp-forwarder: receive: {e}");
+                continue;
+            }
+        };
+        metrics.datagrams.inc();
+        metrics.bytes.inc_by(len as u64);
+        let records = match to_delimited(&buf[..len], &mut message) {
+            Ok(records) => records,
+            Err(e) => {
+                if metrics.malformed.get() == 0 {
+                    eprintln!("xtcp-forwarder: dropped a datagram: {e}");
+                }
+                metrics.malformed.inc();
+                continue;
+            }
+        };
+        metrics.records.inc_by(records);
+        let record = BaseRecord::<(), [u8], usize>::with_opaque_to(&config.topic, records as usize)
+            .payload(&message[..]);
+        match producer.send(record) {
+            Ok(()) => metrics.produced.inc(),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                metrics.drop_messages("queue_full", 1, records);
+            }
+            Err((e, _)) => {
+                eprintln!("xtcp-forwarder: produce: {e}");
+                metrics.drop_messages("delivery_failed", 1, records);
+            }
+        }
+    }
+
+    // Stop: deliver what is queued, within the flush timeout.
+    if producer.flush(config.flush_timeout).is_err() {
+        let left = u64::try_from(producer.in_flight_count()).unwrap_or(0);
+        eprintln!(
+            "xtcp-forwarder: {left} messages still queued after --flush-timeout {}",
+            humantime::format_duration(config.flush_timeout)
+        );
+        // Purged, their delivery reports count them (and their records) as
+        // dropped at shutdown.
+        producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        let _ = producer.flush(Duration::from_secs(1));
+    }
+    metrics.queued.set(i64::from(producer.in_flight_count()));
+    drop(producer);
+    if let Some(prom) = prom {
+        prom.stop();
+    }
+    let dropped: u64 = DROP_REASONS
+        .iter()
+        .map(|r| metrics.dropped_records.with_label_values(&[r]).get())
+        .sum();
+    Ok(ForwarderTotals {
+        datagrams: metrics.datagrams.get(),
+        records: metrics.records.get(),
+        malformed: metrics.malformed.get(),
+        delivered_records: metrics.delivered_records.get(),
+        dropped_records: dropped,
+    })
+}
+
+/// librdkafka's producer, configured from the flags.
+fn create_producer(
+    config: &ForwarderConfig,
+    context: Context,
+) -> Result<ThreadedProducer<Context>, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("compression.codec", config.compression.name())
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("batch.size", config.batch_bytes.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            config.queue_messages.to_string(),
+        )
+        .set("queue.buffering.max.kbytes", config.queue_kib.to_string())
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        )
+        // A broker that comes back is found within a second (librdkafka
+        // backs off up to 10 s by default), so little waits in the queue.
+        .set("reconnect.backoff.max.ms", "1000")
+        // At least once: a retry after a lost acknowledgement can repeat a
+        // message; consumers drop repeats by (hostname, record_counter).
+        // Idempotence would need the broker to keep producer state across
+        // restarts, and makes a broker that lost it a fatal error.
+        .set("enable.idempotence", "false")
+        .create_with_context(context)
+}
+
+/// The metrics endpoint's thread.
+fn start_metrics(
+    config: &ForwarderConfig,
+    metrics: &Arc<ForwarderMetrics>,
+    health: &Arc<Health>,
+    shutdown: &Shutdown,
+) -> Result<PromThread, ForwarderError> {
+    let queued = metrics.queued.clone();
+    let health = Arc::clone(health);
+    let server = PromServer::bind(
+        "xtcp forwarder",
+        config.prom_listen,
+        "/metrics".into(),
+        metrics.registry().clone(),
+        Box::new(move || {
+            // Healthy while nothing waits, or deliveries keep coming.
+            if queued.get() == 0 {
+                return Ok("ok: nothing queued".into());
+            }
+            health.check(HEALTHY_DELIVERY_GAP)
+        }),
+    )
+    .map_err(setup(format!(
+        "serving metrics on --prom-listen {}",
+        config.prom_listen
+    )))?;
+    server
+        .spawn(shutdown)
+        .map_err(setup("starting the metrics thread"))
+}

@@ -1,0 +1,51 @@
+//! The `xtcp-forwarder` command: UDP from the exporters into Kafka. Exit 0
+//! when stopped by SIGTERM/SIGINT, 1 when it cannot start or fails, 2 on a
+//! bad flag.
+
+mod forwarder;
+mod metrics;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use xtcp::cli::exit_for;
+use xtcp::shutdown::{Shutdown, SignalThread};
+
+use forwarder::{run, ForwarderConfig};
+
+fn main() -> ExitCode {
+    let config = match ForwarderConfig::try_parse() {
+        Ok(config) => config,
+        Err(e) => return exit_for(&e),
+    };
+    let shutdown = match Shutdown::new() {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            eprintln!("error: creating the shutdown eventfd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signals = match SignalThread::start(&shutdown) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("error: installing signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = run(&config, &shutdown);
+    signals.close();
+    match (result, shutdown.failure()) {
+        (Err(e), _) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        (Ok(_), Some(reason)) => {
+            eprintln!("error: {reason}");
+            ExitCode::FAILURE
+        }
+        (Ok(totals), None) => {
+            eprintln!("xtcp-forwarder: stopped: {totals}");
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The forwarder's metrics, declared with the exporter's table macro
+//! (`xtcp::metrics`).
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+
+xtcp::metrics_table! {
+    /// What the forwarder received, produced, delivered and dropped.
+    pub struct ForwarderMetrics;
+    pub const FORWARDER_DEFINITIONS;
+    datagrams: IntCounter "xtcp_forwarder_datagrams_total" []
+        "UDP datagrams received.";
+    bytes: IntCounter "xtcp_forwarder_received_bytes_total" []
+        "Bytes of those datagrams.";
+    records: IntCounter "xtcp_forwarder_records_total" []
+        "Records in the datagrams that were well formed.";
+    malformed: IntCounter "xtcp_forwarder_malformed_datagrams_total" []
+        "Datagrams that are not an xtcp Record or Envelope, dropped (never sent to Kafka).";
+    produced: IntCounter "xtcp_forwarder_produced_messages_total" []
+        "Kafka messages (one per datagram) accepted into the producer's queue.";
+    delivered_messages: IntCounter "xtcp_forwarder_delivered_messages_total" []
+        "Messages the broker acknowledged.";
+    delivered_records: IntCounter "xtcp_forwarder_delivered_records_total" []
+        "Records in those messages.";
+    dropped_messages: IntCounterVec "xtcp_forwarder_dropped_messages_total" ["reason"]
+        "Messages given up: queue_full (the bounded queue was full when the datagram came), delivery_failed (not acknowledged within --delivery-timeout, or refused), shutdown (still queued when --flush-timeout ran out at exit).";
+    dropped_records: IntCounterVec "xtcp_forwarder_dropped_records_total" ["reason"]
+        "Records in those messages, by the same reasons.";
+    queued: IntGauge "xtcp_forwarder_queued_messages" []
+        "Messages in the producer's queue, not yet acknowledged.";
+    kafka_errors: IntCounterVec "xtcp_forwarder_kafka_errors_total" ["code"]
+        "Errors the Kafka client reported (broker down, transport errors...), by librdkafka error code.";
+}
+
+/// Every `reason` of the dropped counters.
+pub const DROP_REASONS: [&str; 3] = ["queue_full", "delivery_failed", "shutdown"];
+
+impl ForwarderMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let metrics = Self::register()?;
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        for reason in DROP_REASONS {
+            metrics.dropped_messages.with_label_values(&[reason]);
+            metrics.dropped_records.with_label_values(&[reason]);
+        }
+        Ok(metrics)
+    }
+
+    /// Counts `messages` messages holding `records` records as dropped.
+    pub fn drop_messages(&self, reason: &str, messages: u64, records: u64) {
+        self.dropped_messages
+            .with_label_values(&[reason])
+            .inc_by(messages);
+        self.dropped_records
+            .with_label_values(&[reason])
+            .inc_by(records);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xtcp::metrics::undocumented;
+
+    /// docs/kafka.md describes every metric with its labels.
+    #[test]
+    fn every_metric_is_documented() {
+        for d in FORWARDER_DEFINITIONS {
+            assert!(d.name.starts_with("xtcp_forwarder_"), "{}", d.name);
+        }
+        let doc = include_str!("../../../docs/kafka.md");
+        let missing = undocumented(FORWARDER_DEFINITIONS, doc);
+        assert!(missing.is_empty(), "docs/kafka.md lacks {missing:?}");
+        ForwarderMetrics::new().unwrap();
+    }
+}

@@ -1,0 +1,450 @@
+//! The whole path into Kafka, for real: a private namespace holding 5000
+//! connections (10002 sockets), the exporter polling it, `xtcp-forwarder`,
+//! a `tansu` broker (a Kafka-compatible broker, in-memory storage) and a
+//! Kafka consumer in this test, all inside the namespace. Needs root,
+//! `tansu` on the PATH and chdb (`make test` installs both).
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use xtcp::export::record::SCHEMA_VERSION;
+use xtcp::proto::Record;
+use xtcp_testkit::harness::*;
+use xtcp_testkit::Netns;
+
+const BROKER_PORT: u16 = 9092;
+const TOPIC: &str = "xtcp";
+const UDP_PORT: u16 = 13000;
+/// The forwarder's metrics listener (its default).
+const FORWARDER_PROM_PORT: u32 = 9001;
+
+/// A tansu broker inside the namespace, with the topic created.
+fn start_broker(ns: &Netns) -> Running {
+    let url = format!("tcp://127.0.0.1:{BROKER_PORT}");
+    let broker = Running(Some(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name(), "tansu", "broker"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu (cargo install --locked tansu --features dynostore)"),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_ns(ns, || {
+        TcpStream::connect((Ipv4Addr::LOCALHOST, BROKER_PORT))
+    })
+    .is_err()
+    {
+        assert!(Instant::now() < deadline, "tansu did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let created = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "tansu", "topic", "create"])
+        .args(["--broker", &url, TOPIC])
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "topic create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    broker
+}
+
+/// `xtcp-forwarder` in the namespace, from the exporter's default port to
+/// the broker.
+fn start_forwarder(farm: &Farm, extra: &[&str]) -> Running {
+    let brokers = format!("127.0.0.1:{BROKER_PORT}");
+    let mut args = vec!["--brokers", &brokers, "--topic", TOPIC, "--linger", "5ms"];
+    args.extend_from_slice(extra);
+    let running = Running(Some(
+        farm.exec(workspace_bin("xtcp-forwarder"), &args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let bound = format!(":{UDP_PORT:04X} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !in_ns(&farm.ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/udp").unwrap()
+    })
+    .contains(&bound)
+    {
+        assert!(Instant::now() < deadline, "forwarder did not bind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+/// Reads the topic from the beginning until `want(records so far)` or the
+/// deadline; returns every record of every message, and the payloads
+/// concatenated (which is again length-delimited records).
+fn consume(
+    ns: &Netns,
+    deadline: Duration,
+    want: impl Fn(&[Record]) -> bool + Sync,
+) -> (Vec<Record>, Vec<u8>) {
+    in_ns(ns, || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", format!("127.0.0.1:{BROKER_PORT}"))
+            .set("group.id", "xtcp-test")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(TOPIC), Duration::from_secs(10))
+            .unwrap();
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            assignment
+                .add_partition_offset(TOPIC, partition.id(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let end = Instant::now() + deadline;
+        let (mut records, mut payloads) = (Vec::new(), Vec::new());
+        while !want(&records) && Instant::now() < end {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let mut payload = message.payload().unwrap_or_default();
+                    payloads.extend_from_slice(payload);
+                    while !payload.is_empty() {
+                        records.push(
+                            Record::decode_length_delimited(&mut payload)
+                                .expect("length-delimited records"),
+                        );
+                    }
+                }
+                Some(Err(e)) => eprintln!("consumer: {e}"),
+                None => {}
+            }
+        }
+        (records, payloads)
+    })
+}
+
+/// Polls in which every socket of the farm arrived.
+fn whole_polls(records: &[Record], farm: &BTreeSet<Key>) -> BTreeSet<u64> {
+    by_poll(records)
+        .into_iter()
+        .filter(|(_, rs)| {
+            let keys: BTreeSet<Key> = rs.iter().map(|r| key(r)).collect();
+            keys.is_superset(farm)
+        })
+        .map(|(poll, _)| poll)
+        .collect()
+}
+
+/// The value after `name` in the forwarder's exit line.
+fn forwarder_total(stderr: &str, name: &str) -> u64 {
+    stopped_value(stderr, "xtcp-forwarder", "", name)
+}
+
+#[test]
+fn every_record_reaches_kafka_intact() {
+    if !can_run(&[
+        Need::Root,
+        Need::Tool("ip"),
+        Need::Tool("tansu"),
+        Need::Python("chdb"),
+    ]) {
+        return;
+    }
+    let farm = Farm::new("kafka");
+    let _broker = start_broker(&farm.ns);
+    let forwarder = start_forwarder(&farm, &[]);
+    let (_, exporter) = run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms"]));
+    let sockets = farm.keys.len();
+    let (records, payloads) = consume(&farm.ns, Duration::from_secs(60), |r| {
+        whole_polls(r, &farm.keys).len() == 2
+    });
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+
+    let polls = by_poll(&records);
+    assert_eq!(polls.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    let hostname = nix::unistd::gethostname().unwrap();
+    for (poll, records) in &polls {
+        // The farm's sockets, each once; the rest are the broker's and the
+        // forwarder's own, in the same namespace.
+        let (farm_records, others): (Vec<&&Record>, Vec<&&Record>) =
+            records.iter().partition(|r| farm.keys.contains(&key(r)));
+        let keys: BTreeSet<Key> = farm_records.iter().map(|r| key(r)).collect();
+        assert_eq!(farm_records.len(), sockets, "poll {poll}: records");
+        assert_eq!(keys, farm.keys, "poll {poll}: sockets");
+        for r in &others {
+            let ports = [
+                r.inet_diag_msg_socket_source_port,
+                r.inet_diag_msg_socket_destination_port,
+            ];
+            assert!(
+                ports.contains(&u32::from(BROKER_PORT)) || ports.contains(&FORWARDER_PROM_PORT),
+                "a socket of nobody known: {r:?}"
+            );
+        }
+        for r in &farm_records {
+            assert_eq!(r.hostname, hostname.to_string_lossy());
+            assert_eq!(r.schema_version, SCHEMA_VERSION);
+            assert_eq!(r.tcp_info_state, Some(r.inet_diag_msg_state), "{r:?}");
+            assert!(!r.congestion_algorithm_string.is_empty());
+        }
+    }
+    let mut counters: Vec<u64> = records.iter().map(|r| r.record_counter).collect();
+    counters.sort_unstable();
+    assert_eq!(counters, (1..=records.len() as u64).collect::<Vec<_>>());
+    // Everything the exporter sent was received, produced and acknowledged.
+    let sent = total(&exporter, "v4", "records") + total(&exporter, "v6", "records");
+    assert_eq!(forwarder_total(&stderr, "records"), sent, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "delivered_records"), sent);
+    assert_eq!(forwarder_total(&stderr, "dropped_records"), 0);
+    assert_eq!(forwarder_total(&stderr, "malformed"), 0);
+
+    assert_lands_in_clickhouse(&payloads, &records);
+}
+
+/// Runs the consumed messages through the ClickHouse DDL of docs/kafka.md
+/// (`tools/clickhouse/check.py`, chdb) and compares what landed with the
+/// records decoded here.
+fn assert_lands_in_clickhouse(payloads: &[u8], records: &[Record]) {
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kafka-messages-{}.bin", std::process::id()));
+    std::fs::write(&file, payloads).unwrap();
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tools/clickhouse/check.py"
+        ))
+        .arg(&file)
+        .output()
+        .expect("python3");
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "clickhouse_check.py (pip install chdb): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let landed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let n = records.len() as u64;
+    let count = |family| {
+        records
+            .iter()
+            .filter(|r| r.inet_diag_msg_family == family)
+            .count()
+    };
+    assert_eq!(landed["rows"], n, "{landed}");
+    assert_eq!(landed["unique_records"], n);
+    assert_eq!(landed["min_counter"], 1);
+    assert_eq!(landed["max_counter"], n);
+    assert_eq!(landed["v4"], count(u32::from(xtcp::wire::request::AF_INET)));
+    assert_eq!(
+        landed["v6"],
+        count(u32::from(xtcp::wire::request::AF_INET6))
+    );
+    let without_rtt = records.iter().filter(|r| r.tcp_info_rtt.is_none()).count();
+    assert_eq!(landed["without_rtt"], without_rtt);
+    let strings = |key: &str| -> BTreeSet<String> {
+        landed[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let source_ips: BTreeSet<String> = records
+        .iter()
+        .map(|r| match r.inet_diag_msg_socket_source.len() {
+            4 => <[u8; 4]>::try_from(&r.inet_diag_msg_socket_source[..])
+                .map(|a| std::net::Ipv4Addr::from(a).to_string())
+                .unwrap(),
+            _ => <[u8; 16]>::try_from(&r.inet_diag_msg_socket_source[..])
+                .map(|a| std::net::Ipv6Addr::from(a).to_string())
+                .unwrap(),
+        })
+        .collect();
+    assert!(source_ips.contains("127.0.0.1") && source_ips.contains("::1"));
+    assert_eq!(strings("source_ips"), source_ips);
+    let hostnames: BTreeSet<String> = records.iter().map(|r| r.hostname.clone()).collect();
+    assert_eq!(strings("hostnames"), hostnames);
+    let algorithms: BTreeSet<String> = records
+        .iter()
+        .map(|r| r.congestion_algorithm_enum().as_str_name().to_string())
+        .collect();
+    assert_eq!(strings("algorithms"), algorithms);
+}
+
+#[test]
+fn a_broker_outage_is_survived_and_every_record_accounted_for() {
+    if !can_run(&[Need::Root, Need::Tool("ip"), Need::Tool("tansu")]) {
+        return;
+    }
+    let farm = Farm::new("outage");
+    let broker = start_broker(&farm.ns);
+    let forwarder = start_forwarder(&farm, &["--delivery-timeout", "4s"]);
+    let exporter = Running(Some(
+        // A poll every 2 s: time for the consumer to keep up.
+        farm.xtcp(&["--frequency", "2s"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    // Two whole polls delivered, then the broker dies.
+    let (before, _) = consume(&farm.ns, Duration::from_secs(60), |r| {
+        whole_polls(r, &farm.keys).len() >= 2
+    });
+    let delivered_before = whole_polls(&before, &farm.keys);
+    assert!(delivered_before.len() >= 2, "{delivered_before:?}");
+    drop(broker); // SIGKILL: no goodbye to the clients
+    std::thread::sleep(Duration::from_secs(3));
+    // A new broker (empty: in-memory storage) on the same address.
+    let _broker = start_broker(&farm.ns);
+    let last_before = by_poll(&before).keys().copied().max().unwrap();
+    let (after, _) = consume(&farm.ns, Duration::from_secs(60), |r| {
+        whole_polls(r, &farm.keys).last() > Some(&(last_before + 1))
+    });
+    let delivered_after = whole_polls(&after, &farm.keys);
+    let (status, exporter) = exporter.terminate();
+    let (forwarder_status, stderr) = forwarder.terminate();
+    assert!(
+        delivered_after.last() > Some(&(last_before + 1)),
+        "no whole poll after the broker came back: {delivered_after:?}\n{stderr}"
+    );
+    assert!(status.success(), "{exporter}");
+    assert!(forwarder_status.success(), "{stderr}");
+    // Every record received is delivered or counted as dropped.
+    let received = forwarder_total(&stderr, "records");
+    let delivered = forwarder_total(&stderr, "delivered_records");
+    let dropped = forwarder_total(&stderr, "dropped_records");
+    assert_eq!(received, delivered + dropped, "{stderr}");
+    // Nothing was lost before the forwarder: it received every record sent.
+    let sent = total(&exporter, "v4", "records") + total(&exporter, "v6", "records");
+    assert_eq!(received, sent, "{exporter}\n{stderr}");
+    assert!(
+        stderr.contains("kafka"),
+        "the outage was reported: {stderr}"
+    );
+}
+
+/// With no broker at all: a full queue drops (counted), garbage is counted
+/// and not produced, and what is still queued at SIGTERM is counted as
+/// dropped at shutdown once `--flush-timeout` runs out. The metrics say so
+/// over HTTP first.
+#[test]
+fn without_a_broker_every_record_is_counted_as_dropped() {
+    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+        return;
+    }
+    use std::io::{Read, Write};
+    use xtcp::proto::Envelope;
+
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        })
+        .collect();
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let prom = format!("127.0.0.1:{}", ports[1]);
+    let mut forwarder = Running(Some(
+        Command::new(workspace_bin("xtcp-forwarder"))
+            .args(["--listen", &listen, "--prom-listen", &prom])
+            // Port 1: nothing listens, every connection is refused.
+            .args(["--brokers", "127.0.0.1:1", "--queue-messages", "5"])
+            .args(["--delivery-timeout", "1m", "--flush-timeout", "500ms"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&prom).is_err() {
+        assert!(Instant::now() < deadline, "forwarder did not start");
+        assert!(forwarder.child().try_wait().unwrap().is_none(), "exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 20 datagrams of 3 records each, and one that is not xtcp.
+    for n in 0..20u64 {
+        let envelope = Envelope {
+            records: (1..=3)
+                .map(|i| Record {
+                    schema_version: 1,
+                    record_counter: n * 3 + i,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        sender.send_to(&envelope.encode_to_vec(), &listen).unwrap();
+    }
+    sender.send_to(b"\x0a\xffnot xtcp", &listen).unwrap();
+    let scrape = loop {
+        let mut s = TcpStream::connect(&prom).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        if body.contains("xtcp_forwarder_datagrams_total 21") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "datagrams not counted:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(scrape.contains("xtcp_forwarder_malformed_datagrams_total 1"));
+    assert!(scrape.contains("xtcp_forwarder_records_total 60"));
+    assert!(
+        scrape.contains("xtcp_forwarder_queued_messages 5"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("xtcp_forwarder_dropped_records_total{reason=\"queue_full\"} 45"),
+        "{scrape}"
+    );
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("5 messages still queued"), "{stderr}");
+    assert!(
+        stderr.contains("dropped a datagram: not an xtcp"),
+        "{stderr}"
+    );
+    assert_eq!(forwarder_total(&stderr, "datagrams"), 21);
+    assert_eq!(forwarder_total(&stderr, "malformed"), 1);
+    assert_eq!(forwarder_total(&stderr, "records"), 60);
+    assert_eq!(forwarder_total(&stderr, "delivered_records"), 0);
+    assert_eq!(forwarder_total(&stderr, "dropped_records"), 60, "{stderr}");
+}
+
+#[test]
+fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
+    let forwarder = |args: &[&str]| {
+        let out = Command::new(workspace_bin("xtcp-forwarder"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        (out.status.code(), stderr)
+    };
+    let (code, stderr) = forwarder(&["--compression", "zip"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--compression"), "{stderr}");
+    let (code, stderr) = forwarder(&["--linger", "soon"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--linger"), "{stderr}");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = forwarder(&["--listen", &listen, "--no-prom"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with(&format!(
+            "error: binding --listen {listen}: Address already in use"
+        )),
+        "{stderr}"
+    );
+}

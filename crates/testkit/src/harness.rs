@@ -1,0 +1,346 @@
+//! Helpers shared by the integration tests (the workspace's `tests/it` and
+//! the forwarder's `crates/forwarder/tests/kafka.rs`): what a test needs and whether it is
+//! here, the programs under test, a farm of loopback connections in a
+//! private network namespace, child processes and UDP receivers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use xtcp::export::udp::decode_datagram;
+use xtcp::proto::Record;
+
+use crate::{established_pairs, Netns, Pairs};
+
+/// Connections per family.
+pub const PAIRS: usize = 2500;
+pub const PORT: u16 = 13000;
+
+pub type Key = (u32, u16, u16);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Held by every test that runs the exporter or makes namespaces, so they
+/// take turns: their CPU time, timings and open files are their own.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Something a test needs from the machine.
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    /// Root: namespaces, `SO_RCVBUFFORCE`, the unit's checks.
+    Root,
+    /// A program on the PATH.
+    Tool(&'static str),
+    /// A Python module (`python3 -c 'import NAME'`).
+    Python(&'static str),
+}
+
+impl Need {
+    fn missing(self) -> Option<String> {
+        match self {
+            Need::Root => (!nix::unistd::geteuid().is_root()).then(|| "root".to_string()),
+            Need::Tool(tool) => {
+                let found = std::env::var_os("PATH").is_some_and(|path| {
+                    std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
+                });
+                (!found).then(|| format!("`{tool}` on the PATH"))
+            }
+            Need::Python(module) => {
+                let found = Command::new("python3")
+                    .args(["-c", &format!("import {module}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                (!found).then(|| format!("the Python module {module}"))
+            }
+        }
+    }
+}
+
+/// Whether the calling test can run here. When something it needs is
+/// missing it says so on stderr (not captured, so it shows in the test
+/// output) and returns `false`, and the test passes without running; under
+/// `XTCP_TEST_REQUIRE_ALL` (`make test`, CI) it fails instead.
+#[must_use]
+pub fn can_run(needs: &[Need]) -> bool {
+    let missing: Vec<String> = needs.iter().filter_map(|n| n.missing()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    let why = format!("{test}: skipped, it needs {}", missing.join(", "));
+    assert!(
+        std::env::var_os("XTCP_TEST_REQUIRE_ALL").is_none(),
+        "{why} (XTCP_TEST_REQUIRE_ALL is set: `make test` installs the tools; run it as root)"
+    );
+    let _ = writeln!(std::io::stderr(), "{why}");
+    false
+}
+
+/// The path of a program of the workspace (`xtcp`, `xtcp-forwarder`,
+/// `xtcp-debug-server`, `xtcp-socket-farm`): cargo gives a test only its own
+/// package's, so the first call builds them all, with the profile of this
+/// test binary, and they sit beside it in the target dir.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/it-<hash> -> target/<profile>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target/<profile>/deps")
+            .to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--locked",
+            "-p",
+            "xtcp",
+            "-p",
+            "xtcp-forwarder",
+            "-p",
+            "xtcp-debug-server",
+            "-p",
+            "xtcp-testkit",
+            "--bins",
+        ]);
+        if profile_dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            cargo.arg("--target-dir").arg(target);
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the workspace's programs failed"
+        );
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// A namespace holding the connections, deleted on drop.
+pub struct Farm {
+    pub ns: Netns,
+    pub keys: BTreeSet<Key>,
+    _pairs: Vec<Pairs>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Farm {
+    pub fn new(tag: &str) -> Farm {
+        let serial = serial();
+        // 10002 sockets, the receivers and the test harness's own files.
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap();
+        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        let pairs = in_ns(&ns, || {
+            [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 40001)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 40001)),
+            ]
+            .map(|addr| established_pairs(addr, PAIRS, false).expect("open connections"))
+        });
+        let keys: BTreeSet<Key> = pairs.iter().flat_map(|p| p.keys().unwrap()).collect();
+        assert_eq!(keys.len(), 2 * (2 * PAIRS + 1));
+        Farm {
+            ns,
+            keys,
+            _pairs: pairs.into(),
+            _serial: serial,
+        }
+    }
+
+    /// `xtcp` inside the namespace with these flags and `--no-prom`: the
+    /// metrics listener would be one more socket than the farm's.
+    pub fn xtcp(&self, args: &[&str]) -> Command {
+        let mut cmd = self.exec(workspace_bin("xtcp"), args);
+        cmd.arg("--no-prom");
+        cmd
+    }
+
+    pub fn exec(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name()])
+            .arg(program)
+            .args(args);
+        cmd
+    }
+}
+
+/// Runs `f` on a thread inside the namespace (sockets it opens stay there).
+pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("enter namespace");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+pub fn key(r: &Record) -> Key {
+    (
+        r.inet_diag_msg_family,
+        r.inet_diag_msg_socket_source_port as u16,
+        r.inet_diag_msg_socket_destination_port as u16,
+    )
+}
+
+/// Records by poll id.
+pub fn by_poll(records: &[Record]) -> BTreeMap<u64, Vec<&Record>> {
+    let mut polls: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        polls.entry(r.poll_id).or_default().push(r);
+    }
+    polls
+}
+
+pub fn run(mut cmd: Command) -> (Output, String) {
+    let out = cmd.output().expect("run xtcp");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    (out, stderr)
+}
+
+/// The value after `name` in the family section of the totals line
+/// (`xtcp: stopped: polls 2 ... | v4 sockets 5001 ...`); family "" = the head.
+pub fn total(stderr: &str, family: &str, name: &str) -> u64 {
+    stopped_value(stderr, "xtcp", family, name)
+}
+
+/// The value after `name` in `program`'s exit line (`PROGRAM: stopped: ...`),
+/// within the ` | `-separated section that starts with `section` ("" = the
+/// first).
+pub fn stopped_value(stderr: &str, program: &str, section: &str, name: &str) -> u64 {
+    let prefix = format!("{program}: stopped: ");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no totals line: {stderr}"));
+    let part = line
+        .split(" | ")
+        .find(|s| section.is_empty() || s.starts_with(&format!("{section} ")))
+        .unwrap_or_else(|| panic!("no {section} in {line}"));
+    let words: Vec<&str> = part.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == name)
+        .unwrap_or_else(|| panic!("no {name} in {part}"));
+    words[at + 1].parse().unwrap()
+}
+
+/// A child process, killed and reaped if the test fails before it ends.
+pub struct Running(pub Option<Child>);
+
+impl Running {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let child = self.0.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A UDP socket on the namespace's record port whose reads time out after
+/// 50 ms. A poll of 10k records arrives as one burst: its buffer makes room
+/// for it all (SO_RCVBUFFORCE, root), so a drop would be the exporter's.
+pub fn bind_receiver(ns: &Netns) -> UdpSocket {
+    in_ns(ns, || {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, PORT)).unwrap();
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s
+    })
+}
+
+/// Adds the records of one received datagram to the counts per poll id.
+pub fn count_by_poll(polls: &mut BTreeMap<u64, u64>, datagram: &[u8]) {
+    for r in decode_datagram(datagram).expect("decodable datagram") {
+        *polls.entry(r.poll_id).or_default() += 1;
+    }
+}
+
+/// A UDP receiver inside the namespace that keeps every datagram's records.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Received>,
+}
+
+/// What a [`Receiver`] got.
+#[derive(Default)]
+pub struct Received {
+    pub records: Vec<Record>,
+    pub datagrams: u64,
+    pub bytes: u64,
+}
+
+impl Receiver {
+    pub fn start(ns: &Netns) -> Receiver {
+        let socket = bind_receiver(ns);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut got = Received::default();
+                let mut buf = vec![0; 65536];
+                loop {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            got.datagrams += 1;
+                            got.bytes += n as u64;
+                            got.records
+                                .extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => return got,
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+        Receiver { stop, thread }
+    }
+
+    /// Everything received; call once the exporter has exited (loopback
+    /// delivers a datagram before `send` returns).
+    pub fn finish(self) -> Received {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}

@@ -1,0 +1,373 @@
+//! xtcp's test kit: a known set of TCP sockets in a private network
+//! namespace, for the integration tests (`tests/it`), the socket farm of the
+//! benchmarks (`xtcp-socket-farm`) and the recapture of `tests/fixtures/`
+//! (`xtcp-capture-fixtures`); and `xtcp-dump-floor`, the kernel's own cost of
+//! a poll. Development tools only: nothing here is installed.
+//!
+//! Needs root (it runs `ip netns`). Ports are fixed, which a private
+//! namespace allows, so captures and assertions are repeatable.
+
+pub mod harness;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{
+    bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+};
+use xtcp::wire::message::{NLMSG_HDRLEN, TCPDIAG_GETSOCK};
+use xtcp::wire::request::dump_header;
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {} (needs root and iproute2)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Netns {
+    /// Creates `xtcp-<tag>-<pid>` with its loopback up.
+    pub fn create(tag: &str) -> io::Result<Netns> {
+        let name = format!("xtcp-{tag}-{}", std::process::id());
+        // A namespace left by a killed earlier run of the same pid: replace it.
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's inode, as records carry it in `netns_inode`.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
+    }
+
+    /// Moves the calling thread into the namespace: sockets it opens from now
+    /// on, and threads it spawns, live there.
+    pub fn enter(&self) -> io::Result<()> {
+        let f = File::open(format!("/run/netns/{}", self.name))?;
+        setns(f, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+pub const LISTEN_PORT: u16 = 40001;
+pub const STATE_ESTABLISHED: u32 = 1;
+pub const STATE_TIME_WAIT: u32 = 6;
+pub const STATE_LISTEN: u32 = 10;
+/// Bytes the client writes to the server on every established pair.
+pub const CLIENT_BYTES: usize = 3000;
+/// Bytes the server answers with.
+pub const SERVER_BYTES: usize = 1000;
+/// DSCP AF11 (0x0a << 2): ECN bits clear, as the kernel masks them for TCP.
+pub const TOS: u8 = 0x28;
+
+/// What the dump must report for one socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedSocket {
+    pub family: u32,
+    pub state: u32,
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// (bytes_sent, bytes_received) of tcp_info for established sockets.
+    pub bytes: Option<(u64, u64)>,
+    /// Congestion control name for sockets that carry tcp_info.
+    pub congestion: Option<String>,
+    /// TOS (IPv4) or traffic class (IPv6) byte for sockets that carry it.
+    pub tos: Option<u8>,
+}
+
+impl ExpectedSocket {
+    pub fn key(&self) -> (u32, u32, u16, u16) {
+        (
+            self.family,
+            self.state,
+            self.source_port,
+            self.destination_port,
+        )
+    }
+}
+
+/// The sockets of one family, held open until dropped.
+pub struct Scenario {
+    pub expected: Vec<ExpectedSocket>,
+    _open: Vec<TcpStream>,
+    _listener: TcpListener,
+}
+
+/// Client settings for one established pair.
+enum Tweak {
+    None,
+    Congestion,
+    Tos,
+}
+
+/// Opens, for one family on loopback, from inside the current namespace:
+/// a listener on 40001; three established pairs (plain, cubic, TOS/TCLASS),
+/// each with 3000 bytes sent by the client and 1000 by the server; and one
+/// client in TIME_WAIT. `client_base` picks the client ports (base+1..base+4).
+pub fn open(v6: bool, client_base: u16) -> io::Result<Scenario> {
+    let default_cc = default_congestion()?;
+    let other_cc = other_congestion(&default_cc);
+    let host: IpAddr = if v6 {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u32;
+    let listener = TcpListener::bind(SocketAddr::new(host, LISTEN_PORT))?;
+    let server = SocketAddr::new(host, LISTEN_PORT);
+    let mut expected = vec![ExpectedSocket {
+        family,
+        state: STATE_LISTEN,
+        source_port: LISTEN_PORT,
+        destination_port: 0,
+        bytes: None,
+        congestion: Some(default_cc.clone()),
+        tos: Some(0),
+    }];
+    let mut open = Vec::new();
+    for (i, tweak) in [Tweak::None, Tweak::Congestion, Tweak::Tos]
+        .into_iter()
+        .enumerate()
+    {
+        let port = client_base + 1 + i as u16;
+        let mut client = connect_from(SocketAddr::new(host, port), server, &tweak, other_cc, v6)?;
+        let (mut accepted, _) = listener.accept()?;
+        let mut buf = vec![0u8; CLIENT_BYTES];
+        client.write_all(&buf[..CLIENT_BYTES])?;
+        accepted.read_exact(&mut buf[..CLIENT_BYTES])?;
+        accepted.write_all(&buf[..SERVER_BYTES])?;
+        client.read_exact(&mut buf[..SERVER_BYTES])?;
+        let (cc, tos) = match tweak {
+            Tweak::None => (default_cc.as_str(), 0),
+            Tweak::Congestion => (other_cc, 0),
+            Tweak::Tos => (default_cc.as_str(), TOS),
+        };
+        let established =
+            |(source_port, destination_port), (sent, received), cc: &str, tos| ExpectedSocket {
+                family,
+                state: STATE_ESTABLISHED,
+                source_port,
+                destination_port,
+                bytes: Some((sent as u64, received as u64)),
+                congestion: Some(cc.to_string()),
+                tos: Some(tos),
+            };
+        expected.push(established(
+            (port, LISTEN_PORT),
+            (CLIENT_BYTES, SERVER_BYTES),
+            cc,
+            tos,
+        ));
+        expected.push(established(
+            (LISTEN_PORT, port),
+            (SERVER_BYTES, CLIENT_BYTES),
+            &default_cc,
+            0,
+        ));
+        open.push(client);
+        open.push(accepted);
+    }
+    // TIME_WAIT: the side that closes first keeps the 4-tuple for 60 s; the
+    // server side is gone once its FIN is acked.
+    let tw_port = client_base + 4;
+    let client = connect_from(
+        SocketAddr::new(host, tw_port),
+        server,
+        &Tweak::None,
+        other_cc,
+        v6,
+    )?;
+    let (mut accepted, _) = listener.accept()?;
+    drop(client);
+    let mut sink = Vec::new();
+    accepted.read_to_end(&mut sink)?;
+    drop(accepted);
+    expected.push(ExpectedSocket {
+        family,
+        state: STATE_TIME_WAIT,
+        source_port: tw_port,
+        destination_port: LISTEN_PORT,
+        bytes: None,
+        congestion: None,
+        tos: None,
+    });
+    // Let delayed ACKs and the last FIN/ACK land so counters and states settle.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Scenario {
+        expected,
+        _open: open,
+        _listener: listener,
+    })
+}
+
+fn connect_from(
+    local: SocketAddr,
+    remote: SocketAddr,
+    tweak: &Tweak,
+    other_cc: &str,
+    v6: bool,
+) -> io::Result<TcpStream> {
+    let af = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd: OwnedFd = socket(af, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    match tweak {
+        Tweak::None => {}
+        Tweak::Congestion => setsockopt(&fd, sockopt::TcpCongestion, &other_cc.into())?,
+        Tweak::Tos if v6 => setsockopt(&fd, sockopt::Ipv6TClass, &i32::from(TOS))?,
+        Tweak::Tos => setsockopt(&fd, sockopt::Ipv4Tos, &i32::from(TOS))?,
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(remote))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The kernel's default congestion control inside the current namespace.
+pub fn default_congestion() -> io::Result<String> {
+    Ok(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// An always-built-in algorithm other than the default, set on one client.
+pub fn other_congestion(default_cc: &str) -> &'static str {
+    if default_cc == "cubic" {
+        "reno"
+    } else {
+        "cubic"
+    }
+}
+
+/// Many established loopback connections on one listener, held open.
+pub struct Pairs {
+    pub listener: TcpListener,
+    /// Client and accepted server ends, alternating.
+    pub streams: Vec<TcpStream>,
+}
+
+impl Pairs {
+    /// `(family, source port, destination port)` of every socket, listener
+    /// included: what a dump of the namespace must report.
+    pub fn keys(&self) -> io::Result<Vec<(u32, u16, u16)>> {
+        let listen = self.listener.local_addr()?;
+        let mut keys = vec![(family_of(&listen), listen.port(), 0)];
+        for s in &self.streams {
+            let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+            keys.push((family_of(&local), local.port(), peer.port()));
+        }
+        Ok(keys)
+    }
+}
+
+fn family_of(addr: &SocketAddr) -> u32 {
+    (if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    }) as u32
+}
+
+/// Opens `pairs` established connections to a new listener on `server`,
+/// from inside the current namespace. With `exchange`, each pair sends 100
+/// bytes both ways so the byte and segment counters are not zero.
+pub fn established_pairs(server: SocketAddr, pairs: usize, exchange: bool) -> io::Result<Pairs> {
+    let listener = TcpListener::bind(server)?;
+    let mut streams = Vec::with_capacity(2 * pairs);
+    for _ in 0..pairs {
+        let mut client = TcpStream::connect(server)?;
+        let (mut accepted, _) = listener.accept()?;
+        if exchange {
+            let mut buf = [7u8; 100];
+            client.write_all(&buf)?;
+            accepted.read_exact(&mut buf)?;
+            accepted.write_all(&buf)?;
+            client.read_exact(&mut buf)?;
+        }
+        streams.extend([client, accepted]);
+    }
+    Ok(Pairs { listener, streams })
+}
+
+/// Size of the old `struct inet_diag_req`.
+pub const INET_DIAG_REQ_LEN: usize = 60;
+/// Size of the whole old-style request datagram.
+pub const ALL_FAMILIES_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
+
+/// Builds a dump request for IPv4 and IPv6 sockets at once. The old
+/// `inet_diag_req` has no family field the kernel honours: its dump runs
+/// with `AF_UNSPEC` (`inet_diag_dump_compat`), so one walk of the socket
+/// tables returns both families, where two `SOCK_DIAG_BY_FAMILY` dumps walk
+/// them twice. Same states and extension bits as
+/// [`dump_request`](xtcp::wire::request::dump_request). `xtcp-dump-floor
+/// --layout all-families` measures it.
+pub fn all_families_dump_request(
+    states: u32,
+    extensions: u8,
+    seq: u32,
+) -> [u8; ALL_FAMILIES_REQUEST_LEN] {
+    let mut out = [0u8; ALL_FAMILIES_REQUEST_LEN];
+    let req = dump_header(&mut out, TCPDIAG_GETSOCK, seq);
+    req[3] = extensions; // idiag_ext, after family and the two address lengths
+                         // req[4..52]: inet_diag_sockid left zero = match every socket.
+    req[52..56].copy_from_slice(&states.to_ne_bytes()); // idiag_states
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xtcp::wire::message::{messages, NLM_F_DUMP, NLM_F_REQUEST};
+    use xtcp::wire::request::{ALL_EXTENSIONS, ALL_STATES};
+
+    #[test]
+    fn all_families_request_layout() {
+        let r = all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, 7);
+        let m = messages(&r).next().unwrap().unwrap();
+        assert_eq!(m.msg_type, TCPDIAG_GETSOCK);
+        assert_eq!((m.flags, m.seq), (NLM_F_REQUEST | NLM_F_DUMP, 7));
+        assert_eq!(m.payload.len(), INET_DIAG_REQ_LEN);
+        // Family and address lengths zero, then the extensions.
+        assert_eq!(&m.payload[..4], &[0, 0, 0, 0x7f]);
+        assert_eq!(
+            u32::from_ne_bytes(m.payload[52..56].try_into().unwrap()),
+            0x3ffe
+        );
+        assert!(m.payload[4..52]
+            .iter()
+            .chain(&m.payload[56..])
+            .all(|&b| b == 0));
+    }
+}

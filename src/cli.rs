@@ -1,0 +1,73 @@
+//! What every xtcp program (the exporter, the forwarder, the debug server)
+//! does the same way with its command line: clap's errors become one line and
+//! exit 2, `--help`/`--version` print and exit 0, and durations read the same.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How a program ends when clap did not return its arguments: `--help` and
+/// `--version` are printed (exit 0); an error is printed as its first line
+/// only, without clap's usage block, so a log holds one line (exit 2).
+pub fn exit_for(e: &clap::Error) -> ExitCode {
+    if e.use_stderr() {
+        eprintln!("{}", first_line(&e.render().to_string()));
+        ExitCode::from(2)
+    } else {
+        let _ = e.print();
+        ExitCode::SUCCESS
+    }
+}
+
+/// The first line of a multi-line message.
+pub fn first_line(s: &str) -> String {
+    s.lines()
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_string()
+}
+
+/// A duration flag such as `30s`, `500ms` or `1m 30s`; zero is allowed
+/// (e.g. a linger of `0ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}': {e} (e.g. 30s, 500ms, 1m)"))
+}
+
+/// A duration flag that must be longer than zero (a period or a timeout).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("'{s}' must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0ms"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_positive_duration("1m 500ms"),
+            Ok(Duration::from_millis(60_500))
+        );
+        assert!(parse_positive_duration("0s")
+            .unwrap_err()
+            .contains("longer than zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("e.g. 30s"));
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        #[derive(clap::Parser, Debug)]
+        struct Args {
+            #[arg(long)]
+            n: u32,
+        }
+        let e = <Args as clap::Parser>::try_parse_from(["p", "--n", "x"]).unwrap_err();
+        let line = first_line(&e.render().to_string());
+        assert!(line.starts_with("error:") && line.contains("--n"), "{line}");
+        assert_eq!(exit_for(&e), ExitCode::from(2));
+    }
+}

@@ -1,0 +1,475 @@
+//! What a dump did, counted: the one list of the exporter's dump counters.
+//!
+//! Every counter is one entry of the [`counters!`] table below. The entry
+//! says what it counts and where it is shown, and everything else follows
+//! from it:
+//! - [`DumpCounters`] (atomics the threads of a dump add to) and
+//!   [`DumpTotals`] (their sum) get a field;
+//! - Prometheus gets a series of a `family`-labelled metric (the metrics
+//!   module builds it from [`COUNTERS`]), and so statsd, which sends what
+//!   changed in the Prometheus registry;
+//! - the exit line gets a `key value` pair (`exit`), entries with the same
+//!   key summed;
+//! - the poll's warning names it when it is not zero (`warn`), entries with
+//!   the same words summed;
+//! - `docs/metrics.md` must have a row for the metric naming the series; a
+//!   test in this module checks that every counter reaches all of these.
+//!
+//! This module is below both `pipeline` (which counts) and `metrics` (which
+//! shows), so neither imports the other.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::config::Family;
+
+/// How a counter's value becomes its Prometheus series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// As counted.
+    Count,
+    /// Counted in nanoseconds, shown in seconds (Prometheus) and
+    /// milliseconds (exit line, whose key ends in `_ms`).
+    Nanos,
+    /// Counted per event, shown as the number of dumps where any happened.
+    Dumps,
+}
+
+/// One counter of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Counter {
+    /// The field of [`DumpTotals`].
+    pub name: &'static str,
+    /// What it counts, one sentence.
+    pub help: &'static str,
+    /// The Prometheus metric; several counters may share one, told apart
+    /// by `label`.
+    pub metric: &'static str,
+    /// The metric's second label (after `family`) and this counter's value
+    /// of it.
+    pub label: Option<(&'static str, &'static str)>,
+    pub unit: Unit,
+    /// Key on the exit line.
+    pub exit: Option<&'static str>,
+    /// Words of the poll warning, after the number.
+    pub warning: Option<&'static str>,
+}
+
+impl Counter {
+    /// The value Prometheus shows for `value` counted.
+    pub fn metric_value(&self, value: u64) -> f64 {
+        match self.unit {
+            Unit::Count => value as f64,
+            Unit::Nanos => value as f64 / 1e9,
+            Unit::Dumps => f64::from(u8::from(value > 0)),
+        }
+    }
+
+    /// The value the exit line shows for `value` counted.
+    fn exit_value(&self, value: u64) -> u64 {
+        match self.unit {
+            Unit::Nanos => value / 1_000_000,
+            Unit::Count | Unit::Dumps => value,
+        }
+    }
+}
+
+/// The opening words of the help of a metric that several counters share;
+/// each counter's label value and help follow.
+pub const SHARED_METRICS: &[(&str, &str)] = &[
+    (
+        "xtcp_sockets_skipped_total",
+        "Sockets reported but not exported, by reason:",
+    ),
+    ("xtcp_netlink_errors_total", "Netlink failures, by kind:"),
+];
+
+/// `None` or `Some(x)`, for the table's optional parts.
+macro_rules! some {
+    () => {
+        None
+    };
+    ($x:expr) => {
+        Some($x)
+    };
+}
+
+/// `Unit::Count` unless the entry names another.
+macro_rules! unit {
+    () => {
+        Unit::Count
+    };
+    ($u:ident) => {
+        Unit::$u
+    };
+}
+
+macro_rules! counters {
+    ($(
+        $name:ident $help:literal => $metric:literal
+            $([$label:literal = $value:literal])?
+            $(, unit $unit:ident)?
+            $(, exit $exit:literal)?
+            $(, warn $warn:literal)?;
+    )*) => {
+        /// What a dump did, counted by the threads that did it.
+        #[derive(Debug, Default)]
+        pub struct DumpCounters {
+            $(#[doc = $help] pub $name: AtomicU64,)*
+        }
+
+        /// A [`DumpCounters`] snapshot, a thread's tally, or a sum of them.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct DumpTotals {
+            $(#[doc = $help] pub $name: u64,)*
+        }
+
+        /// Every counter, in the order of [`DumpTotals::values`].
+        pub const COUNTERS: &[Counter] = &[$(Counter {
+            name: stringify!($name),
+            help: $help,
+            metric: $metric,
+            label: some!($(($label, $value))?),
+            unit: unit!($($unit)?),
+            exit: some!($($exit)?),
+            warning: some!($($warn)?),
+        },)*];
+
+        impl DumpCounters {
+            pub fn snapshot(&self) -> DumpTotals {
+                DumpTotals { $($name: self.$name.load(Relaxed),)* }
+            }
+
+            /// Adds a thread's local tally (one atomic add per non-zero field).
+            pub fn add(&self, t: &DumpTotals) {
+                $(if t.$name != 0 {
+                    self.$name.fetch_add(t.$name, Relaxed);
+                })*
+            }
+        }
+
+        impl DumpTotals {
+            pub fn add(&mut self, t: &DumpTotals) {
+                $(self.$name += t.$name;)*
+            }
+
+            /// Every field, in the order of [`COUNTERS`].
+            pub fn values(&self) -> [u64; COUNTERS.len()] {
+                [$(self.$name,)*]
+            }
+
+            /// Sets the field of `COUNTERS[index]` (tests and tools).
+            pub fn set(&mut self, index: usize, value: u64) {
+                let fields = [$(&mut self.$name,)*];
+                if let Some(field) = fields.into_iter().nth(index) {
+                    *field = value;
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    // Netlinkers.
+    datagrams "Netlink reply datagrams received for the dumps." => "xtcp_netlink_datagrams_total";
+    bytes "Bytes of those datagrams." => "xtcp_netlink_bytes_total";
+    messages "Netlink messages in those datagrams (sockets, NLMSG_DONE, errors)." => "xtcp_netlink_messages_total";
+    sockets "Sockets the kernel reported." => "xtcp_sockets_total", exit "sockets";
+    // Inetdiagers.
+    sampled "Sockets kept by --sampling-modulus." => "xtcp_sockets_sampled_total", exit "sampled";
+    unsampled "left out by --sampling-modulus." => "xtcp_sockets_skipped_total" ["reason" = "sampling"];
+    records "Records encoded and handed to the output." => "xtcp_records_total", exit "records";
+    sent_datagrams "UDP datagrams sent (with --dest stdout: writes)." => "xtcp_output_datagrams_total", exit "sent_datagrams";
+    sent_bytes "Bytes of those datagrams or writes." => "xtcp_output_bytes_total", exit "sent_bytes";
+    send_errors "UDP sends that failed (e.g. nobody listening)." => "xtcp_output_send_errors_total", exit "send_errors", warn "failed sends";
+    records_lost "Records in datagrams whose send failed." => "xtcp_output_records_lost_total", exit "records_lost", warn "records lost in failed sends";
+    decode_errors "malformed socket message (skipped)." => "xtcp_sockets_skipped_total" ["reason" = "undecodable"], exit "decode_errors", warn "socket messages not decodable";
+    encode_errors "record longer than the record buffer (never expected; skipped)." => "xtcp_sockets_skipped_total" ["reason" = "too_long"], warn "records too long for the record buffer";
+    output_closed "stdout closed or failed, so the sampled socket was not written." => "xtcp_sockets_skipped_total" ["reason" = "output_closed"];
+    unknown_attributes "Socket attributes of kinds this version does not decode (a newer kernel)." => "xtcp_unknown_attributes_total";
+    // The channel between them.
+    channel_full "Times a netlinker found the channel to the inetdiagers full and waited." => "xtcp_channel_full_total", exit "channel_full";
+    channel_blocked_ns "Time netlinkers spent waiting on a full channel." => "xtcp_channel_blocked_seconds_total", unit Nanos, exit "channel_blocked_ms";
+    // Failures of the dump itself.
+    receive_errors "a datagram could not be received (lost)." => "xtcp_netlink_errors_total" ["kind" = "receive"], exit "netlink_errors", warn "netlink datagrams lost";
+    malformed "a datagram could not be framed (lost)." => "xtcp_netlink_errors_total" ["kind" = "malformed"], exit "netlink_errors", warn "netlink datagrams lost";
+    kernel_errors "the kernel ended the dump with an error." => "xtcp_netlink_errors_total" ["kind" = "kernel"], exit "netlink_errors", warn "kernel errors";
+    request_errors "the dump request could not be sent." => "xtcp_netlink_errors_total" ["kind" = "request"], exit "netlink_errors", warn "requests not sent";
+    timeouts "the kernel sent nothing for --netlink-timeout and the dump was abandoned." => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "timeouts";
+    interrupted "Dumps with datagrams flagged NLM_F_DUMP_INTR: the socket table changed mid-dump, so sockets may be missing or repeated." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
+}
+
+/// Sums `(key, counter, value)` by key, keeping the order of first
+/// appearance.
+fn group<'a>(keyed: impl Iterator<Item = (&'a str, &'a Counter, u64)>) -> Vec<(&'a str, u64)> {
+    let mut groups: Vec<(&str, u64)> = Vec::new();
+    for (key, _, value) in keyed {
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, sum)) => *sum += value,
+            None => groups.push((key, value)),
+        }
+    }
+    groups
+}
+
+impl DumpTotals {
+    /// The exit line's `(key, value)` pairs, in table order.
+    pub fn exit_fields(&self) -> Vec<(&'static str, u64)> {
+        group(
+            COUNTERS
+                .iter()
+                .zip(self.values())
+                .filter_map(|(c, v)| Some((c.exit?, c, c.exit_value(v)))),
+        )
+    }
+
+    /// `(number, words)` of what went wrong, for the poll's warning; empty
+    /// when the dump was clean.
+    pub fn problems(&self) -> Vec<(u64, &'static str)> {
+        group(
+            COUNTERS
+                .iter()
+                .zip(self.values())
+                .filter_map(|(c, v)| Some((c.warning?, c, v))),
+        )
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(words, n)| (n, words))
+        .collect()
+    }
+}
+
+/// Sockets counted by the length of the `tcp_info` the kernel sent with
+/// them. A kernel sends one length (its `sizeof(struct tcp_info)`), and none
+/// for sockets without one (`TIME_WAIT`, `SYN_RECV`), so a few slots are
+/// enough; lengths beyond them are counted together as `other`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpInfoLengths {
+    /// `(key, sockets)`; key 0 is no `tcp_info`, otherwise length + 1.
+    /// Slots with no sockets are free.
+    slots: [(u32, u64); 4],
+    other: u64,
+}
+
+impl TcpInfoLengths {
+    /// Counts `n` sockets whose `tcp_info` was `len` bytes (`None`: absent).
+    #[inline]
+    pub fn add(&mut self, len: Option<usize>, n: u64) {
+        let key = len.map_or(0, |l| l as u32 + 1);
+        for slot in &mut self.slots {
+            if slot.1 == 0 || slot.0 == key {
+                *slot = (key, slot.1 + n);
+                return;
+            }
+        }
+        self.other += n;
+    }
+
+    pub fn merge(&mut self, other: &TcpInfoLengths) {
+        for (len, n) in other.iter() {
+            self.add(len, n);
+        }
+        self.other += other.other;
+    }
+
+    /// `(length, sockets)` per length seen; `None` is no `tcp_info`.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<usize>, u64)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.1 != 0)
+            .map(|&(key, n)| ((key != 0).then(|| key as usize - 1), n))
+    }
+
+    /// Sockets whose length found no free slot.
+    pub fn other(&self) -> u64 {
+        self.other
+    }
+}
+
+/// What the poller learns when a dump is finished.
+#[derive(Debug, Clone)]
+pub struct DumpReport {
+    pub family: Family,
+    pub totals: DumpTotals,
+    pub tcp_info_lengths: TcpInfoLengths,
+    /// From the request to `NLMSG_DONE`; `None` if it never came.
+    pub done_after: Option<Duration>,
+    /// From the request to the last record sent.
+    pub finished_after: Duration,
+    /// The first problem of each kind, to say what went wrong.
+    pub first_errors: Vec<String>,
+}
+
+impl DumpReport {
+    /// A family's report of a poll that dumped no namespace yet.
+    pub fn empty(family: Family) -> Self {
+        DumpReport {
+            family,
+            totals: DumpTotals::default(),
+            tcp_info_lengths: TcpInfoLengths::default(),
+            done_after: Some(Duration::ZERO),
+            finished_after: Duration::ZERO,
+            first_errors: Vec::new(),
+        }
+    }
+
+    /// Adds the dump of the same family in another namespace: namespaces
+    /// are dumped one after the other, so times add up, and `NLMSG_DONE`
+    /// counts as having come only if it came in every one.
+    pub fn merge(&mut self, other: &DumpReport) {
+        self.totals.add(&other.totals);
+        self.tcp_info_lengths.merge(&other.tcp_info_lengths);
+        self.done_after = self.done_after.zip(other.done_after).map(|(a, b)| a + b);
+        self.finished_after += other.finished_after;
+        self.first_errors.extend(other.first_errors.iter().cloned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::statsd::Statsd;
+    use crate::metrics::tests::{family, metrics, pool, sample, scrape};
+    use crate::metrics::{doc_row, Metrics};
+    use crate::pipeline::report::{dump_warning, RunTotals};
+    use crate::wire::request::AF_INET;
+
+    /// Each counter, set alone to a distinct value in a poll's report,
+    /// shows in Prometheus, statsd, the exit line and the warning its entry
+    /// names, and docs/metrics.md describes its series.
+    #[test]
+    fn every_counter_reaches_every_place_it_is_shown() {
+        let doc = include_str!("../docs/metrics.md");
+        let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        for (i, counter) in COUNTERS.iter().enumerate() {
+            // Nanoseconds: whole milliseconds on the exit line.
+            let value = 3_000_000 + i as u64;
+            let mut report = DumpReport::empty(family(AF_INET));
+            report.totals.set(i, value);
+            assert_eq!(report.totals.values()[i], value, "{}", counter.name);
+            assert_eq!(report.totals.values().iter().sum::<u64>(), value);
+
+            let m: Metrics = metrics();
+            let mut statsd = Statsd::connect(
+                listener.local_addr().unwrap(),
+                m.table.statsd_errors.clone(),
+            )
+            .unwrap();
+            m.observe_poll(std::slice::from_ref(&report), &[pool(0)], false);
+            statsd.flush(m.registry());
+
+            // Prometheus.
+            let label = counter
+                .label
+                .map_or(String::new(), |(l, v)| format!(",{l}=\"{v}\""));
+            let series = format!("{}{{family=\"v4\"{label}}}", counter.metric);
+            let shown = counter.metric_value(value);
+            assert_eq!(sample(&scrape(&m), &series), Some(shown), "{series}");
+
+            // statsd: the metric without `xtcp_`, then the label values.
+            let key = format!(
+                "xtcp.{}.v4{}",
+                counter.metric.trim_start_matches("xtcp_"),
+                counter
+                    .label
+                    .map_or(String::new(), |(_, v)| format!(".{v}"))
+            );
+            let mut lines = Vec::new();
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = listener.recv(&mut buf) {
+                lines.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .map(str::to_string),
+                );
+            }
+            assert!(
+                lines.contains(&format!("{key}:{shown}|c")),
+                "{key}:{shown}|c not in {lines:#?}"
+            );
+
+            // The exit line.
+            let mut run = RunTotals::default();
+            run.add_poll(std::slice::from_ref(&report), false);
+            let line = run.to_string();
+            if let Some(exit) = counter.exit {
+                let shown = if counter.unit == Unit::Nanos {
+                    value / 1_000_000
+                } else {
+                    value
+                };
+                assert!(line.contains(&format!(" {exit} {shown}")), "{line}");
+            }
+
+            // The warning.
+            let warning = dump_warning(1, &report);
+            match counter.warning {
+                Some(words) => {
+                    let warning = warning.unwrap_or_default();
+                    assert!(warning.contains(&format!("{value} {words}")), "{warning}");
+                }
+                None => assert_eq!(warning, None, "{}", counter.name),
+            }
+
+            // The docs: a row for the metric naming the label and its value.
+            let row = doc_row(doc, counter.metric)
+                .unwrap_or_else(|| panic!("docs/metrics.md: no row for {}", counter.metric));
+            assert!(row.contains("`family`"), "{row}");
+            if let Some((l, v)) = counter.label {
+                assert!(row.contains(&format!("`{l}`")), "{row}: {l}");
+                assert!(row.contains(&format!("`{v}`")), "{row}: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn reports_of_namespaces_add_up() {
+        let family = Family {
+            af: AF_INET,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let dump = |sockets, done_ms: Option<u64>| DumpReport {
+            totals: DumpTotals {
+                sockets,
+                ..Default::default()
+            },
+            done_after: done_ms.map(Duration::from_millis),
+            finished_after: Duration::from_millis(10),
+            first_errors: vec![format!("e{sockets}")],
+            ..DumpReport::empty(family)
+        };
+        let mut poll = DumpReport::empty(family);
+        poll.merge(&dump(3, Some(4)));
+        poll.merge(&dump(5, Some(6)));
+        assert_eq!(poll.totals.sockets, 8);
+        assert_eq!(poll.done_after, Some(Duration::from_millis(10)));
+        assert_eq!(poll.finished_after, Duration::from_millis(20));
+        assert_eq!(poll.first_errors, ["e3", "e5"]);
+        // One namespace without NLMSG_DONE: the poll's dump never finished.
+        poll.merge(&dump(1, None));
+        assert_eq!(poll.done_after, None);
+    }
+
+    #[test]
+    fn tcp_info_lengths_fill_slots_then_other() {
+        let mut a = TcpInfoLengths::default();
+        a.add(Some(280), 3);
+        a.add(None, 2);
+        a.add(Some(280), 1);
+        assert_eq!(a.iter().collect::<Vec<_>>(), [(Some(280), 4), (None, 2)]);
+        let mut b = TcpInfoLengths::default();
+        for len in [0, 104, 232, 248, 256] {
+            b.add(Some(len), 1);
+        }
+        a.merge(&b);
+        assert_eq!(
+            a.iter().collect::<Vec<_>>(),
+            [(Some(280), 4), (None, 2), (Some(0), 1), (Some(104), 1)]
+        );
+        assert_eq!(a.other(), 3, "232, 248 and 256 found no slot");
+    }
+}

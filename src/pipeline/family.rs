@@ -1,0 +1,92 @@
+//! One address family's part of the pipeline, shared by the poller and the
+//! family's netlinkers: its netlink sockets (one per namespace polled), the
+//! epoll set the netlinkers wait on, its receive buffers and its current
+//! dump.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+use crate::config::Family;
+use crate::pipeline::dump::Dump;
+use crate::pipeline::pool::BufferPool;
+use crate::pipeline::sock_diag::SockDiagSocket;
+
+/// One family's sockets (one per namespace), buffers and current dump,
+/// shared by the poller and the family's netlinkers.
+pub struct FamilyState {
+    pub family: Family,
+    /// Every socket of the family, and the release fd: what the netlinkers
+    /// wait on. Socket events carry the namespace's inode,
+    /// [`RELEASE_TOKEN`] is the release fd.
+    pub epoll: Epoll,
+    sockets: Mutex<HashMap<u64, Arc<SockDiagSocket>>>,
+    pub pool: Arc<BufferPool>,
+    /// The dump replies are currently expected for.
+    pub current: Mutex<Option<Arc<Dump>>>,
+    /// Datagrams of no current dump (the tail of an abandoned one).
+    pub stale_datagrams: AtomicU64,
+}
+
+/// The epoll token of the shutdown release fd (no inode is `u64::MAX`).
+pub const RELEASE_TOKEN: u64 = u64::MAX;
+
+impl FamilyState {
+    /// A family with no namespace yet; `release` wakes its netlinkers for
+    /// good (`Shutdown::release_fd`).
+    pub fn new(family: Family, pool: Arc<BufferPool>, release: BorrowedFd<'_>) -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(release, EpollEvent::new(EpollFlags::EPOLLIN, RELEASE_TOKEN))?;
+        Ok(FamilyState {
+            family,
+            epoll,
+            sockets: Mutex::default(),
+            pool,
+            current: Mutex::new(None),
+            stale_datagrams: AtomicU64::new(0),
+        })
+    }
+
+    fn sockets(&self) -> MutexGuard<'_, HashMap<u64, Arc<SockDiagSocket>>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts watching the socket of the namespace with this inode.
+    pub fn add_socket(&self, inode: u64, socket: Arc<SockDiagSocket>) -> io::Result<()> {
+        self.epoll
+            .add(&*socket, EpollEvent::new(EpollFlags::EPOLLIN, inode))?;
+        self.sockets().insert(inode, socket);
+        Ok(())
+    }
+
+    /// Stops watching a namespace's socket; it closes when the last dump
+    /// holding it ends.
+    pub fn remove_socket(&self, inode: u64) {
+        if let Some(socket) = self.sockets().remove(&inode) {
+            // Fails only if it was never added, which the map rules out.
+            let _ = self.epoll.delete(&*socket);
+        }
+    }
+
+    /// The socket an epoll event names; `None` once removed.
+    pub fn socket(&self, token: u64) -> Option<Arc<SockDiagSocket>> {
+        self.sockets().get(&token).cloned()
+    }
+
+    pub fn current(&self) -> MutexGuard<'_, Option<Arc<Dump>>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends `dump` as the current one (if it still is): no more replies are
+    /// expected for it.
+    pub fn retire(&self, dump: &Arc<Dump>) {
+        let mut current = self.current();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, dump)) {
+            *current = None;
+        }
+    }
+}

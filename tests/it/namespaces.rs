@@ -1,0 +1,252 @@
+//! `--netns` and `--all-netns` against the real kernel while the exporter
+//! runs: namespaces with known connections are created, deleted and
+//! recreated between polls; every complete poll must hold exactly the
+//! sockets of the namespaces that existed, each under its name and inode,
+//! and the exporter's threads and descriptors must come back to what they
+//! were. The exporter runs in a namespace of its own (`ip netns exec`),
+//! writing JSON lines that a thread of the test reads as they come. Needs
+//! root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::{can_run, in_ns, serial, stopped_value, workspace_bin, Key, Need, Running};
+use serde_json::Value;
+use xtcp_testkit::{established_pairs, Netns, Pairs};
+
+/// A namespace with `pairs` IPv4 connections held open.
+struct Populated {
+    ns: Netns,
+    inode: u64,
+    keys: BTreeSet<Key>,
+    _pairs: Pairs,
+}
+
+impl Populated {
+    fn new(tag: &str, pairs: usize) -> Populated {
+        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 40001));
+        let held = in_ns(&ns, || established_pairs(server, pairs, false).unwrap());
+        let keys: BTreeSet<Key> = held.keys().unwrap().into_iter().collect();
+        assert_eq!(keys.len(), 2 * pairs + 1);
+        Populated {
+            inode: ns.inode().unwrap(),
+            ns,
+            keys,
+            _pairs: held,
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.ns.name()
+    }
+}
+
+/// A namespace as one poll saw it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Seen {
+    inodes: BTreeSet<u64>,
+    keys: BTreeSet<Key>,
+}
+
+/// Namespace name -> what one poll held of it.
+type Poll = BTreeMap<String, Seen>;
+
+/// The exporter, and the records it printed so far by poll and namespace.
+struct Exporter {
+    child: Running,
+    pid: u32,
+    polls: Arc<Mutex<BTreeMap<u64, Poll>>>,
+}
+
+impl Exporter {
+    fn start(home: &Netns, flags: &[&str]) -> Exporter {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", home.name()])
+            .arg(workspace_bin("xtcp"))
+            .args(["--frequency", "200ms", "--dest", "stdout", "--no-prom"])
+            .args(["--no-statsd"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = Running(Some(cmd.spawn().unwrap()));
+        // `ip netns exec` execs the program: the child is the exporter.
+        let pid = child.child().id();
+        let stdout = child.child().stdout.take().unwrap();
+        let polls: Arc<Mutex<BTreeMap<u64, Poll>>> = Arc::default();
+        std::thread::spawn({
+            let polls = Arc::clone(&polls);
+            move || {
+                for line in BufReader::new(stdout).lines() {
+                    let r: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                    let u = |k: &str| r[k].as_u64().unwrap();
+                    let key = (
+                        u("inet_diag_msg_family") as u32,
+                        u("inet_diag_msg_socket_source_port") as u16,
+                        u("inet_diag_msg_socket_destination_port") as u16,
+                    );
+                    let name = r["netns_name"].as_str().unwrap().to_string();
+                    let mut polls = polls.lock().unwrap();
+                    let seen: &mut Seen = polls
+                        .entry(u("poll_id"))
+                        .or_default()
+                        .entry(name)
+                        .or_default();
+                    seen.inodes.insert(u("netns_inode"));
+                    assert!(seen.keys.insert(key), "a socket twice in a poll: {key:?}");
+                }
+            }
+        });
+        Exporter { child, pid, polls }
+    }
+
+    /// Waits for a complete poll (a later one has begun: polls do not
+    /// overlap) that started after now, and returns what it held of the
+    /// namespaces named `ours`.
+    fn next_poll(&self, ours: &[&str]) -> Poll {
+        let after = self
+            .polls
+            .lock()
+            .unwrap()
+            .keys()
+            .last()
+            .copied()
+            .unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            {
+                let mut polls = self.polls.lock().unwrap();
+                let last = polls.keys().last().copied().unwrap_or(0);
+                // `after` may still have been filling; `after + 1` started
+                // after this call, and `last > after + 1` means it is whole.
+                if last > after + 1 {
+                    let mut poll = polls.remove(&(after + 1)).unwrap_or_default();
+                    poll.retain(|name, _| ours.contains(&name.as_str()));
+                    return poll;
+                }
+            }
+            assert!(Instant::now() < deadline, "no complete poll after {after}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (open descriptors, threads) of the exporter.
+    fn footprint(&self) -> (usize, usize) {
+        let count = |dir: &str| {
+            std::fs::read_dir(format!("/proc/{}/{dir}", self.pid))
+                .unwrap()
+                .count()
+        };
+        (count("fd"), count("task"))
+    }
+
+    fn stop(self) -> String {
+        let (status, stderr) = self.child.terminate();
+        assert!(status.success(), "{status:?}: {stderr}");
+        stderr
+    }
+}
+
+fn expect(namespaces: &[&Populated]) -> Poll {
+    namespaces
+        .iter()
+        .map(|p| {
+            let seen = Seen {
+                inodes: [p.inode].into(),
+                keys: p.keys.clone(),
+            };
+            (p.name().to_string(), seen)
+        })
+        .collect()
+}
+
+#[test]
+fn named_namespaces_missing_appearing_deleted_and_recreated() {
+    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+        return;
+    }
+    // One test at a time: `--all-netns` sees every namespace of the host.
+    let _serial = serial();
+    let home = Netns::create("nshome").unwrap();
+    let a = Populated::new("nsa", 5);
+    // Named before it exists: counted as missing until it appears.
+    let b_name = format!("xtcp-nsb-{}", std::process::id());
+    let a_name = a.name().to_string();
+    let ours = [a_name.as_str(), b_name.as_str()];
+    let exporter = Exporter::start(&home, &["--netns", &a_name, "--netns", &b_name]);
+
+    assert_eq!(exporter.next_poll(&ours), expect(&[&a]));
+    let (fds, threads) = exporter.footprint();
+
+    let b = Populated::new("nsb", 7);
+    assert_eq!(b.name(), b_name);
+    assert_eq!(exporter.next_poll(&ours), expect(&[&a, &b]));
+    // One more socket per family for the new namespace, no thread.
+    assert_eq!(exporter.footprint(), (fds + 2, threads));
+
+    drop(a);
+    assert_eq!(exporter.next_poll(&ours), expect(&[&b]));
+    assert_eq!(
+        exporter.footprint(),
+        (fds, threads),
+        "sockets of the deleted namespace"
+    );
+
+    // The same name again is another namespace: another inode, other sockets.
+    let a2 = Populated::new("nsa", 3);
+    assert_eq!(a2.name(), a_name);
+    assert_eq!(exporter.next_poll(&ours), expect(&[&a2, &b]));
+    assert_eq!(exporter.footprint(), (fds + 2, threads));
+
+    let stderr = exporter.stop();
+    assert!(
+        stderr.contains(&format!(
+            "warning: poll 1: netns {b_name}: /run/netns/{b_name}: "
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stopped_value(&stderr, "xtcp", "", "netns_errors") >= 2,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn all_netns_follows_run_netns() {
+    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+        return;
+    }
+    // One test at a time: `--all-netns` sees every namespace of the host.
+    let _serial = serial();
+    // Polls are seen through their records: the exporter's namespace, one
+    // of those under /run/netns, holds a listener so none is empty.
+    let home = Populated::new("allhome", 0);
+    let c_name = format!("xtcp-allc-{}", std::process::id());
+    let d_name = format!("xtcp-alld-{}", std::process::id());
+    let ours = [c_name.as_str(), d_name.as_str()];
+    let exporter = Exporter::start(&home.ns, &["--all-netns"]);
+
+    assert_eq!(exporter.next_poll(&ours), expect(&[]));
+    let (fds, threads) = exporter.footprint();
+
+    let c = Populated::new("allc", 4);
+    let d = Populated::new("alld", 2);
+    assert_eq!(exporter.next_poll(&ours), expect(&[&c, &d]));
+    assert_eq!(exporter.footprint(), (fds + 4, threads));
+
+    drop(c);
+    drop(d);
+    assert_eq!(exporter.next_poll(&ours), expect(&[]));
+    assert_eq!(exporter.footprint(), (fds, threads));
+
+    let stderr = exporter.stop();
+    assert_eq!(
+        stopped_value(&stderr, "xtcp", "", "netns_errors"),
+        0,
+        "{stderr}"
+    );
+}

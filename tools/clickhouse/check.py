@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Proves the ClickHouse landing of docs/kafka.md with ClickHouse itself
+(chdb, embedded): checks the DDL in the docs is what tools/clickhouse/ddl.py
+makes from the schema, runs it, feeds it MESSAGES (Kafka message payloads,
+concatenated: length-delimited xtcp.v1.Records) through the Kafka table and
+the materialized view, and prints what landed in xtcp.records as JSON.
+
+chdb cannot create Kafka engine tables (it fails with "Shutdown was
+called"), so the Kafka table is made with the Null engine instead, same
+columns: an INSERT into it runs the materialized view as a Kafka read would.
+
+Usage: python3 tools/clickhouse/check.py MESSAGES   (crates/forwarder/tests/kafka.rs runs it)
+"""
+import json
+import os
+import re
+import sys
+
+from chdb import session
+
+from clickhouse_ddl import PROTO, ddl
+
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kafka.md")
+
+
+def main(messages):
+    statements = ddl()
+    with open(DOCS) as f:
+        if statements not in f.read():
+            sys.exit("docs/kafka.md does not carry the DDL of tools/clickhouse/ddl.py: "
+                     "paste its output again")
+    local = re.sub(r"ENGINE = Kafka\nSETTINGS\n.*?;", "ENGINE = Null;", statements, flags=re.S)
+    assert local != statements
+    db = session.Session()
+    try:
+        for statement in local.split(";"):
+            code = [l for l in statement.splitlines() if l.strip() and not l.startswith("--")]
+            if code:
+                db.query(statement)
+        schema = os.path.abspath(PROTO)
+        db.query(f"INSERT INTO xtcp.records_kafka SELECT * FROM file('{os.path.abspath(messages)}', "
+                 f"'Protobuf') SETTINGS format_schema = '{schema}:Record'")
+        result = db.query("""
+            SELECT
+                count() AS rows,
+                uniqExact(hostname, record_counter) AS unique_records,
+                min(record_counter) AS min_counter,
+                max(record_counter) AS max_counter,
+                countIf(inet_diag_msg_family = 2) AS v4,
+                countIf(inet_diag_msg_family = 10) AS v6,
+                groupUniqArray(source_ip) AS source_ips,
+                groupUniqArray(hostname) AS hostnames,
+                countIf(tcp_info_rtt IS NULL) AS without_rtt,
+                countIf(socket_mark IS NULL) AS without_mark,
+                groupUniqArray(congestion_algorithm_enum) AS algorithms,
+                uniqExact(inet_diag_msg_socket_source_port, inet_diag_msg_socket_destination_port,
+                          inet_diag_msg_family) AS sockets
+            FROM xtcp.records FINAL
+            """, "JSONEachRow")
+        print(str(result).strip())
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

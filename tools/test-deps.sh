@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What `make test` needs beyond the Rust toolchain, installed only when
+# missing (run as root: apt-get). A fresh Debian machine gets:
+#   iproute2 (`ip netns`), util-linux (`setpriv`): the namespace tests;
+#   prometheus (`promtool check metrics`): the metrics test;
+#   systemd (`systemd-analyze`), strace: the unit's checks;
+#   rustfmt, clippy: the lints;
+#   cargo-fuzz: the fuzz smoke run (built from crates.io, ~1 min);
+#   tansu: a Kafka-compatible broker for the forwarder's tests (in-memory
+#     storage, the dynostore feature; ~10 minutes to build, once);
+#   chdb: ClickHouse embedded, which proves the DDL of docs/kafka.md.
+set -euo pipefail
+
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v strace >/dev/null || missing+=(strace)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    # --no-install-recommends: promtool is all that is needed of prometheus.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# cargo install puts tools in ~/.cargo/bin; the Makefile puts it on the PATH.
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+command -v tansu >/dev/null || cargo install --locked tansu@0.6.0 --features dynostore
+python3 -c 'import chdb' 2>/dev/null || python3 -m pip install --quiet chdb==4.4.0
