@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -18,8 +18,12 @@ DESTDIR ?=
 run: build
 	./tools/run.sh
 
-# The shipped programs.
+# What `make run` runs.
 build:
+	$(CARGO) build --release --locked -p xtcp -p xtcp-debug-server
+
+# Every shipped program (the forwarder adds librdkafka's C build).
+build-shipped:
 	$(CARGO) build --release --locked -p xtcp -p xtcp-debug-server -p xtcp-forwarder
 
 # And the test kit's (socket farm, dump floor), for the benches.
@@ -27,7 +31,7 @@ build-all:
 	$(CARGO) build --release --locked --workspace
 
 ## install: binaries, systemd unit, env file (kept if present), docs under PREFIX (see tools/install.sh)
-install: build
+install: build-shipped
 	PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) DESTDIR=$(DESTDIR) ./tools/install.sh
 
 ## test: installs what the tests need if missing (tools/test-deps.sh), then formatting, lints, every test and a short fuzz run; as root (the tests make network namespaces); a test that cannot run fails

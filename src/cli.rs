@@ -1,6 +1,7 @@
 //! What every xtcp program (the exporter, the forwarder, the debug server)
 //! does the same way with its command line: clap's errors become one line and
-//! exit 2, `--help`/`--version` print and exit 0, and durations read the same.
+//! exit 2, `--help`/`--version` print and exit 0, and durations and integer
+//! ranges read the same.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,6 +40,17 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' must be longer than zero"));
     }
     Ok(d)
+}
+
+/// An integer flag with an inclusive range.
+pub fn ranged(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s| {
+        let v: u64 = s.parse().map_err(|e| format!("'{s}': {e}"))?;
+        if !(lo..=hi).contains(&v) {
+            return Err(format!("{v} is outside {lo}..={hi}"));
+        }
+        Ok(v)
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::parse_positive_duration;
+use crate::cli::{parse_positive_duration, ranged};
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
@@ -111,17 +111,6 @@ fn parse_netns(s: &str) -> Result<String, String> {
         return Err(format!("'{s}' is not a namespace name"));
     }
     Ok(s.to_string())
-}
-
-/// An integer flag with an inclusive range.
-fn ranged(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
-    move |s| {
-        let v: u64 = s.parse().map_err(|e| format!("'{s}': {e}"))?;
-        if !(lo..=hi).contains(&v) {
-            return Err(format!("{v} is outside {lo}..={hi}"));
-        }
-        Ok(v)
-    }
 }
 
 fn parse_safety_buffer(s: &str) -> Result<f64, String> {

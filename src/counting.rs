@@ -40,7 +40,8 @@ pub enum Unit {
 pub struct Counter {
     /// The field of [`DumpTotals`].
     pub name: &'static str,
-    /// What it counts, one sentence.
+    /// What it counts: a sentence, or for a counter that shares its metric,
+    /// a phrase that follows its label value.
     pub help: &'static str,
     /// The Prometheus metric; several counters may share one, told apart
     /// by `label`.
@@ -63,6 +64,21 @@ impl Counter {
             Unit::Nanos => value as f64 / 1e9,
             Unit::Dumps => f64::from(u8::from(value > 0)),
         }
+    }
+
+    /// The help of its Prometheus metric: its own, or for a metric several
+    /// counters share, the metric's opening words ([`SHARED_METRICS`]) and
+    /// each counter's label value and help, the values written by `value`.
+    pub fn metric_help(&self, value: impl Fn(&str) -> String) -> String {
+        let Some((_, lead)) = SHARED_METRICS.iter().find(|(m, _)| *m == self.metric) else {
+            return self.help.to_string();
+        };
+        let parts: Vec<String> = COUNTERS
+            .iter()
+            .filter(|c| c.metric == self.metric)
+            .map(|c| format!("{}: {}", value(c.label.map_or("", |(_, v)| v)), c.help))
+            .collect();
+        format!("{lead} {}.", parts.join("; "))
     }
 
     /// The value the exit line shows for `value` counted.
@@ -173,30 +189,30 @@ counters! {
     // Netlinkers.
     datagrams "Netlink reply datagrams received for the dumps." => "xtcp_netlink_datagrams_total";
     bytes "Bytes of those datagrams." => "xtcp_netlink_bytes_total";
-    messages "Netlink messages in those datagrams (sockets, NLMSG_DONE, errors)." => "xtcp_netlink_messages_total";
+    messages "Netlink messages in them: one per socket, plus NLMSG_DONE and any error." => "xtcp_netlink_messages_total";
     sockets "Sockets the kernel reported." => "xtcp_sockets_total", exit "sockets";
     // Inetdiagers.
     sampled "Sockets kept by --sampling-modulus." => "xtcp_sockets_sampled_total", exit "sampled";
-    unsampled "left out by --sampling-modulus." => "xtcp_sockets_skipped_total" ["reason" = "sampling"];
+    unsampled "left out by --sampling-modulus" => "xtcp_sockets_skipped_total" ["reason" = "sampling"];
     records "Records encoded and handed to the output." => "xtcp_records_total", exit "records";
     sent_datagrams "UDP datagrams sent (with --dest stdout: writes)." => "xtcp_output_datagrams_total", exit "sent_datagrams";
     sent_bytes "Bytes of those datagrams or writes." => "xtcp_output_bytes_total", exit "sent_bytes";
-    send_errors "UDP sends that failed (e.g. nobody listening)." => "xtcp_output_send_errors_total", exit "send_errors", warn "failed sends";
-    records_lost "Records in datagrams whose send failed." => "xtcp_output_records_lost_total", exit "records_lost", warn "records lost in failed sends";
-    decode_errors "malformed socket message (skipped)." => "xtcp_sockets_skipped_total" ["reason" = "undecodable"], exit "decode_errors", warn "socket messages not decodable";
-    encode_errors "record longer than the record buffer (never expected; skipped)." => "xtcp_sockets_skipped_total" ["reason" = "too_long"], warn "records too long for the record buffer";
-    output_closed "stdout closed or failed, so the sampled socket was not written." => "xtcp_sockets_skipped_total" ["reason" = "output_closed"];
-    unknown_attributes "Socket attributes of kinds this version does not decode (a newer kernel)." => "xtcp_unknown_attributes_total";
+    send_errors "UDP sends that failed, e.g. nobody listening (ECONNREFUSED)." => "xtcp_output_send_errors_total", exit "send_errors", warn "failed sends";
+    records_lost "Records in the datagrams whose send failed." => "xtcp_output_records_lost_total", exit "records_lost", warn "records lost in failed sends";
+    decode_errors "a malformed socket message" => "xtcp_sockets_skipped_total" ["reason" = "undecodable"], exit "decode_errors", warn "socket messages not decodable";
+    encode_errors "a record over the record buffer (never expected)" => "xtcp_sockets_skipped_total" ["reason" = "too_long"], warn "records too long for the record buffer";
+    output_closed "stdout was closed or failed" => "xtcp_sockets_skipped_total" ["reason" = "output_closed"];
+    unknown_attributes "Socket attributes of kinds this version does not decode: a newer kernel sends something new." => "xtcp_unknown_attributes_total";
     // The channel between them.
-    channel_full "Times a netlinker found the channel to the inetdiagers full and waited." => "xtcp_channel_full_total", exit "channel_full";
+    channel_full "Times a netlinker found the channel to the inetdiagers full and waited (nothing is dropped; the kernel waits too)." => "xtcp_channel_full_total", exit "channel_full";
     channel_blocked_ns "Time netlinkers spent waiting on a full channel." => "xtcp_channel_blocked_seconds_total", unit Nanos, exit "channel_blocked_ms";
     // Failures of the dump itself.
-    receive_errors "a datagram could not be received (lost)." => "xtcp_netlink_errors_total" ["kind" = "receive"], exit "netlink_errors", warn "netlink datagrams lost";
-    malformed "a datagram could not be framed (lost)." => "xtcp_netlink_errors_total" ["kind" = "malformed"], exit "netlink_errors", warn "netlink datagrams lost";
-    kernel_errors "the kernel ended the dump with an error." => "xtcp_netlink_errors_total" ["kind" = "kernel"], exit "netlink_errors", warn "kernel errors";
-    request_errors "the dump request could not be sent." => "xtcp_netlink_errors_total" ["kind" = "request"], exit "netlink_errors", warn "requests not sent";
-    timeouts "the kernel sent nothing for --netlink-timeout and the dump was abandoned." => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "timeouts";
-    interrupted "Dumps with datagrams flagged NLM_F_DUMP_INTR: the socket table changed mid-dump, so sockets may be missing or repeated." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
+    receive_errors "a datagram could not be received (lost)" => "xtcp_netlink_errors_total" ["kind" = "receive"], exit "netlink_errors", warn "netlink datagrams lost";
+    malformed "a datagram could not be framed (lost)" => "xtcp_netlink_errors_total" ["kind" = "malformed"], exit "netlink_errors", warn "netlink datagrams lost";
+    kernel_errors "the kernel ended a dump with an error" => "xtcp_netlink_errors_total" ["kind" = "kernel"], exit "netlink_errors", warn "kernel errors";
+    request_errors "the dump request could not be sent" => "xtcp_netlink_errors_total" ["kind" = "request"], exit "netlink_errors", warn "requests not sent";
+    timeouts "the kernel sent nothing for --netlink-timeout and the dump was abandoned" => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "timeouts";
+    interrupted "Dumps with a datagram flagged NLM_F_DUMP_INTR: the socket table changed under the dump, so a socket may be missing or repeated in that poll." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
 }
 
 /// Sums `(key, counter, value)` by key, keeping the order of first
@@ -333,6 +349,63 @@ mod tests {
     use crate::metrics::{doc_row, Metrics};
     use crate::pipeline::report::{dump_warning, RunTotals};
     use crate::wire::request::AF_INET;
+
+    const GENERATED_START: &str = "<!-- generated from the counters! table of src/counting.rs";
+    const GENERATED_END: &str = "<!-- end of the generated table -->";
+
+    /// The rows `docs/metrics.md` has for the dump counters: one per metric.
+    fn docs_table() -> String {
+        let mut out = String::from(
+            "| metric | type | labels | on the exit line | meaning |\n|---|---|---|---|---|\n",
+        );
+        for (i, c) in COUNTERS.iter().enumerate() {
+            if COUNTERS.iter().position(|o| o.metric == c.metric) != Some(i) {
+                continue; // a shared metric has one row, at its first counter
+            }
+            let labels: Vec<String> = std::iter::once("family")
+                .chain(c.label.map(|(l, _)| l))
+                .map(|l| format!("`{l}`"))
+                .collect();
+            let mut exits: Vec<String> = Vec::new();
+            for o in COUNTERS.iter().filter(|o| o.metric == c.metric) {
+                if let Some(key) = o.exit.map(|k| format!("`{k}`")) {
+                    if !exits.contains(&key) {
+                        exits.push(key);
+                    }
+                }
+            }
+            out.push_str(&format!(
+                "| `{}` | counter | {} | {} | {} |\n",
+                c.metric,
+                labels.join(", "),
+                exits.join(", "),
+                c.metric_help(|v| format!("`{v}`"))
+            ));
+        }
+        out
+    }
+
+    /// `docs/metrics.md` carries the table the counters make; with
+    /// `XTCP_BLESS=1` this test writes it there instead of failing.
+    #[test]
+    fn docs_list_every_counter_as_the_table_says() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(GENERATED_START)
+            .expect("the generated block's start");
+        let body = start + doc[start..].find('\n').unwrap() + 1;
+        let end = doc.find(GENERATED_END).expect("the generated block's end");
+        let want = docs_table();
+        if doc[body..end] != want {
+            assert!(
+                std::env::var_os("XTCP_BLESS").is_some(),
+                "docs/metrics.md's counter table is not what src/counting.rs says; \
+                 XTCP_BLESS=1 cargo test -p xtcp counting rewrites it"
+            );
+            std::fs::write(path, format!("{}{want}{}", &doc[..body], &doc[end..])).unwrap();
+        }
+    }
 
     /// Each counter, set alone to a distinct value in a poll's report,
     /// shows in Prometheus, statsd, the exit line and the warning its entry

@@ -25,7 +25,7 @@ use prometheus::{
 };
 
 use crate::config::Family;
-use crate::counting::{Counter, DumpReport, Unit, COUNTERS, SHARED_METRICS};
+use crate::counting::{Counter, DumpReport, Unit, COUNTERS};
 
 /// Bucket bounds (seconds) for poll and dump durations: a poll of a few
 /// sockets takes well under a millisecond, a million sockets a few seconds,
@@ -219,24 +219,6 @@ impl CounterSeries {
     }
 }
 
-/// The help of a dump counter's metric: the counter's own, or for a metric
-/// several counters share, its opening words and each counter's label value
-/// and help.
-fn counter_help(counter: &Counter) -> String {
-    let Some((_, lead)) = SHARED_METRICS.iter().find(|(m, _)| *m == counter.metric) else {
-        return counter.help.to_string();
-    };
-    let parts: Vec<String> = COUNTERS
-        .iter()
-        .filter(|c| c.metric == counter.metric)
-        .map(|c| {
-            let value = c.label.map_or("", |(_, v)| v);
-            format!("{value}: {}", c.help.trim_end_matches('.'))
-        })
-        .collect();
-    format!("{lead} {}.", parts.join("; "))
-}
-
 /// Registers a metric per distinct `metric` of [`COUNTERS`] and returns
 /// each counter's.
 fn register_counters(registry: &prometheus::Registry) -> prometheus::Result<Vec<CounterSeries>> {
@@ -252,7 +234,7 @@ fn register_counters(registry: &prometheus::Registry) -> prometheus::Result<Vec<
         let labels: Vec<&str> = std::iter::once("family")
             .chain(counter.label.map(|(l, _)| l))
             .collect();
-        let opts = Opts::new(counter.metric, counter_help(counter));
+        let opts = Opts::new(counter.metric, counter.metric_help(str::to_string));
         let made = match counter.unit {
             Unit::Nanos => CounterSeries::Seconds(CounterVec::new(opts, &labels)?),
             Unit::Count | Unit::Dumps => CounterSeries::Whole(IntCounterVec::new(opts, &labels)?),
@@ -533,12 +515,17 @@ pub(crate) mod tests {
         for c in COUNTERS {
             assert!(c.metric.starts_with("xtcp_") && c.metric.ends_with("_total"));
             assert_eq!(c.unit == Unit::Nanos, c.metric.ends_with("_seconds_total"));
-            let help = counter_help(c);
+            let help = c.metric_help(str::to_string);
             assert!(help.ends_with('.'), "{}: help is a sentence", c.metric);
             // A metric shared by several counters says so, with a lead.
             let shared = COUNTERS.iter().filter(|o| o.metric == c.metric).count() > 1;
             assert_eq!(shared, c.label.is_some(), "{}: label", c.name);
-            assert_eq!(shared, SHARED_METRICS.iter().any(|(m, _)| *m == c.metric));
+            assert_eq!(
+                shared,
+                crate::counting::SHARED_METRICS
+                    .iter()
+                    .any(|(m, _)| *m == c.metric)
+            );
         }
         // Every family series exists before the first poll.
         let text = scrape(&metrics());

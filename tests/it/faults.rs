@@ -122,10 +122,9 @@ fn warnings_of(stderr: &str, poll: u64) -> Vec<&str> {
 
 #[test]
 fn dump_intr_and_malformed_datagrams_are_counted_and_the_next_poll_is_whole() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("intr") else {
         return;
-    }
-    let farm = Farm::new("intr");
+    };
     let mut running = stalled(&farm, &["--frequency", "300ms", "--max-loops", "2"]);
     let pid = running.child().id();
     let portids = wait_stalled(pid);
@@ -179,10 +178,9 @@ fn dump_intr_and_malformed_datagrams_are_counted_and_the_next_poll_is_whole() {
 
 #[test]
 fn a_dump_stalled_past_the_netlink_timeout_is_abandoned_and_later_polls_are_whole() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("stall") else {
         return;
-    }
-    let farm = Farm::new("stall");
+    };
     let mut running = stalled(
         &farm,
         &[
@@ -220,10 +218,9 @@ fn a_dump_stalled_past_the_netlink_timeout_is_abandoned_and_later_polls_are_whol
 
 #[test]
 fn sigterm_mid_poll_finishes_the_poll_in_flight() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("midpoll") else {
         return;
-    }
-    let farm = Farm::new("midpoll");
+    };
     let mut running = stalled(&farm, &["--frequency", "1h"]);
     let pid = running.child().id();
     wait_stalled(pid);
@@ -254,10 +251,9 @@ fn receive(farm: &Farm, until: impl Fn(&BTreeMap<u64, u64>) -> bool) -> BTreeMap
 
 #[test]
 fn destination_gone_and_back() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("gone") else {
         return;
-    }
-    let farm = Farm::new("gone");
+    };
     let sockets = farm.keys.len() as u64;
     let dest = format!("udp:127.0.0.1:{PORT}");
     let mut cmd = farm.xtcp(&["--frequency", "400ms", "-v", "--dest", &dest]);

@@ -26,8 +26,16 @@ use xtcp_testkit::{
 type Key = (u32, u32, u16, u16);
 
 /// Creates a namespace, opens the IPv4 and IPv6 scenarios inside it on a
-/// thread that stays in it, and runs `check` on that thread.
-fn with_scenario(tag: &str, check: impl FnOnce(&Netns, &[ExpectedSocket]) + Send) {
+/// thread that stays in it, and runs `check` on that thread; unless this
+/// machine lacks root, `ip` or any of `more` (said by `can_run`).
+fn with_scenario(tag: &str, more: &[Need], check: impl FnOnce(&Netns, &[ExpectedSocket]) + Send) {
+    let needs: Vec<Need> = [Need::Root, Need::Tool("ip")]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect();
+    if !can_run(&needs) {
+        return;
+    }
     let _serial = serial();
     let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
     std::thread::scope(|s| {
@@ -186,10 +194,7 @@ fn assert_exactly(records: &[Value], expected: &[ExpectedSocket]) {
 
 #[test]
 fn library_dump_sees_exactly_the_opened_sockets() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
-        return;
-    }
-    with_scenario("lib", |_, expected| {
+    with_scenario("lib", &[], |_, expected| {
         let records = library_dump();
         assert_exactly(&records, expected);
         // As root, MARK (CAP_NET_ADMIN only) comes with every socket.
@@ -199,12 +204,9 @@ fn library_dump_sees_exactly_the_opened_sockets() {
 
 #[test]
 fn one_old_style_dump_returns_both_families_whole() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
-        return;
-    }
     // xtcp-dump-floor's `--layout all-families`: a single TCPDIAG_GETSOCK
     // dump carries every socket of both families with every attribute.
-    with_scenario("all", |_, expected| {
+    with_scenario("all", &[], |_, expected| {
         let records = library_dump_of(&[|seq| {
             all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec()
         }]);
@@ -214,12 +216,9 @@ fn one_old_style_dump_returns_both_families_whole() {
 
 #[test]
 fn source_port_filters_return_exactly_their_range() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
-        return;
-    }
     // xtcp-dump-floor's `--split-at`: disjoint bytecode filters that cover
     // every port split a dump without losing or repeating a socket.
-    with_scenario("bc", |_, expected| {
+    with_scenario("bc", &[], |_, expected| {
         let mut ports: Vec<u16> = expected.iter().map(|e| e.source_port).collect();
         ports.sort_unstable();
         // Below and from the median port: both halves hold sockets.
@@ -285,10 +284,7 @@ fn cli_dump(ns: &Netns, unprivileged: bool) -> Vec<Value> {
 
 #[test]
 fn cli_one_shot_prints_exactly_the_opened_sockets() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
-        return;
-    }
-    with_scenario("cli", |ns, expected| {
+    with_scenario("cli", &[], |ns, expected| {
         let records = cli_dump(ns, false);
         assert_exactly(&records, expected);
         // The two families' inetdiagers share one gapless sequence.
@@ -311,10 +307,7 @@ fn cli_one_shot_prints_exactly_the_opened_sockets() {
 
 #[test]
 fn cli_works_unprivileged_without_mark() {
-    if !can_run(&[Need::Root, Need::Tool("ip"), Need::Tool("setpriv")]) {
-        return;
-    }
-    with_scenario("nobody", |ns, expected| {
+    with_scenario("nobody", &[Need::Tool("setpriv")], |ns, expected| {
         let records = cli_dump(ns, true);
         assert_exactly(&records, expected);
         // MARK needs CAP_NET_ADMIN: absent, not zero.

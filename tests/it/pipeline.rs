@@ -67,10 +67,9 @@ fn assert_exactly_once_per_poll(farm: &Farm, threads: &[&str]) {
 
 #[test]
 fn every_socket_arrives_exactly_once_per_poll() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("once") else {
         return;
-    }
-    let farm = Farm::new("once");
+    };
     assert_exactly_once_per_poll(&farm, &[]);
     // Several netlinkers sharing a socket and several inetdiagers sharing a
     // channel: the same sockets, still once each.
@@ -91,10 +90,9 @@ fn every_socket_arrives_exactly_once_per_poll() {
 
 #[test]
 fn a_full_channel_waits_and_loses_nothing() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("full") else {
         return;
-    }
-    let farm = Farm::new("full");
+    };
     // JSON to stdout is far slower than the kernel: a one-buffer channel fills.
     let mut cmd = farm.xtcp(&[
         "--max-loops",
@@ -119,10 +117,9 @@ fn a_full_channel_waits_and_loses_nothing() {
 
 #[test]
 fn long_polls_are_warned_and_counted() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("long") else {
         return;
-    }
-    let farm = Farm::new("long");
+    };
     // 10k sockets take tens of ms, far over 0.8 x 5ms.
     let (_, stderr) = run(farm.xtcp(&[
         "--max-loops",
@@ -142,10 +139,9 @@ fn long_polls_are_warned_and_counted() {
 
 #[test]
 fn sampling_keeps_the_same_sockets_every_poll() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("sample") else {
         return;
-    }
-    let farm = Farm::new("sample");
+    };
     let receiver = Receiver::start(&farm.ns);
     let dest = format!("udp:127.0.0.1:{PORT}");
     let modulus = 7;
@@ -244,10 +240,9 @@ fn start_debug_server(farm: &Farm, format: &str) -> Running {
 
 #[test]
 fn debug_server_prints_every_record_as_json_and_counts_garbage() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("debug") else {
         return;
-    }
-    let farm = Farm::new("debug");
+    };
     let mut server = start_debug_server(&farm, "json");
     run(farm.xtcp(&["--max-loops", "1"]));
     let lines = read_lines(&mut server, farm.keys.len(), Duration::from_secs(20));
@@ -301,10 +296,9 @@ fn debug_server_prints_every_record_as_json_and_counts_garbage() {
 
 #[test]
 fn debug_server_text_format_reads_like_ss() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("text") else {
         return;
-    }
-    let farm = Farm::new("text");
+    };
     let mut server = start_debug_server(&farm, "text");
     run(farm.xtcp(&["--max-loops", "1", "--no6", "--states", "established"]));
     let lines = read_lines(&mut server, 2 * PAIRS, Duration::from_secs(20));
@@ -322,10 +316,9 @@ fn debug_server_text_format_reads_like_ss() {
 
 #[test]
 fn nobody_listening_keeps_polling_and_counts_send_errors() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("nobody") else {
         return;
-    }
-    let farm = Farm::new("nobody");
+    };
     let (_, stderr) = run(farm.xtcp(&[
         "--max-loops",
         "3",
@@ -378,10 +371,9 @@ fn signal_after_first_poll(
 
 #[test]
 fn sigterm_and_sigint_stop_within_a_second_with_exit_0() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("signal") else {
         return;
-    }
-    let farm = Farm::new("signal");
+    };
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let (status, took, stderr) = signal_after_first_poll(&farm, signal);
         assert_eq!(status.code(), Some(0), "{signal}: {stderr}");
@@ -434,10 +426,9 @@ fn sum(scrape: &str, name: &str) -> f64 {
 
 #[test]
 fn metrics_over_http_match_the_poll() {
-    if !can_run(&[Need::Root, Need::Tool("ip"), Need::Tool("promtool")]) {
+    let Some(farm) = Farm::needing("prom", &[Need::Tool("promtool")]) else {
         return;
-    }
-    let farm = Farm::new("prom");
+    };
     let receiver = Receiver::start(&farm.ns);
     let dest = format!("udp:127.0.0.1:{PORT}");
     // Default --prom-listen (127.0.0.1:9000 of the namespace); one poll,
@@ -556,10 +547,9 @@ fn metrics_over_http_match_the_poll() {
 
 #[test]
 fn statsd_lines_carry_each_poll() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    let Some(farm) = Farm::new("statsd") else {
         return;
-    }
-    let farm = Farm::new("statsd");
+    };
     // The default --statsd-dst, 127.0.0.1:8125 of the namespace.
     let listener = in_ns(&farm.ns, || {
         let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 8125)).unwrap();

@@ -109,6 +109,7 @@ fn installed_unit_verifies_and_is_hardened() {
     let usr = root.0.join("usr");
     for file in [
         "bin/xtcp",
+        "bin/xtcp-forwarder",
         "bin/xtcp-debug-server",
         "lib/systemd/system/xtcp.service",
         "share/doc/xtcp/net-admin.conf",
@@ -116,6 +117,7 @@ fn installed_unit_verifies_and_is_hardened() {
         "share/doc/xtcp/filter.md",
         "share/doc/xtcp/operations.md",
         "share/doc/xtcp/metrics.md",
+        "share/doc/xtcp/kafka.md",
     ] {
         assert!(usr.join(file).is_file(), "{file} not installed");
     }

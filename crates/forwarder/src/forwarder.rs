@@ -16,18 +16,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use xtcp::cli::parse_duration;
 use xtcp::export::udp::{bind_receiver, to_delimited};
 use xtcp::metrics::prom::{PromServer, PromThread};
 use xtcp::metrics::Health;
 use xtcp::shutdown::Shutdown;
 
+use crate::config::ForwarderConfig;
 use crate::metrics::{ForwarderMetrics, DROP_REASONS};
 
 /// Largest UDP datagram.
@@ -36,96 +35,6 @@ const MAX_DATAGRAM: usize = 65_536;
 const TICK: Duration = Duration::from_millis(100);
 /// `/healthz` fails when messages wait and none was delivered for this long.
 const HEALTHY_DELIVERY_GAP: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Compression {
-    None,
-    Gzip,
-    Snappy,
-    Lz4,
-}
-
-impl Compression {
-    fn name(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Snappy => "snappy",
-            Compression::Lz4 => "lz4",
-        }
-    }
-}
-
-/// xtcp-forwarder: receive xtcp records over UDP and produce them to a
-/// Kafka topic, one message (length-delimited xtcp.v1.Records) per datagram.
-///
-/// Every flag can also be set from the environment variable in its help.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "xtcp-forwarder", version, about, long_about = None)]
-pub struct ForwarderConfig {
-    /// UDP address to receive the exporters' datagrams on.
-    #[arg(long, env = "XTCP_FORWARDER_LISTEN", default_value = "127.0.0.1:13000")]
-    pub listen: SocketAddr,
-
-    /// Kafka bootstrap brokers, HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "XTCP_FORWARDER_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-
-    /// Topic to produce to.
-    #[arg(long, env = "XTCP_FORWARDER_TOPIC", default_value = "xtcp")]
-    pub topic: String,
-
-    /// Compression of the message batches.
-    #[arg(
-        long,
-        env = "XTCP_FORWARDER_COMPRESSION",
-        value_enum,
-        default_value = "lz4"
-    )]
-    pub compression: Compression,
-
-    /// How long the producer waits to fill a batch (linger.ms).
-    #[arg(long, env = "XTCP_FORWARDER_LINGER", default_value = "20ms", value_parser = parse_duration)]
-    pub linger: Duration,
-
-    /// Largest batch of messages per partition request, bytes (batch.size).
-    #[arg(long, env = "XTCP_FORWARDER_BATCH_BYTES", default_value_t = 1 << 20)]
-    pub batch_bytes: u64,
-
-    /// Most messages waiting for the broker; more are dropped and counted.
-    #[arg(long, env = "XTCP_FORWARDER_QUEUE_MESSAGES", default_value_t = 100_000)]
-    pub queue_messages: u64,
-
-    /// Most bytes waiting for the broker, in KiB; more are dropped and counted.
-    #[arg(long, env = "XTCP_FORWARDER_QUEUE_KIB", default_value_t = 256 * 1024)]
-    pub queue_kib: u64,
-
-    /// How long a message may wait for the broker's acknowledgement
-    /// (retries and reconnections included) before it is counted as dropped.
-    #[arg(long, env = "XTCP_FORWARDER_DELIVERY_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
-    pub delivery_timeout: Duration,
-
-    /// At exit, how long to wait for queued messages to be delivered.
-    #[arg(long, env = "XTCP_FORWARDER_FLUSH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub flush_timeout: Duration,
-
-    /// UDP receive buffer, bytes (SO_RCVBUFFORCE when root, else SO_RCVBUF
-    /// capped by net.core.rmem_max).
-    #[arg(long, env = "XTCP_FORWARDER_RECV_BUFFER", default_value_t = 32 << 20)]
-    pub recv_buffer: usize,
-
-    /// Serve Prometheus metrics and /healthz on this HOST:PORT.
-    #[arg(
-        long,
-        env = "XTCP_FORWARDER_PROM_LISTEN",
-        default_value = "127.0.0.1:9001"
-    )]
-    pub prom_listen: SocketAddr,
-
-    /// Do not serve metrics.
-    #[arg(long, env = "XTCP_FORWARDER_NO_PROM")]
-    pub no_prom: bool,
-}
 
 /// Why the forwarder could not start.
 #[derive(Debug, thiserror::Error)]
@@ -243,8 +152,9 @@ pub fn run(
             health: Arc::clone(&health),
         },
     )?;
-    let prom = (!config.no_prom)
-        .then(|| start_metrics(config, &metrics, &health, shutdown))
+    let prom = config
+        .prom_listen
+        .map(|listen| start_metrics(listen, &metrics, &health, shutdown))
         .transpose()?;
 
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -356,7 +266,7 @@ fn create_producer(
 
 /// The metrics endpoint's thread.
 fn start_metrics(
-    config: &ForwarderConfig,
+    listen: SocketAddr,
     metrics: &Arc<ForwarderMetrics>,
     health: &Arc<Health>,
     shutdown: &Shutdown,
@@ -365,7 +275,7 @@ fn start_metrics(
     let health = Arc::clone(health);
     let server = PromServer::bind(
         "xtcp forwarder",
-        config.prom_listen,
+        listen,
         "/metrics".into(),
         metrics.registry().clone(),
         Box::new(move || {
@@ -376,10 +286,7 @@ fn start_metrics(
             health.check(HEALTHY_DELIVERY_GAP)
         }),
     )
-    .map_err(setup(format!(
-        "serving metrics on --prom-listen {}",
-        config.prom_listen
-    )))?;
+    .map_err(setup(format!("serving metrics on --prom-listen {listen}")))?;
     server
         .spawn(shutdown)
         .map_err(setup("starting the metrics thread"))

@@ -2,19 +2,20 @@
 //! when stopped by SIGTERM/SIGINT, 1 when it cannot start or fails, 2 on a
 //! bad flag.
 
+mod config;
 mod forwarder;
 mod metrics;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use xtcp::cli::exit_for;
 use xtcp::shutdown::{Shutdown, SignalThread};
 
-use forwarder::{run, ForwarderConfig};
+use config::ForwarderConfig;
+use forwarder::run;
 
 fn main() -> ExitCode {
-    let config = match ForwarderConfig::try_parse() {
+    let config = match ForwarderConfig::from_args(std::env::args_os()) {
         Ok(config) => config,
         Err(e) => return exit_for(&e),
     };

@@ -150,15 +150,9 @@ fn forwarder_total(stderr: &str, name: &str) -> u64 {
 
 #[test]
 fn every_record_reaches_kafka_intact() {
-    if !can_run(&[
-        Need::Root,
-        Need::Tool("ip"),
-        Need::Tool("tansu"),
-        Need::Python("chdb"),
-    ]) {
+    let Some(farm) = Farm::needing("kafka", &[Need::Tool("tansu"), Need::Python("chdb")]) else {
         return;
-    }
-    let farm = Farm::new("kafka");
+    };
     let _broker = start_broker(&farm.ns);
     let forwarder = start_forwarder(&farm, &[]);
     let (_, exporter) = run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms"]));
@@ -283,10 +277,9 @@ fn assert_lands_in_clickhouse(payloads: &[u8], records: &[Record]) {
 
 #[test]
 fn a_broker_outage_is_survived_and_every_record_accounted_for() {
-    if !can_run(&[Need::Root, Need::Tool("ip"), Need::Tool("tansu")]) {
+    let Some(farm) = Farm::needing("outage", &[Need::Tool("tansu")]) else {
         return;
-    }
-    let farm = Farm::new("outage");
+    };
     let broker = start_broker(&farm.ns);
     let forwarder = start_forwarder(&farm, &["--delivery-timeout", "4s"]);
     let exporter = Running(Some(

@@ -143,7 +143,22 @@ pub struct Farm {
 }
 
 impl Farm {
-    pub fn new(tag: &str) -> Farm {
+    /// The farm, or `None` when this machine lacks root or `ip` (said by
+    /// [`can_run`]).
+    pub fn new(tag: &str) -> Option<Farm> {
+        Farm::needing(tag, &[])
+    }
+
+    /// The farm, or `None` when this machine lacks root, `ip` or any of
+    /// `more` (said by [`can_run`]).
+    pub fn needing(tag: &str, more: &[Need]) -> Option<Farm> {
+        let needs: Vec<Need> = [Need::Root, Need::Tool("ip")]
+            .into_iter()
+            .chain(more.iter().copied())
+            .collect();
+        if !can_run(&needs) {
+            return None;
+        }
         let serial = serial();
         // 10002 sockets, the receivers and the test harness's own files.
         let (_, hard) =
@@ -160,12 +175,12 @@ impl Farm {
         });
         let keys: BTreeSet<Key> = pairs.iter().flat_map(|p| p.keys().unwrap()).collect();
         assert_eq!(keys.len(), 2 * (2 * PAIRS + 1));
-        Farm {
+        Some(Farm {
             ns,
             keys,
             _pairs: pairs.into(),
             _serial: serial,
-        }
+        })
     }
 
     /// `xtcp` inside the namespace with these flags and `--no-prom`: the
