@@ -98,9 +98,7 @@ pub fn bind_receiver(
              for (net.core.rmem_max; CAP_NET_ADMIN lifts it): bursts may be dropped"
         );
     }
-    socket
-        .bind(&listen.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("listening on udp:{listen}: {e}")))?;
+    socket.bind(&listen.into())?;
     Ok(socket.into())
 }
 

@@ -1,5 +1,5 @@
 //! Faults against the real kernel and real sockets, each in the farm of
-//! tests/common (10002 sockets in a private namespace): what goes wrong is
+//! the test kit's harness (10002 sockets in a private namespace): what goes wrong is
 //! counted and said, nothing is lost that need not be, and the next poll is
 //! whole. Needs root.
 //!

@@ -1,5 +1,5 @@
 //! `--filter` and `--states` against the real kernel: the farm of
-//! tests/common (listeners on 127.0.0.1:40001 and [::1]:40001, 2500
+//! the test kit's harness (listeners on 127.0.0.1:40001 and [::1]:40001, 2500
 //! connections each), one poll per filter, and the records received compared
 //! with the farm's sockets selected by the same condition written in Rust.
 //! Needs root.

@@ -18,7 +18,7 @@ import sys
 
 from chdb import session
 
-from clickhouse_ddl import PROTO, ddl
+from ddl import PROTO, ddl
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kafka.md")
 

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests (the workspace's `tests/it` and
-//! the forwarder's `crates/forwarder/tests/kafka.rs`): what a test needs and whether it is
+//! the forwarder's `tests/kafka.rs`): what a test needs and whether it is
 //! here, the programs under test, a farm of loopback connections in a
 //! private network namespace, child processes and UDP receivers.
 
