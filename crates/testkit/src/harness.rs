@@ -81,12 +81,15 @@ pub fn can_run(needs: &[Need]) -> bool {
         .name()
         .unwrap_or("this test")
         .to_string();
-    let why = format!("{test}: skipped, it needs {}", missing.join(", "));
+    let missing = missing.join(", ");
     assert!(
         std::env::var_os("XTCP_TEST_REQUIRE_ALL").is_none(),
-        "{why} (XTCP_TEST_REQUIRE_ALL is set: `make test` installs the tools; run it as root)"
+        "{test} cannot run: it needs {missing}, and XTCP_TEST_REQUIRE_ALL is set \
+         (`make test` installs the tools; run it as root)"
     );
-    let _ = writeln!(std::io::stderr(), "{why}");
+    let why = format!("{test}: skipped, it needs {missing}");
+    // One write, so the line is not torn by the test runner's own output.
+    let _ = std::io::stderr().write_all(format!("{why}\n").as_bytes());
     false
 }
 
