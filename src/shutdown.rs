@@ -7,12 +7,15 @@
 //!   the poller starts no new poll, the poll in flight finishes, then the
 //!   netlinkers are released and the inetdiagers drain their channels;
 //! - **abort** (a worker panicked, a second signal): everyone drops what they
-//!   hold and exits now; the process exits 1 with the reason.
+//!   hold and exits now; the process exits 1 with the reason. After a second
+//!   signal it does so within [`ABORT_GRACE`] even if a thread is stuck in a
+//!   system call no signal ends (writing to a paused pipe reader).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -149,8 +152,14 @@ impl Drop for PanicGuard {
     }
 }
 
+/// How long an abort may take before the process exits anyway: a thread
+/// blocked in a system call that no signal ends (a `write(2)` to a paused
+/// `less`) would otherwise keep it alive until SIGKILL.
+pub const ABORT_GRACE: Duration = Duration::from_millis(800);
+
 /// The thread turning SIGINT/SIGTERM into [`Shutdown::stop`], and a second
-/// signal into [`Shutdown::abort`].
+/// signal into [`Shutdown::abort`]; if the process is still running
+/// [`ABORT_GRACE`] after that, it exits 1 with the reason.
 pub struct SignalThread {
     handle: Handle,
     thread: JoinHandle<()>,
@@ -167,6 +176,7 @@ impl SignalThread {
                     shutdown.abort(format!(
                         "second signal ({signal}) while stopping: exited without draining"
                     ));
+                    exit_after_grace(&shutdown);
                 } else {
                     shutdown.stop();
                 }
@@ -183,10 +193,24 @@ impl SignalThread {
     }
 }
 
+/// Exits the process with status 1 once [`ABORT_GRACE`] has passed, unless
+/// it has ended by then (the normal case: every thread saw the abort).
+fn exit_after_grace(shutdown: &Shutdown) {
+    let shutdown = shutdown.clone();
+    // Detached: the process ends first, or this ends it.
+    let _ = thread::Builder::new()
+        .name("abort-grace".into())
+        .spawn(move || {
+            thread::sleep(ABORT_GRACE);
+            let reason = shutdown.failure().unwrap_or_default();
+            eprintln!("error: {reason} (a thread was still blocked after {ABORT_GRACE:?})");
+            std::process::exit(1);
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn stop_disconnects_stop_signal_only() {

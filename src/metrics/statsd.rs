@@ -124,13 +124,15 @@ impl Statsd {
 }
 
 /// `base.value1.value2`: label values in the (name-sorted) order Prometheus
-/// gives them, with characters statsd reserves replaced.
+/// gives them, each one level of the statsd hierarchy: characters other than
+/// letters, digits, `_` and `-` become `_`, dots included (a kernel release
+/// such as `6.18.4` would otherwise add levels).
 fn key(base: &str, metric: &Metric) -> String {
     let mut key = base.to_string();
     for label in metric.get_label() {
         key.push('.');
         key.extend(label.value().chars().map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-') {
                 c
             } else {
                 '_'
@@ -187,6 +189,8 @@ mod tests {
             "xtcp.netlink_dump_duration_seconds.v4:0.125|h",
             "xtcp.buffer_pool_allocated_bytes.v4:65536|g",
             "xtcp.buffer_pool_capacity_buffers.v6:103|g",
+            // The kernel release is one level, its dots replaced.
+            "xtcp.build_info.6_1_0-test.0_1_0:1|g",
         ] {
             assert!(first.iter().any(|l| l == line), "{line} not in {first:#?}");
         }

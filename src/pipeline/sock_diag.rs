@@ -209,3 +209,107 @@ impl DumpReader<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::message::{
+        put_header, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_DUMP_INTR, NLM_F_MULTI,
+        SOCK_DIAG_BY_FAMILY,
+    };
+
+    /// One message: header and `payload`, padded to 4 bytes.
+    fn msg(msg_type: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut hdr = [0u8; NLMSG_HDRLEN];
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        put_header(&mut hdr, len, msg_type, flags, seq);
+        let mut out = hdr.to_vec();
+        out.extend_from_slice(payload);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    fn socket(seq: u32, tag: u8) -> Vec<u8> {
+        msg(SOCK_DIAG_BY_FAMILY, NLM_F_MULTI, seq, &[tag; 72])
+    }
+
+    fn done(seq: u32, errno: i32) -> Vec<u8> {
+        msg(NLMSG_DONE, NLM_F_MULTI, seq, &errno.to_ne_bytes())
+    }
+
+    /// `NLMSG_ERROR`: the errno, then the request's header.
+    fn error(seq: u32, errno: i32) -> Vec<u8> {
+        let mut payload = errno.to_ne_bytes().to_vec();
+        payload.extend_from_slice(&[0; NLMSG_HDRLEN]);
+        msg(NLMSG_ERROR, 0, seq, &payload)
+    }
+
+    fn scan(datagram: &[u8], seq: u32) -> (Result<Option<DatagramScan>, WireError>, Vec<u8>) {
+        let mut tags = Vec::new();
+        let result = scan_datagram(datagram, seq, |p| tags.push(p[0]));
+        (result, tags)
+    }
+
+    #[test]
+    fn sockets_then_done_end_the_dump() {
+        let datagram = [socket(7, 1), socket(7, 2), done(7, 0)].concat();
+        let (result, tags) = scan(&datagram, 7);
+        let scan = result.unwrap().unwrap();
+        assert_eq!((scan.messages, scan.sockets), (3, 2));
+        assert!(scan.done && !scan.interrupted);
+        assert_eq!(scan.kernel_errno, None);
+        assert_eq!(tags, [1, 2], "every socket payload, in order");
+    }
+
+    #[test]
+    fn an_errno_in_done_or_error_ends_the_dump_as_a_kernel_error() {
+        for datagram in [done(3, -libc::ENOBUFS), error(3, -libc::EBUSY)] {
+            let scan = scan(&datagram, 3).0.unwrap().unwrap();
+            assert!(scan.done, "{datagram:?}");
+            assert!(scan.kernel_errno.unwrap() < 0);
+        }
+    }
+
+    #[test]
+    fn an_ack_is_neither_an_error_nor_the_end() {
+        let scan = scan(&error(5, 0), 5).0.unwrap().unwrap();
+        assert_eq!(
+            (scan.messages, scan.done, scan.kernel_errno),
+            (1, false, None)
+        );
+    }
+
+    #[test]
+    fn another_dumps_datagram_is_none_and_not_walked() {
+        let datagram = [socket(8, 1), done(8, 0)].concat();
+        let (result, tags) = scan(&datagram, 9);
+        assert_eq!(result.unwrap(), None);
+        assert!(tags.is_empty());
+    }
+
+    #[test]
+    fn dump_intr_is_noted() {
+        let datagram = msg(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_MULTI | NLM_F_DUMP_INTR,
+            4,
+            &[0; 72],
+        );
+        assert!(scan(&datagram, 4).0.unwrap().unwrap().interrupted);
+    }
+
+    #[test]
+    fn a_truncated_datagram_is_an_error_after_the_whole_messages() {
+        let mut datagram = [socket(6, 1), socket(6, 2)].concat();
+        datagram.truncate(datagram.len() - 10);
+        let (result, tags) = scan(&datagram, 6);
+        assert!(
+            matches!(result, Err(WireError::MessageOverrun { .. })),
+            "{result:?}"
+        );
+        assert_eq!(tags, [1], "the whole message before the cut was walked");
+        // A DONE without its errno is malformed too.
+        let short_done = msg(NLMSG_DONE, 0, 6, &[]);
+        assert!(scan(&short_done, 6).0.is_err());
+    }
+}

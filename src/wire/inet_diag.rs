@@ -263,10 +263,21 @@ pub struct DiagSocket<'a> {
     pub bbr: Option<BbrInfo<'a>>,
     pub class_id: Option<u32>,
     pub cgroup_id: Option<u64>,
-    /// `struct inet_diag_sockopt`, two bitfield bytes read as a little-endian u16.
+    /// `struct inet_diag_sockopt` as [`sockopt_bits`] numbers its members.
     pub sockopt: Option<u16>,
     /// Attributes present but not decoded here (PAD not counted).
     pub unknown_attributes: u16,
+}
+
+/// `struct inet_diag_sockopt`'s two bytes of one-bit members as a u16 whose
+/// bit N is the Nth member declared (recverr 1, is_icsk 2, ... defer_connect
+/// 1024), the same on every host. The C ABI allocates bitfields from the
+/// least significant bit of each byte on little-endian hosts and from the
+/// most significant on big-endian ones (`big_endian`), so the kernel's bytes
+/// differ between the two for the same socket.
+pub fn sockopt_bits(bytes: [u8; 2], big_endian: bool) -> u16 {
+    let member_order = |b: u8| if big_endian { b.reverse_bits() } else { b };
+    u16::from(member_order(bytes[0])) | u16::from(member_order(bytes[1])) << 8
 }
 
 /// Decodes one `SOCK_DIAG_BY_FAMILY` payload. `tail` picks how the last four
@@ -310,13 +321,12 @@ pub fn decode_socket(payload: &[u8], tail: TailLayout) -> Result<DiagSocket<'_>,
             INET_DIAG_CLASS_ID => s.class_id = Some(scalar(value, "CLASS_ID")?),
             INET_DIAG_CGROUP_ID => s.cgroup_id = Some(scalar(value, "CGROUP_ID")?),
             INET_DIAG_SOCKOPT => {
-                // Two bitfield bytes, first declared member in bit 0 of byte 0.
                 let b = value.first_chunk::<2>().ok_or(WireError::ShortAttribute {
                     name: "SOCKOPT",
                     len: value.len(),
                     need: 2,
                 })?;
-                s.sockopt = Some(u16::from_le_bytes(*b));
+                s.sockopt = Some(sockopt_bits(*b, cfg!(target_endian = "big")));
             }
             INET_DIAG_PAD => {}
             _ => s.unknown_attributes = s.unknown_attributes.saturating_add(1),
@@ -408,4 +418,20 @@ fn congestion_name(value: &[u8]) -> Result<&str, WireError> {
         return Err(WireError::LongCongestionName { len: name.len() });
     }
     std::str::from_utf8(name).map_err(|_| WireError::BadCongestionName { len: name.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockopt_members_keep_their_numbers_on_either_byte_order() {
+        // recverr (1st member of byte 0), mc_all (7th) and recverr_rfc4884
+        // (2nd of byte 1) set: where each ABI puts them.
+        let little = [0b0100_0001, 0b0000_0010];
+        let big = [0b1000_0010, 0b0100_0000];
+        let want = 1 | 64 | 512;
+        assert_eq!(sockopt_bits(little, false), want);
+        assert_eq!(sockopt_bits(big, true), want);
+    }
 }

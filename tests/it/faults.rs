@@ -234,6 +234,39 @@ fn sigterm_mid_poll_finishes_the_poll_in_flight() {
     assert!(warnings_of(&stderr, 1).is_empty(), "{stderr}");
 }
 
+/// `xtcp --dest stdout | less`, paused: the inetdiagers block in `write(2)`,
+/// which no signal ends. The first SIGTERM waits for the poll in flight;
+/// the second ends the process within a second (exit 1, the reason said).
+#[test]
+fn a_second_signal_exits_even_with_stdout_blocked() {
+    let Some(farm) = Farm::new("blocked") else {
+        return;
+    };
+    let mut running = stalled(&farm, &["--frequency", "1h"]);
+    let pid = running.child().id();
+    wait_stalled(pid);
+    let signal = || kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    signal();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        running.child().try_wait().unwrap().is_none(),
+        "stopped before the poll ended"
+    );
+    let mut stderr_pipe = running.child().stderr.take().unwrap();
+    signal();
+    let sent = Instant::now();
+    let status = running.wait_at_most(Duration::from_secs(3));
+    let took = sent.elapsed();
+    let mut stderr = String::new();
+    stderr_pipe.read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(
+        stderr.contains("error: second signal (15) while stopping"),
+        "{stderr}"
+    );
+}
+
 /// Records per poll id that a UDP socket bound now receives until `until`.
 fn receive(farm: &Farm, until: impl Fn(&BTreeMap<u64, u64>) -> bool) -> BTreeMap<u64, u64> {
     let socket = bind_receiver(&farm.ns);

@@ -128,7 +128,13 @@ fn churn_for_soak_secs() {
     std::thread::scope(|s| {
         s.spawn(|| churn(&ns, &stop_churn, &opened));
         let receiver = s.spawn(|| receive(&ns, &stop_receiver));
+        let deadline = Instant::now() + Duration::from_secs(30);
         while opened.load(Ordering::Relaxed) < 2 * POOL as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the churn opened {} connections in 30 s",
+                opened.load(Ordering::Relaxed)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let dest = format!("udp:127.0.0.1:{PORT}");
@@ -165,8 +171,8 @@ fn churn_for_soak_secs() {
         }
         let churned = opened.load(Ordering::Relaxed);
         kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
-        let status = running.child().wait().unwrap();
-        running.0 = None;
+        // A poll takes well under a second; SIGTERM lets the one in flight end.
+        let status = running.wait_at_most(Duration::from_secs(10));
         reader.join().unwrap();
         stop_churn.store(true, Ordering::Relaxed);
         stop_receiver.store(true, Ordering::Relaxed);

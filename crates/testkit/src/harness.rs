@@ -274,6 +274,20 @@ impl Running {
         self.0.as_mut().unwrap()
     }
 
+    /// Its exit status, waiting at most `limit`: a child still running then
+    /// fails the test (and is killed on drop) rather than hanging it.
+    pub fn wait_at_most(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child().try_wait().unwrap() {
+                self.0 = None;
+                return status;
+            }
+            assert!(started.elapsed() < limit, "still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then the exit status and stderr.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let child = self.0.take().unwrap();
