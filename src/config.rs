@@ -174,7 +174,8 @@ struct Cli {
     #[arg(long, env = "XTCP_POLLING_SAFETY_BUFFER", default_value_t = 0.8, value_parser = parse_safety_buffer)]
     polling_safety_buffer: f64,
 
-    /// Give up on a dump when the kernel sends nothing for this long.
+    /// Give up on a dump when the kernel sends nothing for this long (time
+    /// spent waiting on a slow output does not count).
     #[arg(long, env = "XTCP_NETLINK_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     netlink_timeout: Duration,
 

@@ -211,7 +211,7 @@ counters! {
     malformed "a datagram could not be framed (lost)" => "xtcp_netlink_errors_total" ["kind" = "malformed"], exit "netlink_errors", warn "netlink datagrams lost";
     kernel_errors "the kernel ended a dump with an error" => "xtcp_netlink_errors_total" ["kind" = "kernel"], exit "netlink_errors", warn "kernel errors";
     request_errors "the dump request could not be sent" => "xtcp_netlink_errors_total" ["kind" = "request"], exit "netlink_errors", warn "requests not sent";
-    timeouts "the kernel sent nothing for --netlink-timeout and the dump was abandoned" => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "timeouts";
+    timeouts "nothing came for --netlink-timeout while a netlinker was free to receive (waiting on a full channel does not count), and the dump was abandoned" => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "dumps abandoned (nothing received for --netlink-timeout)";
     interrupted "Dumps with a datagram flagged NLM_F_DUMP_INTR: the socket table changed under the dump, so a socket may be missing or repeated in that poll." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
 }
 

@@ -8,7 +8,7 @@
 //! so "the poll is finished" means every socket of it was sent, with no extra
 //! bookkeeping.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ pub struct Dump {
     /// Nanoseconds after `started` of the last progress (datagram received
     /// or handed over): the timeout clock.
     last_progress_ns: AtomicU64,
+    /// Netlinkers waiting to hand a datagram of this dump to a full channel:
+    /// the output is slow, not the kernel, so the clock does not run.
+    blocked_on_output: AtomicU32,
     done_ns: AtomicU64,
     first_errors: Mutex<Vec<String>>,
     report_tx: Sender<DumpReport>,
@@ -55,6 +58,7 @@ impl Dump {
             tcp_info_lengths: Mutex::default(),
             started: Instant::now(),
             last_progress_ns: AtomicU64::new(0),
+            blocked_on_output: AtomicU32::new(0),
             done_ns: AtomicU64::new(0),
             first_errors: Mutex::new(Vec::new()),
             report_tx,
@@ -69,11 +73,23 @@ impl Dump {
         self.last_progress_ns.store(self.now_ns(), Relaxed);
     }
 
+    /// How long the kernel has sent nothing for this dump while a netlinker
+    /// was free to receive it (zero while one waits on the output).
     pub fn idle_for(&self) -> Duration {
+        if self.blocked_on_output.load(Relaxed) > 0 {
+            return Duration::ZERO;
+        }
         Duration::from_nanos(
             self.now_ns()
                 .saturating_sub(self.last_progress_ns.load(Relaxed)),
         )
+    }
+
+    /// Stops the timeout clock until the guard is dropped (the datagram was
+    /// handed over, or the wait given up), which counts as progress.
+    pub fn blocked_on_output(&self) -> OutputBlocked<'_> {
+        self.blocked_on_output.fetch_add(1, Relaxed);
+        OutputBlocked(self)
     }
 
     pub fn mark_done(&self) {
@@ -99,6 +115,16 @@ impl Dump {
         if !errors.iter().any(|e| e.starts_with(&kind)) {
             errors.push(format!("{kind}: {detail}"));
         }
+    }
+}
+
+/// A netlinker waiting on a full channel ([`Dump::blocked_on_output`]).
+pub struct OutputBlocked<'a>(&'a Dump);
+
+impl Drop for OutputBlocked<'_> {
+    fn drop(&mut self) {
+        self.0.progressed();
+        self.0.blocked_on_output.fetch_sub(1, Relaxed);
     }
 }
 
@@ -130,6 +156,25 @@ mod tests {
     use super::*;
     use crate::counting::DumpTotals;
     use crate::wire::request::AF_INET;
+
+    #[test]
+    fn waiting_on_the_output_is_not_kernel_silence() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let family = Family {
+            af: AF_INET,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let socket = SockDiagSocket::open(Duration::from_secs(1)).unwrap();
+        let dump = Dump::new(family, Arc::new(socket), 1, PollStamp::default(), tx);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(dump.idle_for() >= Duration::from_millis(20));
+        let blocked = dump.blocked_on_output();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(dump.idle_for(), Duration::ZERO, "the clock stops");
+        drop(blocked);
+        assert!(dump.idle_for() < Duration::from_millis(20), "and restarts");
+    }
 
     #[test]
     fn last_drop_reports_the_counters() {

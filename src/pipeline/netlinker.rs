@@ -120,11 +120,10 @@ pub fn run(family: &FamilyState, tx: Sender<ReceivedDatagram>, shutdown: &Shutdo
                 len,
                 dump: Arc::clone(&dump),
             };
-            if !hand_over(&tx, received, &mut tally, shutdown) {
+            if !hand_over(&tx, received, &dump, &mut tally, shutdown) {
                 dump.counters.add(&tally);
                 return;
             }
-            dump.progressed();
         }
         dump.counters.add(&tally);
     }
@@ -152,11 +151,13 @@ fn wait_readable(family: &FamilyState) -> Result<Option<Arc<SockDiagSocket>>, Er
     }
 }
 
-/// Sends `received`, waiting (counted) while the channel is full. `false`
-/// when the pipeline is aborting or the inetdiagers are gone.
+/// Sends `received`, waiting (counted, and with `dump`'s timeout clock
+/// stopped: the output is slow, not the kernel) while the channel is full.
+/// `false` when the pipeline is aborting or the inetdiagers are gone.
 fn hand_over(
     tx: &Sender<ReceivedDatagram>,
     received: ReceivedDatagram,
+    dump: &Dump,
     tally: &mut DumpTotals,
     shutdown: &Shutdown,
 ) -> bool {
@@ -166,6 +167,7 @@ fn hand_over(
         Err(TrySendError::Full(received)) => received,
     };
     tally.channel_full += 1;
+    let _blocked = dump.blocked_on_output();
     let started = Instant::now();
     let sent = select! {
         send(tx, received) -> r => r.is_ok(),

@@ -131,6 +131,14 @@ impl Namespaces {
         problems
     }
 
+    /// Closes the sockets of the namespace with this inode (once no dump
+    /// holds them), so the next [`Self::refresh`] opens new ones: a socket
+    /// whose dump was abandoned may still be in it.
+    pub fn reopen(&mut self, inode: u64, families: &[Arc<FamilyState>]) {
+        self.open.retain(|n| n.inode != inode);
+        families.iter().for_each(|f| f.remove_socket(inode));
+    }
+
     /// What the selection names right now.
     fn targets(&self) -> (Vec<Target>, Vec<String>) {
         let mut problems = Vec::new();

@@ -2,7 +2,10 @@
 //! namespaces up to date, and for each namespace in turn publish one
 //! [`Dump`] per enabled family and send its request, then wait until every
 //! dump is finished (all records sent), abandoning a dump the kernel stops
-//! answering for `--netlink-timeout`. A family's dumps of all namespaces
+//! answering for `--netlink-timeout` (time a netlinker waits on a full
+//! channel does not count: that is a slow output, and the dump goes on).
+//! The sockets of a namespace with an abandoned dump are replaced before
+//! its next request. A family's dumps of all namespaces
 //! add up to its report of the poll. It reports each poll, counts long
 //! ones, and on stop lets the poll in flight finish before it releases the
 //! netlinkers.
@@ -60,9 +63,15 @@ impl Poller {
                 eprintln!("warning: poll {poll_id}: {problem}");
             }
             totals.netns_errors += problems.len() as u64;
-            let Some(reports) = self.dump_namespaces(&stamp) else {
+            let Some((reports, abandoned)) = self.dump_namespaces(&stamp) else {
                 break; // aborted
             };
+            // The kernel may still be in an abandoned dump, and a socket runs
+            // one dump at a time (the next request would get EBUSY): the
+            // namespace's sockets are replaced at the next refresh.
+            for inode in abandoned {
+                self.namespaces.reopen(inode, &self.families);
+            }
             let took = started.elapsed();
             let long = took.as_secs_f64()
                 > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
@@ -97,8 +106,10 @@ impl Poller {
     }
 
     /// Dumps every family of each namespace in turn; one report per family,
-    /// summed over the namespaces. `None` if the pipeline aborts.
-    fn dump_namespaces(&self, stamp: &PollStamp) -> Option<Vec<DumpReport>> {
+    /// summed over the namespaces, and the namespaces where a dump was
+    /// abandoned. `None` if the pipeline aborts.
+    fn dump_namespaces(&self, stamp: &PollStamp) -> Option<(Vec<DumpReport>, Vec<u64>)> {
+        let mut abandoned = Vec::new();
         let mut merged: Vec<DumpReport> = self
             .families
             .iter()
@@ -114,12 +125,15 @@ impl Poller {
                 self.start_dump(family, socket, stamp.clone());
             }
             for report in self.collect(self.families.len())? {
+                if report.totals.timeouts > 0 && !abandoned.contains(&ns.inode) {
+                    abandoned.push(ns.inode);
+                }
                 if let Some(m) = merged.iter_mut().find(|m| m.family == report.family) {
                     m.merge(&report);
                 }
             }
         }
-        Some(merged)
+        Some((merged, abandoned))
     }
 
     fn start_dump(&self, family: &FamilyState, socket: &Arc<SockDiagSocket>, stamp: PollStamp) {

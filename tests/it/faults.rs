@@ -176,8 +176,12 @@ fn dump_intr_and_malformed_datagrams_are_counted_and_the_next_poll_is_whole() {
     assert_eq!(polls, [(1, sockets), (2, sockets)].into(), "{stderr}");
 }
 
+/// A reader that stalls for 1.5 s, five times `--netlink-timeout`: the
+/// netlinkers wait on the full channel and the kernel waits with them, which
+/// is a slow output, not a silent kernel. The poll is slow but whole: no
+/// dump is abandoned, nothing is stale, and memory stays at the pool's bound.
 #[test]
-fn a_dump_stalled_past_the_netlink_timeout_is_abandoned_and_later_polls_are_whole() {
+fn a_slow_output_makes_a_poll_slow_but_whole() {
     let Some(farm) = Farm::new("stall") else {
         return;
     };
@@ -197,23 +201,99 @@ fn a_dump_stalled_past_the_netlink_timeout_is_abandoned_and_later_polls_are_whol
     let stdout = drain(running.child().stdout.take().unwrap());
     let (stderr, polls) = finish(running, stdout);
 
-    let first = warnings_of(&stderr, 1);
-    assert!(
-        !first.is_empty() && first.iter().all(|w| w.contains("1 timeouts")),
+    let sockets = farm.keys.len() as u64;
+    assert_eq!(
+        polls,
+        [(1, sockets), (2, sockets), (3, sockets)].into(),
         "{stderr}"
     );
-    assert!(total(&stderr, "", "stale_datagrams") > 0, "{stderr}");
+    for poll in 1..=3 {
+        assert!(warnings_of(&stderr, poll).is_empty(), "{stderr}");
+    }
+    for family in ["v4", "v6"] {
+        assert_eq!(total(&stderr, family, "timeouts"), 0, "{stderr}");
+        assert!(total(&stderr, family, "channel_full") > 0, "{stderr}");
+        assert!(
+            total(&stderr, family, "channel_blocked_ms") >= 1000,
+            "{stderr}"
+        );
+    }
+    assert_eq!(total(&stderr, "", "stale_datagrams"), 0, "{stderr}");
     // Memory stayed bounded while stalled: each family's pool never grew
     // past its capacity, --channel-size + one netlinker + one inetdiager.
     let line = stderr.lines().find(|l| l.starts_with("poll 1: ")).unwrap();
     assert_eq!(line.matches(", 3 buffers;").count(), 2, "{line}");
-    // The abandoned dump's records that were already received still went out.
-    assert!(polls[&1] > 0, "{polls:?}");
+}
+
+/// Nobody reads the dump: the netlinker threads are stopped (ptrace) across
+/// two polls, so each dump is truly silent. Both are abandoned and counted;
+/// the abandoned dumps' sockets are replaced, so once the netlinkers run
+/// again the next request is not refused (`EBUSY`: a netlink socket runs
+/// one dump at a time) and that poll is whole.
+#[test]
+fn a_dump_nobody_reads_is_abandoned_and_the_next_poll_is_whole() {
+    let Some(farm) = Farm::new("silent") else {
+        return;
+    };
+    let receiver = Receiver::start(&farm.ns);
+    let started = Instant::now();
+    let mut running = Running(Some(
+        farm.xtcp(&[
+            "--netlink-timeout",
+            "1s",
+            "--frequency",
+            "2s",
+            "--max-loops",
+            "4",
+            "--no-statsd",
+            "-v",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    ));
+    let pid = running.child().id();
+    // Poll 1 at 0 s is whole. Stopped from 1 s: poll 2 (2 s) and poll 3
+    // (4 s, on the old sockets it would be refused) hear nothing until the
+    // threads run again at 4.4 s, well before poll 3's 5 s timeout.
+    sleep_until(started + Duration::from_secs(1));
+    let stopped = StoppedThreads::stop(pid, "netlinker-");
+    assert_eq!(stopped.count(), 2, "one netlinker per family");
+    sleep_until(started + Duration::from_millis(4400));
+    drop(stopped);
+    let mut stderr_pipe = running.child().stderr.take().unwrap();
+    let status = running.wait_at_most(Duration::from_secs(15));
+    let mut stderr = String::new();
+    stderr_pipe.read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    let polls = by_poll(&receiver.finish().records)
+        .into_iter()
+        .map(|(id, records)| (id, records.len() as u64))
+        .collect::<BTreeMap<u64, u64>>();
     let sockets = farm.keys.len() as u64;
-    for later in [2, 3] {
-        assert_eq!(polls.get(&later), Some(&sockets), "{polls:?}: {stderr}");
-        assert!(warnings_of(&stderr, later).is_empty(), "{stderr}");
+    assert_eq!(polls.get(&1), Some(&sockets), "{polls:?}: {stderr}");
+    let abandoned = warnings_of(&stderr, 2);
+    assert_eq!(abandoned.len(), 2, "both families: {stderr}");
+    assert!(
+        abandoned.iter().all(|w| w.contains("1 dumps abandoned")),
+        "{stderr}"
+    );
+    for whole in [3, 4] {
+        assert_eq!(polls.get(&whole), Some(&sockets), "{polls:?}: {stderr}");
+        assert!(warnings_of(&stderr, whole).is_empty(), "{stderr}");
     }
+    for family in ["v4", "v6"] {
+        assert_eq!(total(&stderr, family, "timeouts"), 1, "{stderr}");
+        assert_eq!(
+            total(&stderr, family, "netlink_errors"),
+            0,
+            "no EBUSY: {stderr}"
+        );
+    }
+}
+
+fn sleep_until(when: Instant) {
+    std::thread::sleep(when.saturating_duration_since(Instant::now()));
 }
 
 #[test]

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use xtcp::export::udp::decode_datagram;
 use xtcp::proto::Record;
@@ -264,6 +266,46 @@ pub fn stopped_value(stderr: &str, program: &str, section: &str, name: &str) -> 
         .position(|w| *w == name)
         .unwrap_or_else(|| panic!("no {name} in {part}"));
     words[at + 1].parse().unwrap()
+}
+
+/// Threads of another process stopped by ptrace: only they stop, the rest
+/// of the process runs on. They run again when this is dropped (or when the
+/// test process ends, which detaches them).
+pub struct StoppedThreads(Vec<Pid>);
+
+impl StoppedThreads {
+    /// Stops the threads of process `pid` whose name starts with `prefix`.
+    pub fn stop(pid: u32, prefix: &str) -> StoppedThreads {
+        let mut stopped = StoppedThreads(Vec::new());
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+        for task in tasks {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let tid: i32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            let tid = Pid::from_raw(tid);
+            ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the thread (root)");
+            stopped.0.push(tid);
+            ptrace::interrupt(tid).expect("stop the thread");
+            waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the thread stops");
+        }
+        stopped
+    }
+
+    /// How many threads are stopped.
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Drop for StoppedThreads {
+    fn drop(&mut self) {
+        for &tid in &self.0 {
+            let _ = ptrace::detach(tid, None);
+        }
+    }
 }
 
 /// A child process, killed and reaped if the test fails before it ends.
