@@ -52,13 +52,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
-## fuzz-smoke: the decode fuzz target for a fixed number of runs, seeded with the fixtures
+## fuzz-smoke: each fuzz target for a fixed number of runs: decode (seeded with the fixtures) and datagram (the forwarder's parser)
 fuzz-smoke: fuzz/corpus/decode
+	mkdir -p fuzz/corpus/datagram
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode corpus/decode -- -runs=$(FUZZ_RUNS) -max_len=$(FUZZ_MAX_LEN)
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run datagram corpus/datagram -- -runs=$(FUZZ_RUNS) -max_len=$(FUZZ_MAX_LEN)
 
-## fuzz: the decode fuzz target until stopped
+## fuzz: a fuzz target until stopped (FUZZ_TARGET=decode or datagram)
+FUZZ_TARGET ?= decode
 fuzz: fuzz/corpus/decode
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode corpus/decode -- -max_len=$(FUZZ_MAX_LEN)
+	mkdir -p fuzz/corpus/$(FUZZ_TARGET)
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_TARGET) corpus/$(FUZZ_TARGET) -- -max_len=$(FUZZ_MAX_LEN)
 
 # Seeds: the small captures (a 4 KB dump reaches every attribute; the
 # 270 KB bench dump would make each run ~1000x slower).

@@ -20,7 +20,7 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::proto::{Envelope, Record};
+use crate::proto::Record;
 
 /// First byte of a batch datagram: `Envelope.records` (1) length-delimited.
 const ENVELOPE_KEY: u8 = 0x0a;
@@ -156,60 +156,94 @@ impl UdpSink {
 pub enum DatagramError {
     #[error("empty datagram")]
     Empty,
-    #[error("not an xtcp Record or Envelope ({len} bytes): {source}")]
-    Protobuf {
+    #[error("not an xtcp Envelope ({len} bytes): bad framing at byte {offset}")]
+    Framing { len: usize, offset: usize },
+    #[error("record {index} of {len} bytes does not decode as an xtcp Record: {source}")]
+    Undecodable {
+        index: u64,
         len: usize,
         source: prost::DecodeError,
     },
-    #[error("not an xtcp Envelope ({len} bytes): bad framing at byte {offset}")]
-    Framing { len: usize, offset: usize },
+    #[error("record {index} has no schema_version: not an xtcp record")]
+    NoSchema { index: u64 },
 }
 
-/// The records of one datagram, in either layout.
-pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
-    let err = |source| DatagramError::Protobuf {
-        len: datagram.len(),
+/// Every [`DatagramError::reason`], for metric labels.
+pub const DATAGRAM_ERROR_REASONS: [&str; 4] = ["empty", "framing", "undecodable", "no_schema"];
+
+impl DatagramError {
+    /// A short name of what was wrong, for counting.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DatagramError::Empty => "empty",
+            DatagramError::Framing { .. } => "framing",
+            DatagramError::Undecodable { .. } => "undecodable",
+            DatagramError::NoSchema { .. } => "no_schema",
+        }
+    }
+}
+
+/// Record `index` of a datagram (0 for a bare one), checked as what an
+/// exporter writes: it decodes, and carries the `schema_version` every
+/// exporter sets (protobuf decodes any bytes of valid wire format, even
+/// none, into some `Record`).
+fn check_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
+    let record = Record::decode(bytes).map_err(|source| DatagramError::Undecodable {
+        index,
+        len: bytes.len(),
         source,
-    };
+    })?;
+    if record.schema_version == 0 {
+        return Err(DatagramError::NoSchema { index });
+    }
+    Ok(record)
+}
+
+/// The records of one datagram, in either layout, each checked.
+pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
     match datagram.first() {
         None => Err(DatagramError::Empty),
-        Some(&ENVELOPE_KEY) => Envelope::decode(datagram).map(|e| e.records).map_err(err),
-        Some(_) => Record::decode(datagram).map(|r| vec![r]).map_err(err),
+        Some(&ENVELOPE_KEY) => envelope_entries(datagram)
+            .zip(0..)
+            .map(|(entry, index)| check_record(entry?.1, index))
+            .collect(),
+        Some(_) => check_record(datagram, 0).map(|r| vec![r]),
     }
 }
 
 /// One datagram as length-delimited records (each record preceded by its
 /// length as a varint: what ClickHouse's `Protobuf` format, Java's
 /// `parseDelimitedFrom` and Go's `protodelim` read), written into `out`;
-/// returns how many records. A batch only loses its field keys (its framing
-/// is checked, the records are not decoded); a bare record is checked by
-/// decoding it.
+/// returns how many records. Every record is decoded and checked first, so
+/// nothing that is not an exporter's record is passed on: a datagram with
+/// one bad record is refused whole.
 pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
     out.clear();
     match datagram.first() {
         None => Err(DatagramError::Empty),
-        Some(&ENVELOPE_KEY) => envelope_to_delimited(datagram, out),
+        Some(&ENVELOPE_KEY) => {
+            let mut records = 0;
+            for entry in envelope_entries(datagram) {
+                let checked = entry
+                    .and_then(|(framed, record)| check_record(record, records).map(|_| framed));
+                match checked {
+                    Ok(framed) => out.extend_from_slice(framed),
+                    Err(e) => {
+                        out.clear(); // nothing of a refused datagram
+                        return Err(e);
+                    }
+                }
+                records += 1;
+            }
+            Ok(records)
+        }
         Some(_) => {
-            Record::decode(datagram).map_err(|source| DatagramError::Protobuf {
-                len: datagram.len(),
-                source,
-            })?;
+            check_record(datagram, 0)?;
             encode_varint(datagram.len() as u64, out);
             out.extend_from_slice(datagram);
             Ok(1)
         }
     }
-}
-
-/// Copies the length-delimited field-1 entries of an envelope without their
-/// keys, checking that they tile it exactly.
-fn envelope_to_delimited(envelope: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
-    let mut records = 0;
-    for entry in envelope_entries(envelope) {
-        out.extend_from_slice(entry?);
-        records += 1;
-    }
-    Ok(records)
 }
 
 /// How many records one datagram holds, from an envelope's framing alone
@@ -219,18 +253,16 @@ pub fn count_records(datagram: &[u8]) -> Result<u64, DatagramError> {
     match datagram.first() {
         None => Err(DatagramError::Empty),
         Some(&ENVELOPE_KEY) => envelope_entries(datagram).try_fold(0, |n, e| e.map(|_| n + 1)),
-        Some(_) => Record::decode(datagram)
-            .map(|_| 1)
-            .map_err(|source| DatagramError::Protobuf {
-                len: datagram.len(),
-                source,
-            }),
+        Some(_) => check_record(datagram, 0).map(|_| 1),
     }
 }
 
-/// The field-1 entries of an envelope, each its length varint and record
-/// bytes; an error (then nothing more) where they stop tiling it exactly.
-fn envelope_entries(envelope: &[u8]) -> impl Iterator<Item = Result<&[u8], DatagramError>> {
+/// The field-1 entries of an envelope: each as framed (its length varint
+/// and record bytes) and the record alone; an error (then nothing more)
+/// where they stop tiling it exactly.
+fn envelope_entries(
+    envelope: &[u8],
+) -> impl Iterator<Item = Result<(&[u8], &[u8]), DatagramError>> {
     let mut rest = envelope;
     std::iter::from_fn(move || {
         let (&key, after_key) = rest.split_first()?;
@@ -245,10 +277,13 @@ fn envelope_entries(envelope: &[u8]) -> impl Iterator<Item = Result<&[u8], Datag
             .and_then(|len| usize::try_from(len).ok())
             .and_then(|len| body.get(..len))
             // The varint as written, then the record.
-            .map(|record| &after_key[..after_key.len() - body.len() + record.len()]);
+            .map(|record| {
+                let framed = &after_key[..after_key.len() - body.len() + record.len()];
+                (framed, record)
+            });
         match entry {
             Some(entry) => {
-                rest = &after_key[entry.len()..];
+                rest = &after_key[entry.0.len()..];
                 Some(Ok(entry))
             }
             None => {
@@ -384,6 +419,34 @@ mod tests {
             Err(DatagramError::Empty)
         ));
         assert!(matches!(count_records(&[]), Err(DatagramError::Empty)));
+    }
+
+    /// Bytes of valid framing or wire format that no exporter wrote are
+    /// refused whole, each for its reason; nothing is written for them.
+    #[test]
+    fn forged_datagrams_are_refused_by_reason() {
+        let real = record(7);
+        let mut out = Vec::new();
+        for (datagram, reason) in [
+            (vec![], "empty"),
+            (vec![0x0a, 0x05, 1], "framing"),
+            // An envelope of one 2-byte record that is not protobuf.
+            (vec![0x0a, 0x02, 0xff, 0xff], "undecodable"),
+            // An envelope of one empty record: decodes, but is nobody's.
+            (vec![0x0a, 0x00], "no_schema"),
+            // A real record, then a bad one: the datagram is refused whole.
+            (
+                [&[0x0a, real.len() as u8][..], &real, &[0x0a, 0x01, 0x80]].concat(),
+                "undecodable",
+            ),
+            // A bare record without schema_version (record_counter only).
+            (vec![0x28, 0x01], "no_schema"),
+        ] {
+            let err = to_delimited(&datagram, &mut out).unwrap_err();
+            assert_eq!(err.reason(), reason, "{datagram:?}: {err}");
+            assert!(out.is_empty(), "{datagram:?}");
+            assert_eq!(decode_datagram(&datagram).unwrap_err().reason(), reason);
+        }
     }
 
     #[test]

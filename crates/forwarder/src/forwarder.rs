@@ -1,6 +1,8 @@
 //! The forwarder: the exporters' UDP feed into a Kafka topic.
 //!
-//! One thread receives datagrams, checks each is an xtcp Record or Envelope,
+//! One thread receives datagrams, decodes and checks every record of each
+//! (a datagram with anything that is not an exporter's record is refused
+//! whole, counted by reason),
 //! and hands it to librdkafka as one message of length-delimited records
 //! (`export::udp::to_delimited`), which ClickHouse reads as `Protobuf`
 //! (docs/kafka.md). librdkafka batches, compresses, retries and reconnects
@@ -182,10 +184,12 @@ pub fn run(
         let records = match to_delimited(&buf[..len], &mut message) {
             Ok(records) => records,
             Err(e) => {
-                if metrics.malformed.get() == 0 {
+                let refused = metrics.malformed.with_label_values(&[e.reason()]);
+                // The first of each kind is said; all are counted.
+                if refused.get() == 0 {
                     eprintln!("xtcp-forwarder: dropped a datagram: {e}");
                 }
-                metrics.malformed.inc();
+                refused.inc();
                 continue;
             }
         };
@@ -228,7 +232,7 @@ pub fn run(
     Ok(ForwarderTotals {
         datagrams: metrics.datagrams.get(),
         records: metrics.records.get(),
-        malformed: metrics.malformed.get(),
+        malformed: metrics.malformed_total(),
         delivered_records: metrics.delivered_records.get(),
         dropped_records: dropped,
     })

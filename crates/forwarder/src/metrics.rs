@@ -2,6 +2,7 @@
 //! (`xtcp::metrics`).
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use xtcp::export::udp::DATAGRAM_ERROR_REASONS;
 
 xtcp::metrics_table! {
     /// What the forwarder received, produced, delivered and dropped.
@@ -13,8 +14,8 @@ xtcp::metrics_table! {
         "Bytes of those datagrams.";
     records: IntCounter "xtcp_forwarder_records_total" []
         "Records in the datagrams that were well formed.";
-    malformed: IntCounter "xtcp_forwarder_malformed_datagrams_total" []
-        "Datagrams that are not an xtcp Record or Envelope, dropped (never sent to Kafka).";
+    malformed: IntCounterVec "xtcp_forwarder_malformed_datagrams_total" ["reason"]
+        "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's: empty, framing (not an Envelope), undecodable (a record that is not protobuf of the Record schema), no_schema (a record without schema_version).";
     produced: IntCounter "xtcp_forwarder_produced_messages_total" []
         "Kafka messages (one per datagram) accepted into the producer's queue.";
     delivered_messages: IntCounter "xtcp_forwarder_delivered_messages_total" []
@@ -44,7 +45,18 @@ impl ForwarderMetrics {
             metrics.dropped_messages.with_label_values(&[reason]);
             metrics.dropped_records.with_label_values(&[reason]);
         }
+        for reason in DATAGRAM_ERROR_REASONS {
+            metrics.malformed.with_label_values(&[reason]);
+        }
         Ok(metrics)
+    }
+
+    /// Datagrams refused so far, all reasons.
+    pub fn malformed_total(&self) -> u64 {
+        DATAGRAM_ERROR_REASONS
+            .iter()
+            .map(|r| self.malformed.with_label_values(&[r]).get())
+            .sum()
     }
 
     /// Counts `messages` messages holding `records` records as dropped.

@@ -377,19 +377,24 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
         sender.send_to(&envelope.encode_to_vec(), &listen).unwrap();
     }
     sender.send_to(b"\x0a\xffnot xtcp", &listen).unwrap();
+    // Well framed, but its one record is not protobuf: refused too.
+    sender.send_to(b"\x0a\x02\xff\xff", &listen).unwrap();
     let scrape = loop {
         let mut s = TcpStream::connect(&prom).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
-        if body.contains("xtcp_forwarder_datagrams_total 21") {
+        if body.contains("xtcp_forwarder_datagrams_total 22") {
             break body;
         }
         assert!(Instant::now() < deadline, "datagrams not counted:\n{body}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(scrape.contains("xtcp_forwarder_malformed_datagrams_total 1"));
+    for reason in ["framing", "undecodable"] {
+        let series = format!("xtcp_forwarder_malformed_datagrams_total{{reason=\"{reason}\"}} 1");
+        assert!(scrape.contains(&series), "{scrape}");
+    }
     assert!(scrape.contains("xtcp_forwarder_records_total 60"));
     assert!(
         scrape.contains("xtcp_forwarder_queued_messages 5"),
@@ -406,8 +411,8 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
         stderr.contains("dropped a datagram: not an xtcp"),
         "{stderr}"
     );
-    assert_eq!(forwarder_total(&stderr, "datagrams"), 21);
-    assert_eq!(forwarder_total(&stderr, "malformed"), 1);
+    assert_eq!(forwarder_total(&stderr, "datagrams"), 22);
+    assert_eq!(forwarder_total(&stderr, "malformed"), 2);
     assert_eq!(forwarder_total(&stderr, "records"), 60);
     assert_eq!(forwarder_total(&stderr, "delivered_records"), 0);
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 60, "{stderr}");
