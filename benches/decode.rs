@@ -9,7 +9,11 @@
 //!   per-socket work;
 //! - `netlink_packet_sock_diag`: the same bytes through the
 //!   netlink-packet-sock-diag crate (default features: attributes parsed into
-//!   owned values, tcp_info copied as bytes).
+//!   owned values, tcp_info copied as bytes);
+//! - `forwarder_to_delimited`: the forwarder's per-datagram work on the
+//!   records of those sockets, sent as the exporter sends them (envelopes of
+//!   at most `--udp-batch-bytes`): every record decoded and checked, then
+//!   copied length-delimited into the Kafka message.
 //!
 //! One iteration = the whole buffer; throughput is in sockets.
 //! `make bench` runs this and prints ns/socket and ratios (tools/bench/bench_report.py).
@@ -19,7 +23,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use netlink_packet_core::NetlinkMessage;
 use netlink_packet_sock_diag::SockDiagMessage;
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use xtcp::config::DEFAULT_UDP_BATCH_BYTES;
 use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::export::udp::to_delimited;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, DiagSocket, TailLayout};
 
@@ -92,7 +99,42 @@ fn decode(c: &mut Criterion) {
             }
         })
     });
+    g.bench_function("forwarder_to_delimited", |b| {
+        let datagrams = envelopes();
+        let mut message = Vec::with_capacity(DEFAULT_UDP_BATCH_BYTES);
+        b.iter(|| {
+            for datagram in &datagrams {
+                black_box(to_delimited(black_box(datagram), &mut message).unwrap());
+            }
+        })
+    });
     g.finish();
+}
+
+/// The records of the dump in envelopes of at most the default
+/// `--udp-batch-bytes`, as the exporter's UDP sink packs them.
+fn envelopes() -> Vec<Vec<u8>> {
+    let mut encoder = RecordEncoder::new("bench-host.example.com".into());
+    let stamp = PollStamp {
+        poll_id: 1,
+        timestamp_ns: 1_795_000_000_000_000_000,
+        ..Default::default()
+    };
+    let mut record = vec![0u8; encoder.max_record_len()];
+    let mut datagrams = vec![Vec::new()];
+    for_each_socket(DUMP, |s| {
+        let len = encoder.encode(s, &stamp, &mut record).unwrap();
+        let framed = 1 + encoded_len_varint(len as u64) + len;
+        let last = datagrams.last_mut().unwrap();
+        if last.len() + framed > DEFAULT_UDP_BATCH_BYTES {
+            datagrams.push(Vec::new());
+        }
+        let last = datagrams.last_mut().unwrap();
+        encode_key(1, WireType::LengthDelimited, last);
+        encode_varint(len as u64, last);
+        last.extend_from_slice(&record[..len]);
+    });
+    datagrams
 }
 
 criterion_group!(benches, decode);

@@ -183,20 +183,30 @@ impl DatagramError {
     }
 }
 
-/// Record `index` of a datagram (0 for a bare one), checked as what an
-/// exporter writes: it decodes, and carries the `schema_version` every
-/// exporter sets (protobuf decodes any bytes of valid wire format, even
-/// none, into some `Record`).
-fn check_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
-    let record = Record::decode(bytes).map_err(|source| DatagramError::Undecodable {
-        index,
-        len: bytes.len(),
-        source,
-    })?;
+/// Record `index` of a datagram (0 for a bare one), decoded into `record`
+/// and checked as what an exporter writes: it decodes, and carries the
+/// `schema_version` every exporter sets (protobuf decodes any bytes of valid
+/// wire format, even none, into some `Record`). Decoding into the same
+/// `record` again reuses its strings and bytes.
+fn check_record(bytes: &[u8], index: u64, record: &mut Record) -> Result<(), DatagramError> {
+    record.clear();
+    record
+        .merge(bytes)
+        .map_err(|source| DatagramError::Undecodable {
+            index,
+            len: bytes.len(),
+            source,
+        })?;
     if record.schema_version == 0 {
         return Err(DatagramError::NoSchema { index });
     }
-    Ok(record)
+    Ok(())
+}
+
+/// A checked record of its own.
+fn decode_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
+    let mut record = Record::default();
+    check_record(bytes, index, &mut record).map(|()| record)
 }
 
 /// The records of one datagram, in either layout, each checked.
@@ -205,9 +215,9 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
         None => Err(DatagramError::Empty),
         Some(&ENVELOPE_KEY) => envelope_entries(datagram)
             .zip(0..)
-            .map(|(entry, index)| check_record(entry?.1, index))
+            .map(|(entry, index)| decode_record(entry?.1, index))
             .collect(),
-        Some(_) => check_record(datagram, 0).map(|r| vec![r]),
+        Some(_) => decode_record(datagram, 0).map(|r| vec![r]),
     }
 }
 
@@ -219,13 +229,15 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
 /// one bad record is refused whole.
 pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
     out.clear();
+    let mut scratch = Record::default();
     match datagram.first() {
         None => Err(DatagramError::Empty),
         Some(&ENVELOPE_KEY) => {
             let mut records = 0;
             for entry in envelope_entries(datagram) {
-                let checked = entry
-                    .and_then(|(framed, record)| check_record(record, records).map(|_| framed));
+                let checked = entry.and_then(|(framed, record)| {
+                    check_record(record, records, &mut scratch).map(|()| framed)
+                });
                 match checked {
                     Ok(framed) => out.extend_from_slice(framed),
                     Err(e) => {
@@ -238,7 +250,7 @@ pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramE
             Ok(records)
         }
         Some(_) => {
-            check_record(datagram, 0)?;
+            check_record(datagram, 0, &mut scratch)?;
             encode_varint(datagram.len() as u64, out);
             out.extend_from_slice(datagram);
             Ok(1)
@@ -253,7 +265,7 @@ pub fn count_records(datagram: &[u8]) -> Result<u64, DatagramError> {
     match datagram.first() {
         None => Err(DatagramError::Empty),
         Some(&ENVELOPE_KEY) => envelope_entries(datagram).try_fold(0, |n, e| e.map(|_| n + 1)),
-        Some(_) => check_record(datagram, 0).map(|_| 1),
+        Some(_) => decode_record(datagram, 0).map(|_| 1),
     }
 }
 

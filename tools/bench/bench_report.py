@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Prints ns/socket and ratios from the last `cargo bench --bench decode` run.
+"""Prints ns/socket (or per record) and ratios from the last
+`cargo bench --bench decode` run.
 
 Reads criterion's saved estimates (target/criterion/decode/<bench>/new/
 estimates.json): the median time of one iteration, which decodes the whole
@@ -27,10 +28,11 @@ def main() -> None:
     ours = median_ns("xtcp_decode")
     marshal = median_ns("xtcp_decode_marshal")
     theirs = median_ns("netlink_packet_sock_diag")
+    forward = median_ns("forwarder_to_delimited")
     print(f"| bench | median ns/socket | target |")
     print(f"|---|---|---|")
     for name, ns in [("xtcp_decode", ours), ("xtcp_decode_marshal", marshal),
-                     ("netlink_packet_sock_diag", theirs)]:
+                     ("netlink_packet_sock_diag", theirs), ("forwarder_to_delimited", forward)]:
         target = TARGETS.get(name)
         verdict = "" if target is None else f"<= {target:.0f} {'ok' if ns <= target else 'MISSED'}"
         print(f"| {name} | {ns:.1f} | {verdict} |")
