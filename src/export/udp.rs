@@ -90,16 +90,22 @@ pub fn bind_receiver(
     if setsockopt(&socket, sockopt::RcvBufForce, &wanted).is_err() {
         socket.set_recv_buffer_size(wanted)?;
     }
-    // The kernel doubles what it grants, for its own bookkeeping.
-    let granted = socket.recv_buffer_size()? / 2;
+    socket.bind(&listen.into())?;
+    let socket = UdpSocket::from(socket);
+    let granted = recv_buffer_len(&socket)?;
     if granted < wanted {
         eprintln!(
             "{program}: warning: UDP receive buffer is {granted} bytes, not the {wanted} asked \
              for (net.core.rmem_max; CAP_NET_ADMIN lifts it): bursts may be dropped"
         );
     }
-    socket.bind(&listen.into())?;
-    Ok(socket.into())
+    Ok(socket)
+}
+
+/// The receive buffer the kernel granted `socket`, in the bytes asked for
+/// (it reports twice that, counting its own bookkeeping).
+pub fn recv_buffer_len(socket: &UdpSocket) -> io::Result<usize> {
+    Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
 }
 
 impl UdpSink {

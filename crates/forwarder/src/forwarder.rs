@@ -9,21 +9,22 @@
 //! on its own threads; its queue is bounded (`--queue-messages`,
 //! `--queue-bytes`), and a datagram that finds it full is dropped and
 //! counted. Every message ends delivered or counted as dropped, with its
-//! records: the delivery report says which. On SIGTERM/SIGINT it stops
-//! receiving and flushes for up to `--flush-timeout`; what is still queued
-//! then is counted as dropped.
+//! records: the delivery report says which. On SIGTERM/SIGINT it forwards
+//! what is already queued on its socket (for up to a second), then flushes
+//! for up to `--flush-timeout`; what is still queued then is counted as
+//! dropped.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use xtcp::export::udp::{bind_receiver, to_delimited};
+use xtcp::export::udp::{bind_receiver, recv_buffer_len, to_delimited};
 use xtcp::metrics::prom::{PromServer, PromThread};
 use xtcp::metrics::Health;
 use xtcp::shutdown::Shutdown;
@@ -35,6 +36,10 @@ use crate::metrics::{ForwarderMetrics, DROP_REASONS};
 const MAX_DATAGRAM: usize = 65_536;
 /// How often the receive loop looks at the stop flag and the queue gauge.
 const TICK: Duration = Duration::from_millis(100);
+/// At a stop, how long the datagrams already queued on the socket may take
+/// to forward; what is left after that stays unread (the kernel counts none
+/// of them as drops, so this bound is what keeps a stop prompt under load).
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 /// `/healthz` fails when messages wait and none was delivered for this long.
 const HEALTHY_DELIVERY_GAP: Duration = Duration::from_secs(30);
 
@@ -102,12 +107,16 @@ impl ProducerContext for Context {
     }
 }
 
-/// What a run did, for the line printed at exit.
+/// What a run did, for the line printed at exit. Every datagram received
+/// is malformed, produced or refused by the producer (its queue full, or an
+/// error): `datagrams = malformed + produced + refused`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ForwarderTotals {
     pub datagrams: u64,
     pub records: u64,
     pub malformed: u64,
+    pub produced: u64,
+    pub refused: u64,
     pub delivered_records: u64,
     pub dropped_records: u64,
 }
@@ -116,10 +125,13 @@ impl std::fmt::Display for ForwarderTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "datagrams {} records {} malformed {} delivered_records {} dropped_records {}",
+            "datagrams {} records {} malformed {} produced {} refused {} delivered_records {} \
+             dropped_records {}",
             self.datagrams,
             self.records,
             self.malformed,
+            self.produced,
+            self.refused,
             self.delivered_records,
             self.dropped_records
         )
@@ -144,6 +156,8 @@ pub fn run(
     let health = Arc::new(Health::new("delivery"));
     let socket = bind_receiver(config.listen, config.recv_buffer, "xtcp-forwarder")
         .map_err(setup(format!("binding --listen {}", config.listen)))?;
+    let granted = recv_buffer_len(&socket).map_err(setup("reading the receive buffer size"))?;
+    metrics.receive_buffer.set(granted as i64);
     socket
         .set_read_timeout(Some(TICK))
         .map_err(setup("setting the receive timeout"))?;
@@ -160,53 +174,45 @@ pub fn run(
         .transpose()?;
 
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut message = Vec::with_capacity(MAX_DATAGRAM);
+    let mut feed = Feed {
+        metrics: &metrics,
+        producer: &producer,
+        topic: &config.topic,
+        message: Vec::with_capacity(MAX_DATAGRAM),
+        refused: 0,
+    };
     while !shutdown.is_stopping() {
         metrics.queued.set(i64::from(producer.in_flight_count()));
-        let len = match socket.recv(&mut buf) {
-            Ok(len) => len,
+        match socket.recv(&mut buf) {
+            Ok(len) => feed.forward(&buf[..len]),
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("xtcp-forwarder: receive: {e}");
-                continue;
-            }
-        };
-        metrics.datagrams.inc();
-        metrics.bytes.inc_by(len as u64);
-        let records = match to_delimited(&buf[..len], &mut message) {
-            Ok(records) => records,
-            Err(e) => {
-                let refused = metrics.malformed.with_label_values(&[e.reason()]);
-                // The first of each kind is said; all are counted.
-                if refused.get() == 0 {
-                    eprintln!("xtcp-forwarder: dropped a datagram: {e}");
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => eprintln!("xtcp-forwarder: receive: {e}"),
+        }
+    }
+    // What arrived before the stop is forwarded too, within DRAIN_LIMIT.
+    let drain_until = Instant::now() + DRAIN_LIMIT;
+    if let Err(e) = socket.set_nonblocking(true) {
+        eprintln!("xtcp-forwarder: not draining the socket: {e}");
+    } else {
+        while Instant::now() < drain_until {
+            match socket.recv(&mut buf) {
+                Ok(len) => feed.forward(&buf[..len]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    eprintln!("xtcp-forwarder: receive: {e}");
+                    break;
                 }
-                refused.inc();
-                continue;
-            }
-        };
-        metrics.records.inc_by(records);
-        let record = BaseRecord::<(), [u8], usize>::with_opaque_to(&config.topic, records as usize)
-            .payload(&message[..]);
-        match producer.send(record) {
-            Ok(()) => metrics.produced.inc(),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                metrics.drop_messages("queue_full", 1, records);
-            }
-            Err((e, _)) => {
-                eprintln!("xtcp-forwarder: produce: {e}");
-                metrics.drop_messages("delivery_failed", 1, records);
             }
         }
     }
+    let refused = feed.refused;
 
     // Stop: deliver what is queued, within the flush timeout.
     if producer.flush(config.flush_timeout).is_err() {
@@ -233,9 +239,58 @@ pub fn run(
         datagrams: metrics.datagrams.get(),
         records: metrics.records.get(),
         malformed: metrics.malformed_total(),
+        produced: metrics.produced.get(),
+        refused,
         delivered_records: metrics.delivered_records.get(),
         dropped_records: dropped,
     })
+}
+
+/// Turns received datagrams into Kafka messages, counting each one's fate.
+struct Feed<'a> {
+    metrics: &'a ForwarderMetrics,
+    producer: &'a ThreadedProducer<Context>,
+    topic: &'a str,
+    /// The message being built, reused.
+    message: Vec<u8>,
+    /// Datagrams the producer refused (queue full, or an error).
+    refused: u64,
+}
+
+impl Feed<'_> {
+    /// Checks one datagram and produces it as one message, or counts why not.
+    fn forward(&mut self, datagram: &[u8]) {
+        let metrics = self.metrics;
+        metrics.datagrams.inc();
+        metrics.bytes.inc_by(datagram.len() as u64);
+        let records = match to_delimited(datagram, &mut self.message) {
+            Ok(records) => records,
+            Err(e) => {
+                let refused = metrics.malformed.with_label_values(&[e.reason()]);
+                // The first of each kind is said; all are counted.
+                if refused.get() == 0 {
+                    eprintln!("xtcp-forwarder: dropped a datagram: {e}");
+                }
+                refused.inc();
+                return;
+            }
+        };
+        metrics.records.inc_by(records);
+        let record = BaseRecord::<(), [u8], usize>::with_opaque_to(self.topic, records as usize)
+            .payload(&self.message[..]);
+        match self.producer.send(record) {
+            Ok(()) => metrics.produced.inc(),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                self.refused += 1;
+                metrics.drop_messages("queue_full", 1, records);
+            }
+            Err((e, _)) => {
+                eprintln!("xtcp-forwarder: produce: {e}");
+                self.refused += 1;
+                metrics.drop_messages("delivery_failed", 1, records);
+            }
+        }
+    }
 }
 
 /// librdkafka's producer, configured from the flags.

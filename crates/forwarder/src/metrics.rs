@@ -26,6 +26,8 @@ xtcp::metrics_table! {
         "Messages given up: queue_full (the bounded queue was full when the datagram came), delivery_failed (not acknowledged within --delivery-timeout, or refused), shutdown (still queued when --flush-timeout ran out at exit).";
     dropped_records: IntCounterVec "xtcp_forwarder_dropped_records_total" ["reason"]
         "Records in those messages, by the same reasons.";
+    receive_buffer: IntGauge "xtcp_forwarder_receive_buffer_bytes" []
+        "The UDP receive buffer the kernel granted: less than --recv-buffer without CAP_NET_ADMIN (net.core.rmem_max), which the start also warns about.";
     queued: IntGauge "xtcp_forwarder_queued_messages" []
         "Messages in the producer's queue, not yet acknowledged.";
     kafka_errors: IntCounterVec "xtcp_forwarder_kafka_errors_total" ["code"]

@@ -9,12 +9,14 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use xtcp::export::record::SCHEMA_VERSION;
-use xtcp::proto::Record;
+use xtcp::proto::{Envelope, Record};
 use xtcp_testkit::harness::*;
 use xtcp_testkit::Netns;
 
@@ -336,7 +338,6 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
         return;
     }
     use std::io::{Read, Write};
-    use xtcp::proto::Envelope;
 
     let ports: Vec<u16> = (0..2)
         .map(|_| {
@@ -445,4 +446,74 @@ fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
         )),
         "{stderr}"
     );
+}
+
+/// SIGTERM while datagrams wait on the forwarder's socket: they are
+/// forwarded before it stops (here, with no broker, produced and then
+/// dropped at shutdown), and the exit line balances: datagrams = malformed
+/// + produced + refused.
+#[test]
+fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
+    let free_port = || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut forwarder = Running(Some(
+        Command::new(workspace_bin("xtcp-forwarder"))
+            .args(["--listen", &listen, "--brokers", "127.0.0.1:1"])
+            .args(["--no-prom", "--flush-timeout", "500ms"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = Pid::from_raw(forwarder.child().id() as i32);
+    // Bound once its receive buffer is said or a datagram is counted; the
+    // socket is open when /proc lists the port.
+    let port_hex = format!(
+        "{:04X}",
+        listen.rsplit(':').next().unwrap().parse::<u16>().unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .contains(&format!(":{port_hex} "))
+    {
+        assert!(Instant::now() < deadline, "the forwarder did not bind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stopped, it reads nothing: the datagrams wait on its socket, and so
+    // does the SIGTERM.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for n in 0..50u64 {
+        let envelope = Envelope {
+            records: (1..=2)
+                .map(|i| Record {
+                    schema_version: 1,
+                    record_counter: n * 2 + i,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        sender.send_to(&envelope.encode_to_vec(), &listen).unwrap();
+    }
+    sender.send_to(b"\x0a\x00", &listen).unwrap();
+    kill(pid, Signal::SIGTERM).unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let mut stderr_pipe = forwarder.child().stderr.take().unwrap();
+    let status = forwarder.wait_at_most(Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut stderr_pipe, &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "datagrams"), 51, "{stderr}");
+    assert_eq!(
+        forwarder_total(&stderr, "malformed"),
+        1,
+        "no_schema: {stderr}"
+    );
+    assert_eq!(forwarder_total(&stderr, "produced"), 50, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "refused"), 0, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "records"), 100, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "dropped_records"), 100, "{stderr}");
 }
