@@ -517,3 +517,66 @@ fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
     assert_eq!(forwarder_total(&stderr, "records"), 100, "{stderr}");
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 100, "{stderr}");
 }
+
+/// Without `CAP_NET_ADMIN` the kernel caps the receive buffer at
+/// `net.core.rmem_max`: the forwarder says so at start and exports what it
+/// got.
+#[test]
+fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
+    if !can_run(&[Need::Root, Need::Tool("setpriv")]) {
+        return;
+    }
+    let free_port = || {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let prom = format!("127.0.0.1:{}", free_port());
+    let asked: usize = 512 << 20;
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rmem_max < asked, "rmem_max {rmem_max} would grant it");
+    let forwarder = Running(Some(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(workspace_bin("xtcp-forwarder"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--brokers", "127.0.0.1:1", "--prom-listen", &prom])
+            .args(["--recv-buffer", &asked.to_string(), "--flush-timeout", "0s"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let scrape = loop {
+        if let Ok(mut s) = TcpStream::connect(&prom) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forwarder did not serve metrics"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let granted = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("xtcp_forwarder_receive_buffer_bytes "))
+        .unwrap_or_else(|| panic!("{scrape}"));
+    assert_eq!(granted.parse::<usize>().unwrap(), rmem_max, "{scrape}");
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+    let said = format!("warning: UDP receive buffer is {rmem_max} bytes, not the {asked} asked");
+    assert!(stderr.contains(&said), "{stderr}");
+}
