@@ -66,12 +66,7 @@ fn decode(c: &mut Criterion) {
     });
 
     g.bench_function("xtcp_decode_marshal", |b| {
-        let mut encoder = RecordEncoder::new("bench-host.example.com".into());
-        let stamp = PollStamp {
-            poll_id: 1,
-            timestamp_ns: 1_795_000_000_000_000_000,
-            ..Default::default()
-        };
+        let (mut encoder, stamp) = encoder();
         // A reused buffer, as the exporter has.
         let mut out = vec![0u8; encoder.max_record_len()];
         b.iter(|| {
@@ -111,15 +106,20 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-/// The records of the dump in envelopes of at most the default
-/// `--udp-batch-bytes`, as the exporter's UDP sink packs them.
-fn envelopes() -> Vec<Vec<u8>> {
-    let mut encoder = RecordEncoder::new("bench-host.example.com".into());
+/// The exporter's encoder and a poll's stamp, as one poll has them.
+fn encoder() -> (RecordEncoder, PollStamp) {
     let stamp = PollStamp {
         poll_id: 1,
         timestamp_ns: 1_795_000_000_000_000_000,
         ..Default::default()
     };
+    (RecordEncoder::new("bench-host.example.com".into()), stamp)
+}
+
+/// The records of the dump in envelopes of at most the default
+/// `--udp-batch-bytes`, as the exporter's UDP sink packs them.
+fn envelopes() -> Vec<Vec<u8>> {
+    let (mut encoder, stamp) = encoder();
     let mut record = vec![0u8; encoder.max_record_len()];
     let mut datagrams = vec![Vec::new()];
     for_each_socket(DUMP, |s| {

@@ -157,16 +157,21 @@ mod tests {
     use crate::counting::DumpTotals;
     use crate::wire::request::AF_INET;
 
-    #[test]
-    fn waiting_on_the_output_is_not_kernel_silence() {
-        let (tx, _rx) = crossbeam_channel::bounded(1);
+    /// A v4 dump whose report goes to `tx`.
+    fn dump(tx: Sender<DumpReport>) -> Dump {
         let family = Family {
             af: AF_INET,
             netlinkers: 1,
             inetdiagers: 1,
         };
         let socket = SockDiagSocket::open(Duration::from_secs(1)).unwrap();
-        let dump = Dump::new(family, Arc::new(socket), 1, PollStamp::default(), tx);
+        Dump::new(family, Arc::new(socket), 7, PollStamp::default(), tx)
+    }
+
+    #[test]
+    fn waiting_on_the_output_is_not_kernel_silence() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let dump = dump(tx);
         std::thread::sleep(Duration::from_millis(20));
         assert!(dump.idle_for() >= Duration::from_millis(20));
         let blocked = dump.blocked_on_output();
@@ -179,19 +184,7 @@ mod tests {
     #[test]
     fn last_drop_reports_the_counters() {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let family = Family {
-            af: AF_INET,
-            netlinkers: 1,
-            inetdiagers: 1,
-        };
-        let socket = SockDiagSocket::open(Duration::from_secs(1)).unwrap();
-        let dump = Arc::new(Dump::new(
-            family,
-            Arc::new(socket),
-            7,
-            PollStamp::default(),
-            tx,
-        ));
+        let dump = Arc::new(dump(tx));
         let in_flight = Arc::clone(&dump);
         dump.counters.add(&DumpTotals {
             sockets: 3,

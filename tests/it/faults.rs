@@ -292,6 +292,15 @@ fn a_dump_nobody_reads_is_abandoned_and_the_next_poll_is_whole() {
     }
 }
 
+/// One poll whose dumps are stalled (the exporter's stdout is not read),
+/// with no second poll in sight.
+fn stalled_for_good(farm: &Farm) -> (Running, Pid) {
+    let mut running = stalled(farm, &["--frequency", "1h"]);
+    let pid = running.child().id();
+    wait_stalled(pid);
+    (running, Pid::from_raw(pid as i32))
+}
+
 fn sleep_until(when: Instant) {
     std::thread::sleep(when.saturating_duration_since(Instant::now()));
 }
@@ -301,10 +310,8 @@ fn sigterm_mid_poll_finishes_the_poll_in_flight() {
     let Some(farm) = Farm::new("midpoll") else {
         return;
     };
-    let mut running = stalled(&farm, &["--frequency", "1h"]);
-    let pid = running.child().id();
-    wait_stalled(pid);
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let (mut running, pid) = stalled_for_good(&farm);
+    kill(pid, Signal::SIGTERM).unwrap();
     // The stop is noted; the poll goes on once its records can be written.
     std::thread::sleep(Duration::from_millis(300));
     let stdout = drain(running.child().stdout.take().unwrap());
@@ -322,10 +329,8 @@ fn a_second_signal_exits_even_with_stdout_blocked() {
     let Some(farm) = Farm::new("blocked") else {
         return;
     };
-    let mut running = stalled(&farm, &["--frequency", "1h"]);
-    let pid = running.child().id();
-    wait_stalled(pid);
-    let signal = || kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let (mut running, pid) = stalled_for_good(&farm);
+    let signal = || kill(pid, Signal::SIGTERM).unwrap();
     signal();
     std::thread::sleep(Duration::from_millis(200));
     assert!(

@@ -146,6 +146,20 @@ fn whole_polls(records: &[Record], farm: &BTreeSet<Key>) -> BTreeSet<u64> {
 }
 
 /// The value after `name` in the forwarder's exit line.
+/// An envelope of `records` minimal records numbered after `after`.
+fn envelope(after: u64, records: u64) -> Vec<u8> {
+    Envelope {
+        records: (1..=records)
+            .map(|i| Record {
+                schema_version: 1,
+                record_counter: after + i,
+                ..Default::default()
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
 fn forwarder_total(stderr: &str, name: &str) -> u64 {
     stopped_value(stderr, "xtcp-forwarder", "", name)
 }
@@ -366,16 +380,7 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
     }
     // 20 datagrams of 3 records each, and one that is not xtcp.
     for n in 0..20u64 {
-        let envelope = Envelope {
-            records: (1..=3)
-                .map(|i| Record {
-                    schema_version: 1,
-                    record_counter: n * 3 + i,
-                    ..Default::default()
-                })
-                .collect(),
-        };
-        sender.send_to(&envelope.encode_to_vec(), &listen).unwrap();
+        sender.send_to(&envelope(n * 3, 3), &listen).unwrap();
     }
     sender.send_to(b"\x0a\xffnot xtcp", &listen).unwrap();
     // Well framed, but its one record is not protobuf: refused too.
@@ -487,16 +492,7 @@ fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
     kill(pid, Signal::SIGSTOP).unwrap();
     let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for n in 0..50u64 {
-        let envelope = Envelope {
-            records: (1..=2)
-                .map(|i| Record {
-                    schema_version: 1,
-                    record_counter: n * 2 + i,
-                    ..Default::default()
-                })
-                .collect(),
-        };
-        sender.send_to(&envelope.encode_to_vec(), &listen).unwrap();
+        sender.send_to(&envelope(n * 2, 2), &listen).unwrap();
     }
     sender.send_to(b"\x0a\x00", &listen).unwrap();
     kill(pid, Signal::SIGTERM).unwrap();
