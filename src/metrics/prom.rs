@@ -9,8 +9,11 @@
 //!
 //! The listener is bound when the exporter starts, so a taken port or an
 //! address not on this host fails the start with one line. Connections are
-//! capped and must send their request headers within a few seconds, so a
-//! misbehaving client cannot pile up memory or threads.
+//! capped; while every slot is taken, new ones wait in the kernel's listen
+//! backlog rather than being closed. A connection must send its request
+//! headers within a few seconds and lives at most [`CONNECTION_DEADLINE`],
+//! keep-alive included, so idle or misbehaving clients can neither pile up
+//! memory or threads nor keep a scraper out for long.
 
 use std::convert::Infallible;
 use std::io;
@@ -32,11 +35,15 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::shutdown::{spawn, Shutdown};
 
-/// Connections served at once; more are closed at accept. A scraper needs
+/// Connections served at once; more wait to be accepted. A scraper needs
 /// one.
 const MAX_CONNECTIONS: usize = 16;
 /// Time a client has to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of a connection, so clients that stay connected cannot hold
+/// every slot: a waiting scrape gets one within this (Prometheus's default
+/// scrape timeout is 10 s, and idle clients go after `HEADER_TIMEOUT`).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -135,6 +142,15 @@ impl PromServer {
             let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
             tokio::pin!(stop);
             loop {
+                // A free slot first: until then, connections wait in the
+                // listen backlog.
+                let slot = tokio::select! {
+                    slot = Arc::clone(&slots).acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return Ok(()), // never closed
+                    },
+                    _ = &mut stop => return Ok(()),
+                };
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
@@ -145,21 +161,19 @@ impl PromServer {
                     },
                     _ = &mut stop => return Ok(()),
                 };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    continue; // too many connections: this one is closed
-                };
                 let endpoint = Arc::clone(&endpoint);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let response = endpoint.respond(&req);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    // A client that goes away mid-request is its own problem.
-                    let _ = http1::Builder::new()
+                    let connection = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        .serve_connection(TokioIo::new(stream), service);
+                    // A client that goes away mid-request is its own
+                    // problem; one that outstays the deadline is cut.
+                    let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
                     drop(slot);
                 });
             }
@@ -215,4 +229,45 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// Every slot held by a client that connects and sends nothing: a
+    /// scrape waits for a slot instead of being turned away, and gets its
+    /// metrics once the idle clients are cut.
+    #[test]
+    fn a_scrape_gets_through_idle_clients_holding_every_slot() {
+        let shutdown = Shutdown::new().unwrap();
+        let server = PromServer::bind(
+            "test",
+            "127.0.0.1:0".parse().unwrap(),
+            "/metrics".into(),
+            Registry::new(),
+            Box::new(|| Ok("ok".into())),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let thread = server.spawn(&shutdown).unwrap();
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut scrape = TcpStream::connect(addr).unwrap();
+        scrape
+            .set_read_timeout(Some(CONNECTION_DEADLINE + HEADER_TIMEOUT))
+            .unwrap();
+        scrape
+            .write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        scrape.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+        assert!(response.ends_with("ok\n"), "{response:?}");
+        drop(idle);
+        thread.stop();
+    }
 }
