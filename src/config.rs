@@ -26,9 +26,13 @@ pub const DEFAULT_UDP_BATCH_BYTES: usize = 16_384;
 const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
 const DEFAULT_PROM_PATH: &str = "/metrics";
 const DEFAULT_STATSD_DST: &str = "127.0.0.1:8125";
-/// Smallest receive buffer: the kernel fills dump datagrams up to about one
-/// page (`NLMSG_GOODSIZE`) even when the reader offers less.
-const MIN_RECV_BUFFER: usize = 4096;
+/// Smallest receive buffer on a kernel with `page`-byte pages: the kernel
+/// fills a dump datagram up to `NLMSG_GOODSIZE` (one page, at most 8 KiB,
+/// less its bookkeeping) even when the reader offers less, so a 64 KiB-page
+/// kernel needs 8 KiB where a 4 KiB-page one needs 4 KiB.
+fn min_recv_buffer(page: usize) -> usize {
+    page.clamp(4096, 8192)
+}
 /// Largest receive buffer accepted. A dump datagram is at most
 /// [`DUMP_DATAGRAM_MAX`](crate::pipeline::sock_diag::DUMP_DATAGRAM_MAX)
 /// bytes, which the default (8 pages of 4 KiB) is, so
@@ -57,9 +61,10 @@ impl FromStr for Dest {
             ));
         };
         // Resolved once at startup: a name that moves needs a restart.
-        addr.to_socket_addrs()
-            .map_err(|e| format!("'{s}': {e} (expected udp:HOST:PORT)"))?
-            .next()
+        let addrs = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("'{s}': {e} (expected udp:HOST:PORT)"))?;
+        prefer_ipv4(addrs)
             .map(Dest::Udp)
             .ok_or_else(|| format!("'{s}': the name has no address"))
     }
@@ -123,10 +128,25 @@ fn parse_safety_buffer(s: &str) -> Result<f64, String> {
 
 /// `HOST:PORT`, resolved once at startup.
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.to_socket_addrs()
-        .map_err(|e| format!("'{s}': {e} (expected HOST:PORT)"))?
-        .next()
-        .ok_or_else(|| format!("'{s}': the name has no address"))
+    let addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("'{s}': {e} (expected HOST:PORT)"))?;
+    prefer_ipv4(addrs).ok_or_else(|| format!("'{s}': the name has no address"))
+}
+
+/// The address a name stands for: its first IPv4 one if it has any. A name
+/// such as `localhost` may resolve to `::1` first, while the forwarder, the
+/// debug server and statsd daemons listen on 127.0.0.1 by default, so the
+/// records would go where nobody listens.
+fn prefer_ipv4(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let mut first = None;
+    for addr in addrs {
+        if addr.is_ipv4() {
+            return Some(addr);
+        }
+        first.get_or_insert(addr);
+    }
+    first
 }
 
 /// An absolute URL path of plain characters, not the health check's.
@@ -411,19 +431,21 @@ impl Config {
         if families.is_empty() {
             return Err("--no4 and --no6 together leave nothing to poll".into());
         }
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize);
         let packet_size = match cli.packet_size {
-            0 => nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-                .ok()
-                .flatten()
-                .map_or(4096, |p| p as usize),
+            0 => page,
             n => n as usize,
         };
         let mply = cli.packet_size_mply as usize;
         let buffer = packet_size * mply;
-        if !(MIN_RECV_BUFFER..=MAX_RECV_BUFFER).contains(&buffer) {
+        let min = min_recv_buffer(page);
+        if !(min..=MAX_RECV_BUFFER).contains(&buffer) {
             return Err(format!(
                 "--packet-size {packet_size} x --packet-size-mply {mply} = {buffer} bytes, \
-                 outside {MIN_RECV_BUFFER}..={MAX_RECV_BUFFER}"
+                 outside {min}..={MAX_RECV_BUFFER} (pages of {page} bytes)"
             ));
         }
         if cli.states == 0 {
@@ -587,7 +609,7 @@ mod tests {
             ("127.0.0.1:9000".parse().unwrap(), "/metrics")
         );
         assert_eq!(c.statsd, Some("127.0.0.1:8125".parse().unwrap()));
-        assert!(c.recv_buffer_len() >= MIN_RECV_BUFFER);
+        assert!(c.recv_buffer_len() >= min_recv_buffer(c.packet_size));
         if c.packet_size == 4096 {
             // The default buffer holds the largest dump datagram, no more.
             assert_eq!(
@@ -609,6 +631,31 @@ mod tests {
             (c.families[0].netlinkers, c.families[1].inetdiagers),
             (4, 8)
         );
+    }
+
+    #[test]
+    fn the_smallest_buffer_holds_a_datagram_on_any_page_size() {
+        assert_eq!(min_recv_buffer(4096), 4096);
+        assert_eq!(min_recv_buffer(16384), 8192);
+        assert_eq!(min_recv_buffer(65536), 8192, "NLMSG_GOODSIZE caps at 8 KiB");
+    }
+
+    #[test]
+    fn names_with_both_families_go_to_their_ipv4_address() {
+        let v6: SocketAddr = "[::1]:13000".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:13000".parse().unwrap();
+        assert_eq!(prefer_ipv4([v6, v4].into_iter()), Some(v4));
+        assert_eq!(prefer_ipv4([v6].into_iter()), Some(v6), "IPv6 only");
+        assert_eq!(prefer_ipv4(std::iter::empty()), None);
+        let c = parse(&[
+            "--dest",
+            "udp:localhost:9",
+            "--statsd-dst",
+            "localhost:8125",
+        ])
+        .unwrap();
+        assert_eq!(c.dest, Dest::Udp("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(c.statsd, Some("127.0.0.1:8125".parse().unwrap()));
     }
 
     #[test]
