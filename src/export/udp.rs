@@ -102,6 +102,15 @@ pub fn bind_receiver(
     Ok(socket)
 }
 
+/// Whether a failed receive on a socket with a read timeout only means
+/// "nothing yet" (timed out, or interrupted by a signal): try again.
+pub fn nothing_yet(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 /// The receive buffer the kernel granted `socket`, in the bytes asked for
 /// (it reports twice that, counting its own bookkeeping).
 pub fn recv_buffer_len(socket: &UdpSocket) -> io::Result<usize> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use xtcp::cli::exit_for;
-use xtcp::export::udp::{bind_receiver, count_records, decode_datagram};
+use xtcp::export::udp::{bind_receiver, count_records, decode_datagram, nothing_yet};
 use xtcp::proto::Record;
 use xtcp::shutdown::{Shutdown, SignalThread};
 use xtcp::wire::state;
@@ -116,16 +116,7 @@ fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Tot
         let (len, peer) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             Err(e) if draining && e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if nothing_yet(&e) => continue,
             Err(e) => return Err(e),
         };
         totals.datagrams += 1;

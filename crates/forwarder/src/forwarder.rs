@@ -24,7 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use xtcp::export::udp::{bind_receiver, recv_buffer_len, to_delimited};
+use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited};
 use xtcp::metrics::prom::{PromServer, PromThread};
 use xtcp::metrics::Health;
 use xtcp::shutdown::Shutdown;
@@ -185,13 +185,7 @@ pub fn run(
         metrics.queued.set(i64::from(producer.in_flight_count()));
         match socket.recv(&mut buf) {
             Ok(len) => feed.forward(&buf[..len]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if nothing_yet(&e) => {}
             Err(e) => eprintln!("xtcp-forwarder: receive: {e}"),
         }
     }
