@@ -174,7 +174,8 @@ macro_rules! counters {
                 [$(self.$name,)*]
             }
 
-            /// Sets the field of `COUNTERS[index]` (tests and tools).
+            /// Sets the field of `COUNTERS[index]`.
+            #[cfg(test)]
             pub fn set(&mut self, index: usize, value: u64) {
                 let fields = [$(&mut self.$name,)*];
                 if let Some(field) = fields.into_iter().nth(index) {
@@ -215,11 +216,10 @@ counters! {
     interrupted "Dumps with a datagram flagged NLM_F_DUMP_INTR: the socket table changed under the dump, so a socket may be missing or repeated in that poll." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
 }
 
-/// Sums `(key, counter, value)` by key, keeping the order of first
-/// appearance.
-fn group<'a>(keyed: impl Iterator<Item = (&'a str, &'a Counter, u64)>) -> Vec<(&'a str, u64)> {
+/// Sums `(key, value)` pairs by key, keeping the order of first appearance.
+fn group(keyed: impl Iterator<Item = (&'static str, u64)>) -> Vec<(&'static str, u64)> {
     let mut groups: Vec<(&str, u64)> = Vec::new();
-    for (key, _, value) in keyed {
+    for (key, value) in keyed {
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, sum)) => *sum += value,
             None => groups.push((key, value)),
@@ -235,7 +235,7 @@ impl DumpTotals {
             COUNTERS
                 .iter()
                 .zip(self.values())
-                .filter_map(|(c, v)| Some((c.exit?, c, c.exit_value(v)))),
+                .filter_map(|(c, v)| Some((c.exit?, c.exit_value(v)))),
         )
     }
 
@@ -246,7 +246,7 @@ impl DumpTotals {
             COUNTERS
                 .iter()
                 .zip(self.values())
-                .filter_map(|(c, v)| Some((c.warning?, c, v))),
+                .filter_map(|(c, v)| Some((c.warning?, v))),
         )
         .into_iter()
         .filter(|(_, n)| *n > 0)

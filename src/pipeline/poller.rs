@@ -124,10 +124,11 @@ impl Poller {
             for (family, socket) in self.families.iter().zip(&ns.sockets) {
                 self.start_dump(family, socket, stamp.clone());
             }
-            for report in self.collect(self.families.len())? {
-                if report.totals.timeouts > 0 && !abandoned.contains(&ns.inode) {
-                    abandoned.push(ns.inode);
-                }
+            let reports = self.collect(self.families.len())?;
+            if reports.iter().any(|r| r.totals.timeouts > 0) {
+                abandoned.push(ns.inode);
+            }
+            for report in reports {
                 if let Some(m) = merged.iter_mut().find(|m| m.family == report.family) {
                     m.merge(&report);
                 }

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{can_run, in_ns, serial, stopped_value, workspace_bin, Key, Need, Running};
+use crate::common::{can_run_in_netns, in_ns, serial, stopped_value, workspace_bin, Key, Running};
 use serde_json::Value;
 use xtcp_testkit::{established_pairs, Netns, Pairs};
 
@@ -166,7 +166,7 @@ fn expect(namespaces: &[&Populated]) -> Poll {
 
 #[test]
 fn named_namespaces_missing_appearing_deleted_and_recreated() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    if !can_run_in_netns(&[]) {
         return;
     }
     // One test at a time: `--all-netns` sees every namespace of the host.
@@ -217,7 +217,7 @@ fn named_namespaces_missing_appearing_deleted_and_recreated() {
 
 #[test]
 fn all_netns_follows_run_netns() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    if !can_run_in_netns(&[]) {
         return;
     }
     // One test at a time: `--all-netns` sees every namespace of the host.

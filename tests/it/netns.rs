@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{can_run, serial, workspace_bin, Need};
+use crate::common::{can_run_in_netns, serial, workspace_bin, Need};
 use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::{PollStamp, RecordEncoder, SCHEMA_VERSION};
@@ -29,11 +29,7 @@ type Key = (u32, u32, u16, u16);
 /// thread that stays in it, and runs `check` on that thread; unless this
 /// machine lacks root, `ip` or any of `more` (said by `can_run`).
 fn with_scenario(tag: &str, more: &[Need], check: impl FnOnce(&Netns, &[ExpectedSocket]) + Send) {
-    let needs: Vec<Need> = [Need::Root, Need::Tool("ip")]
-        .into_iter()
-        .chain(more.iter().copied())
-        .collect();
-    if !can_run(&needs) {
+    if !can_run_in_netns(more) {
         return;
     }
     let _serial = serial();

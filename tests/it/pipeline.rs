@@ -623,7 +623,7 @@ fn lost_some(stderr: &str) -> bool {
 /// closes.
 #[test]
 fn socket_farm_holds_more_than_one_process_can() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    if !can_run_in_netns(&[]) {
         return;
     }
     let _serial = serial();

@@ -348,7 +348,7 @@ fn a_broker_outage_is_survived_and_every_record_accounted_for() {
 /// over HTTP first.
 #[test]
 fn without_a_broker_every_record_is_counted_as_dropped() {
-    if !can_run(&[Need::Root, Need::Tool("ip")]) {
+    if !can_run_in_netns(&[]) {
         return;
     }
     use std::io::{Read, Write};

@@ -95,6 +95,16 @@ pub fn can_run(needs: &[Need]) -> bool {
     false
 }
 
+/// [`can_run`] for a test that makes network namespaces: root and `ip`,
+/// and `more`.
+pub fn can_run_in_netns(more: &[Need]) -> bool {
+    let needs: Vec<Need> = [Need::Root, Need::Tool("ip")]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect();
+    can_run(&needs)
+}
+
 /// The path of a program of the workspace (`xtcp`, `xtcp-forwarder`,
 /// `xtcp-debug-server`, `xtcp-socket-farm`): cargo gives a test only its own
 /// package's, so the first call builds them all, with the profile of this
@@ -157,11 +167,7 @@ impl Farm {
     /// The farm, or `None` when this machine lacks root, `ip` or any of
     /// `more` (said by [`can_run`]).
     pub fn needing(tag: &str, more: &[Need]) -> Option<Farm> {
-        let needs: Vec<Need> = [Need::Root, Need::Tool("ip")]
-            .into_iter()
-            .chain(more.iter().copied())
-            .collect();
-        if !can_run(&needs) {
+        if !can_run_in_netns(more) {
             return None;
         }
         let serial = serial();
