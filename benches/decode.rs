@@ -27,6 +27,7 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use xtcp::config::DEFAULT_UDP_BATCH_BYTES;
 use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::export::udp::to_delimited;
+use xtcp::identity::Identity;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, DiagSocket, TailLayout};
 
@@ -113,7 +114,13 @@ fn encoder() -> (RecordEncoder, PollStamp) {
         timestamp_ns: 1_795_000_000_000_000_000,
         ..Default::default()
     };
-    (RecordEncoder::new("bench-host.example.com".into()), stamp)
+    (
+        RecordEncoder::new(Identity::new(
+            "bench-host.example.com",
+            0x5eed_1234_abcd_0001,
+        )),
+        stamp,
+    )
 }
 
 /// The records of the dump in envelopes of at most the default

@@ -13,12 +13,14 @@
 //! - [`config`]: command line -> validated configuration; [`cli`]: what
 //!   every xtcp program does with its command line.
 //! - [`shutdown`]: signals, stop and abort, named threads with a panic guard.
+//! - [`identity`]: the hostname and instance every record carries.
 
 pub mod cli;
 pub mod config;
 pub mod counting;
 pub mod export;
 pub mod filter;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;

@@ -5,13 +5,22 @@ use std::process::ExitCode;
 
 use xtcp::cli::exit_for;
 use xtcp::config::{ArgsError, Config};
+use xtcp::identity::Identity;
 
 fn main() -> ExitCode {
+    let identity = match Identity::draw() {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("error: drawing the instance id: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,
         Err(ArgsError::Clap(e)) => return exit_for(&e),
         Err(ArgsError::PrintConfig(text)) => {
-            print!("{text}");
+            // The instance is not configuration: each start draws its own.
+            println!("{text}# this process: {identity} (every start draws a new instance)");
             return ExitCode::SUCCESS;
         }
         Err(ArgsError::Invalid(line)) => {
@@ -19,9 +28,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match xtcp::pipeline::run(&config) {
+    match xtcp::pipeline::run(&config, &identity) {
         Ok(totals) => {
-            eprintln!("xtcp: stopped: {totals}");
+            eprintln!("xtcp: stopped: {identity} {totals}");
             ExitCode::SUCCESS
         }
         Err(e) => {

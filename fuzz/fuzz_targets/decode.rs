@@ -10,13 +10,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
+use xtcp::identity::Identity;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
 fuzz_target!(|data: &[u8]| {
-    let mut encoder = RecordEncoder::new("fuzz".into());
+    let mut encoder = RecordEncoder::new(Identity::new("fuzz", u64::MAX));
     let mut buf = vec![0u8; encoder.max_record_len()];
     let stamp = PollStamp {
         poll_id: u64::MAX,

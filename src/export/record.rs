@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::export::encode::{Writer, FIELD_WINDOW};
+use crate::identity::Identity;
 use crate::proto::{key, CongestionAlgorithm};
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
 
 /// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
-/// network namespace).
-pub const SCHEMA_VERSION: u32 = 2;
+/// network namespace; 3: the instance).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Longest `netns_name`: a file name under /run/netns, or a `--netns` path
 /// (the config refuses longer ones).
@@ -43,10 +44,11 @@ pub struct PollStamp {
 /// one exporter hand out each number once and a consumer can tell from a gap
 /// that something was lost. Numbers are taken from the shared counter in
 /// blocks ([`Self::reserve`], one atomic add per netlink buffer): an atomic
-/// add per record cost ~15% of the encode time.
+/// add per record cost ~15% of the encode time. A caller reserves exactly
+/// as many numbers as it will encode records, so numbers have no gaps.
 #[derive(Debug, Clone)]
 pub struct RecordEncoder {
-    hostname: String,
+    identity: Identity,
     counter: Arc<AtomicU64>,
     /// The next number to write, and the end of the reserved block.
     next: u64,
@@ -54,9 +56,9 @@ pub struct RecordEncoder {
 }
 
 impl RecordEncoder {
-    pub fn new(hostname: String) -> Self {
+    pub fn new(identity: Identity) -> Self {
         RecordEncoder {
-            hostname,
+            identity,
             counter: Arc::new(AtomicU64::new(0)),
             next: 1,
             end: 1,
@@ -64,9 +66,8 @@ impl RecordEncoder {
     }
 
     /// Reserves the numbers of the next `n` records. Numbers left over from
-    /// the previous block (sockets that failed to decode) are not used: a
-    /// gap in `record_counter` is a record lost or skipped, and skips are
-    /// counted as decode errors.
+    /// the previous block are not used: reserve only for records that will
+    /// be encoded (decoded sockets), or the run's numbers have gaps.
     pub fn reserve(&mut self, n: u64) {
         let base = self.counter.fetch_add(n, Ordering::Relaxed);
         (self.next, self.end) = (base + 1, base + 1 + n);
@@ -87,7 +88,7 @@ impl RecordEncoder {
         // writer's window slack.
         key::MAX_SCALAR_LEN
             + 5 * FIELD_WINDOW
-            + self.hostname.len()
+            + self.identity.hostname.len()
             + MAX_NETNS_NAME_LEN
             + 16
             + 16
@@ -107,7 +108,7 @@ impl RecordEncoder {
         if self.next == self.end {
             self.reserve(1);
         }
-        let len = encode_fields(s, poll, &self.hostname, self.next, buf)?;
+        let len = encode_fields(s, poll, &self.identity, self.next, buf)?;
         self.next += 1;
         Some(len)
     }
@@ -118,18 +119,19 @@ impl RecordEncoder {
 fn encode_fields(
     s: &DiagSocket<'_>,
     poll: &PollStamp,
-    hostname: &str,
+    identity: &Identity,
     counter: u64,
     buf: &mut [u8],
 ) -> Option<usize> {
     let mut w = Writer::new(buf);
     w.uint(key::SCHEMA_VERSION, SCHEMA_VERSION)?;
-    w.bytes(key::HOSTNAME, hostname.as_bytes())?;
+    w.bytes(key::HOSTNAME, identity.hostname.as_bytes())?;
     w.uint(key::POLL_TIMESTAMP_NS, poll.timestamp_ns)?;
     w.uint(key::POLL_ID, poll.poll_id)?;
     w.uint(key::RECORD_COUNTER, counter)?;
     w.uint(key::NETNS_INODE, poll.netns_inode)?;
     w.bytes(key::NETNS_NAME, poll.netns_name.as_bytes())?;
+    w.uint(key::INSTANCE, identity.instance)?;
 
     let m = &s.msg;
     w.uint(key::INET_DIAG_MSG_FAMILY, m.family())?;

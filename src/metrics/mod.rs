@@ -26,6 +26,7 @@ use prometheus::{
 
 use crate::config::Family;
 use crate::counting::{Counter, DumpReport, Unit, COUNTERS};
+use crate::identity::Identity;
 
 /// Bucket bounds (seconds) for poll and dump durations: a poll of a few
 /// sockets takes well under a millisecond, a million sockets a few seconds,
@@ -181,6 +182,8 @@ metrics_table! {
         "statsd lines that could not be sent.";
     build_info: IntGaugeVec "xtcp_build_info" ["version", "kernel"]
         "Always 1: the xtcp version and the kernel release it runs on.";
+    instance_info: IntGaugeVec "xtcp_instance_info" ["hostname", "instance"]
+        "Always 1: the hostname and instance this run stamps on its records.";
 }
 
 /// A family's receive buffers as the poller sees them after a poll.
@@ -255,6 +258,7 @@ impl Metrics {
         families: &[Family],
         pool_capacity: impl Fn(&Family) -> usize,
         kernel: &str,
+        identity: &Identity,
     ) -> prometheus::Result<Self> {
         let table = Table::register()?;
         // process_cpu_seconds_total, process_resident_memory_bytes, open
@@ -265,6 +269,10 @@ impl Metrics {
         table
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), kernel])
+            .set(1);
+        table
+            .instance_info
+            .with_label_values(&[&identity.hostname, &identity.instance.to_string()])
             .set(1);
         let counters = register_counters(&table.registry)?;
         for family in families {
@@ -428,7 +436,13 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn metrics() -> Metrics {
-        Metrics::new(&[family(AF_INET), family(AF_INET6)], |_| 103, "6.1.0-test").unwrap()
+        Metrics::new(
+            &[family(AF_INET), family(AF_INET6)],
+            |_| 103,
+            "6.1.0-test",
+            &Identity::new("test-host", 77),
+        )
+        .unwrap()
     }
 
     /// A v4 dump of 10 sockets: 3 left out by sampling, 1 undecodable, 6
@@ -545,6 +559,13 @@ pub(crate) mod tests {
             Some(103.0)
         );
         assert!(text.contains("xtcp_build_info{kernel=\"6.1.0-test\",version="));
+        assert_eq!(
+            sample(
+                &text,
+                "xtcp_instance_info{hostname=\"test-host\",instance=\"77\"}"
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

@@ -15,7 +15,13 @@ use crate::pipeline::netlinker::ReceivedDatagram;
 use crate::pipeline::sample::Sampler;
 use crate::pipeline::sock_diag::scan_datagram;
 use crate::shutdown::Shutdown;
+use crate::wire::inet_diag::INET_DIAG_MSG_LEN;
+use crate::wire::message::NLMSG_HDRLEN;
 use crate::wire::{decode_socket, TailLayout};
+
+/// The shortest socket message that decodes. Sizes the per-buffer list of
+/// decoded sockets so it never grows.
+const SMALLEST_SOCKET_MESSAGE: usize = NLMSG_HDRLEN + INET_DIAG_MSG_LEN;
 
 pub struct Inetdiager {
     pub encoder: RecordEncoder,
@@ -35,54 +41,57 @@ impl Inetdiager {
             }
             let dump = &received.dump;
             let mut tally = DumpTotals::default();
-            let datagram = &received.buf[..received.len];
-            let sampler = self.sampler;
-            // The netlinker already framed this datagram and checked its
-            // sequence number, so neither can fail here. Counting first lets
-            // the encoder take this buffer's record numbers in one block.
-            let _ = scan_datagram(datagram, dump.seq, |payload| {
-                if sampler.keep_message(payload) {
-                    tally.sampled += 1;
-                } else {
-                    tally.unsampled += 1;
-                }
-            });
-            if output_closed {
-                // The datagram is dropped: its buffer goes back to the pool.
-                tally.output_closed = tally.sampled;
-                dump.counters.add(&tally);
-                continue;
-            }
-            self.encoder.reserve(tally.sampled);
             let mut lengths = TcpInfoLengths::default();
-            let mut output_error = None;
+            let datagram = &received.buf[..received.len];
+            let (sampler, tail) = (self.sampler, self.tail);
+            // Decode first, encode after: the encoder then takes exactly one
+            // record number per decoded socket, in one block per buffer, so
+            // a run's numbers have no gaps. The netlinker already framed this
+            // datagram and checked its sequence number, so neither can fail.
+            let mut sockets = Vec::with_capacity(datagram.len() / SMALLEST_SOCKET_MESSAGE);
             let _ = scan_datagram(datagram, dump.seq, |payload| {
                 if !sampler.keep_message(payload) {
+                    tally.unsampled += 1;
                     return;
                 }
-                if output_error.is_some() {
+                tally.sampled += 1;
+                if output_closed {
+                    // Dropped: the buffer goes back to the pool.
                     tally.output_closed += 1;
                     return;
                 }
-                let socket = match decode_socket(payload, self.tail) {
-                    Ok(socket) => socket,
+                match decode_socket(payload, tail) {
+                    Ok(socket) => {
+                        tally.unknown_attributes += u64::from(socket.unknown_attributes);
+                        lengths.add(socket.tcp_info.map(|t| t.len()), 1);
+                        sockets.push(socket);
+                    }
                     Err(e) => {
                         tally.decode_errors += 1;
                         dump.note_error("decode", e);
-                        return;
                     }
-                };
-                tally.unknown_attributes += u64::from(socket.unknown_attributes);
-                lengths.add(socket.tcp_info.map(|t| t.len()), 1);
-                let Some(len) = self.encoder.encode(&socket, &dump.stamp, &mut record) else {
+                }
+            });
+            if output_closed {
+                dump.counters.add(&tally);
+                continue;
+            }
+            self.encoder.reserve(sockets.len() as u64);
+            let mut output_error = None;
+            for socket in &sockets {
+                if output_error.is_some() {
+                    tally.output_closed += 1;
+                    continue;
+                }
+                let Some(len) = self.encoder.encode(socket, &dump.stamp, &mut record) else {
                     tally.encode_errors += 1;
-                    return;
+                    continue;
                 };
                 tally.records += 1;
                 if let Err(e) = self.sink.record(&record[..len]) {
                     output_error = Some(e);
                 }
-            });
+            }
             let flushed = match output_error {
                 Some(e) => Err(e),
                 None => self.sink.flush(),
@@ -107,5 +116,105 @@ impl Inetdiager {
             dump.counters.add(&tally);
             dump.add_tcp_info_lengths(&lengths);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crossbeam_channel::bounded;
+
+    use super::*;
+    use crate::config::{Dest, Family};
+    use crate::export::record::PollStamp;
+    use crate::export::udp::decode_datagram;
+    use crate::identity::Identity;
+    use crate::pipeline::dump::Dump;
+    use crate::pipeline::pool::BufferPool;
+    use crate::pipeline::sock_diag::SockDiagSocket;
+    use crate::wire::message::{put_header, NLM_F_MULTI, SOCK_DIAG_BY_FAMILY};
+    use crate::wire::request::AF_INET;
+
+    const SEQ: u32 = 7;
+
+    /// A socket message of dump `SEQ`: an IPv4 `inet_diag_msg` of zeros,
+    /// followed when `broken` by an attribute shorter than its own header.
+    fn socket_message(broken: bool) -> Vec<u8> {
+        let mut payload = vec![0u8; INET_DIAG_MSG_LEN];
+        payload[0] = AF_INET;
+        if broken {
+            payload.extend_from_slice(&[2, 0, 2, 0]);
+        }
+        let mut out = [0u8; NLMSG_HDRLEN].to_vec();
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        put_header(
+            out.as_mut_slice().try_into().unwrap(),
+            len,
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_MULTI,
+            SEQ,
+        );
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Sockets that fail to decode take no record number: the records of
+    /// two buffers, the first with a broken socket between two good ones,
+    /// are numbered 1, 2, 3 (the reserved-per-socket numbering gave 1, 2, 4).
+    #[test]
+    fn record_numbers_have_no_gaps_where_a_socket_failed_to_decode() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let family = Family {
+            af: AF_INET,
+            netlinkers: 1,
+            inetdiagers: 1,
+        };
+        let (report_tx, report_rx) = bounded(1);
+        let socket = SockDiagSocket::open(Duration::from_secs(1)).unwrap();
+        let dump = Arc::new(Dump::new(
+            family,
+            Arc::new(socket),
+            SEQ,
+            PollStamp::default(),
+            report_tx,
+        ));
+        let pool = BufferPool::new(2, 4096);
+        let (_abort_tx, abort) = bounded::<()>(0);
+        let (tx, rx) = bounded(2);
+        for broken in [&[false, true, false][..], &[false]] {
+            let datagram: Vec<u8> = broken.iter().flat_map(|&b| socket_message(b)).collect();
+            let mut buf = pool.get(&abort).unwrap();
+            buf[..datagram.len()].copy_from_slice(&datagram);
+            let dump = Arc::clone(&dump);
+            let len = datagram.len();
+            tx.send(ReceivedDatagram { buf, len, dump }).unwrap();
+        }
+        drop((tx, dump));
+        let inetdiager = Inetdiager {
+            encoder: RecordEncoder::new(Identity::new("h", 9)),
+            sink: Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000).unwrap(),
+            sampler: Sampler::new(1),
+            tail: TailLayout::for_release("6.1.0"),
+        };
+        inetdiager.run(rx, &Shutdown::new().unwrap());
+        let totals = report_rx.try_recv().unwrap().totals;
+        assert_eq!((totals.records, totals.decode_errors), (3, 1), "{totals:?}");
+
+        let mut numbers = Vec::new();
+        let mut datagram = [0u8; 65536];
+        for _ in 0..2 {
+            let n = receiver.recv(&mut datagram).unwrap();
+            for record in decode_datagram(&datagram[..n]).unwrap() {
+                assert_eq!(record.instance, 9);
+                numbers.push(record.record_counter);
+            }
+        }
+        assert_eq!(numbers, [1, 2, 3]);
     }
 }

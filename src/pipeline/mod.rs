@@ -36,6 +36,7 @@ use std::time::Duration;
 use crate::config::{Config, Family};
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
+use crate::identity::Identity;
 use crate::metrics::prom::{PromServer, PromThread};
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics};
@@ -67,25 +68,29 @@ fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
 
 /// Runs the pipeline until `--max-loops` polls are done or a signal stops
 /// it, and returns what the polls did.
-pub fn run(config: &Config) -> Result<RunTotals, RunError> {
+pub fn run(config: &Config, identity: &Identity) -> Result<RunTotals, RunError> {
     let shutdown = Shutdown::new().map_err(setup("creating the shutdown eventfd"))?;
     let signals = SignalThread::start(&shutdown).map_err(setup("installing signal handlers"))?;
-    let result = run_threads(config, &shutdown);
+    let result = run_threads(config, identity, &shutdown);
     signals.close();
     result
 }
 
 /// Opens what the threads need, runs them until the poller ends, joins them.
-fn run_threads(config: &Config, shutdown: &Shutdown) -> Result<RunTotals, RunError> {
+fn run_threads(
+    config: &Config,
+    identity: &Identity,
+    shutdown: &Shutdown,
+) -> Result<RunTotals, RunError> {
     // Everything that can fail is opened before the first thread starts.
     let kernel = kernel_release();
     let tail = TailLayout::for_release(&kernel);
-    let encoder = RecordEncoder::new(hostname());
+    let encoder = RecordEncoder::new(identity.clone());
     // Each netlinker holds at most one buffer, the channel holds
     // `channel_size`, each inetdiager works on one: a netlinker waits on the
     // channel, never on the pool.
     let pool_capacity = |f: &Family| config.channel_size + f.netlinkers + f.inetdiagers;
-    let metrics = Metrics::new(&config.families, pool_capacity, &kernel)
+    let metrics = Metrics::new(&config.families, pool_capacity, &kernel, identity)
         .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new("poll completed"));
@@ -249,11 +254,5 @@ fn stale_after(config: &Config) -> Duration {
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default()
 }

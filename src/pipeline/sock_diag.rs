@@ -60,10 +60,10 @@ pub struct DatagramScan {
 /// Walks one reply datagram, calling `on_socket` with each socket message
 /// payload. Returns `None` when the datagram belongs to another dump than
 /// `seq` (every message of a datagram carries the same sequence number).
-pub fn scan_datagram(
-    datagram: &[u8],
+pub fn scan_datagram<'a>(
+    datagram: &'a [u8],
     seq: u32,
-    mut on_socket: impl FnMut(&[u8]),
+    mut on_socket: impl FnMut(&'a [u8]),
 ) -> Result<Option<DatagramScan>, WireError> {
     let mut scan = DatagramScan::default();
     for msg in messages(datagram) {

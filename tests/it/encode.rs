@@ -4,6 +4,7 @@
 
 use prost::Message;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
+use xtcp::identity::Identity;
 use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
@@ -32,7 +33,7 @@ fn encode(enc: &mut RecordEncoder, payload: &[u8]) -> Vec<u8> {
 #[test]
 fn canonical_on_captured_sockets() {
     let dump = include_bytes!("../fixtures/bench-dump.bin");
-    let mut enc = RecordEncoder::new("host.example".into());
+    let mut enc = RecordEncoder::new(Identity::new("host.example", 42));
     let mut checked = 0;
     for msg in messages(dump) {
         if let Body::Socket(p) = msg.unwrap().body().unwrap() {
@@ -88,7 +89,7 @@ fn synthetic() -> Vec<u8> {
 
 #[test]
 fn canonical_on_synthetic_extremes() {
-    let mut enc = RecordEncoder::new("h".repeat(255));
+    let mut enc = RecordEncoder::new(Identity::new("h".repeat(255), u64::MAX));
     let bytes = encode(&mut enc, &synthetic());
     let r = Record::decode(bytes.as_slice()).unwrap();
     assert_eq!(r.encode_to_vec(), bytes);
@@ -107,10 +108,10 @@ fn canonical_on_synthetic_extremes() {
 
 #[test]
 fn short_buffer_is_none_and_not_counted() {
-    let mut enc = RecordEncoder::new("host".into());
+    let mut enc = RecordEncoder::new(Identity::new("host", 1));
     let payload = synthetic();
     let s = decode_socket(&payload, TailLayout::U16Pair).unwrap();
-    let need = encode(&mut RecordEncoder::new("host".into()), &payload).len();
+    let need = encode(&mut RecordEncoder::new(Identity::new("host", 1)), &payload).len();
     for len in [0, 1, need / 2, need - 1] {
         assert_eq!(enc.encode(&s, &stamp(), &mut vec![0u8; len]), None, "{len}");
     }
@@ -144,5 +145,5 @@ fn record_doc_lists_every_field() {
         );
         fields += 1;
     }
-    assert_eq!(fields, 132);
+    assert_eq!(fields, 133);
 }

@@ -5,6 +5,7 @@
 use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::{PollStamp, RecordEncoder};
+use xtcp::identity::Identity;
 use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
@@ -16,7 +17,7 @@ const BENCH: &[u8] = include_bytes!("../fixtures/bench-dump.bin");
 /// Every socket of a fixture as the JSON of its record; asserts the framing
 /// is clean and ends with one NLMSG_DONE per dump.
 fn decode(bytes: &[u8], tail: TailLayout) -> (Vec<Value>, usize) {
-    let mut encoder = RecordEncoder::new("fixture".into());
+    let mut encoder = RecordEncoder::new(Identity::new("fixture", 1));
     let mut buf = vec![0u8; encoder.max_record_len()];
     let stamp = PollStamp {
         poll_id: 1,

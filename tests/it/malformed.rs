@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
+use xtcp::identity::Identity;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout, WireError};
 
@@ -266,7 +267,7 @@ proptest! {
             panic!("framing of a built message")
         };
         if let Ok(s) = decode_socket(p, TailLayout::Bitfield) {
-            let mut enc = RecordEncoder::new("h".repeat(64));
+            let mut enc = RecordEncoder::new(Identity::new("h".repeat(64), u64::MAX));
             let mut out = vec![0u8; enc.max_record_len()];
             let stamp = PollStamp {
                 poll_id: u64::MAX,

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{can_run_in_netns, serial, workspace_bin, Need};
+use crate::common::{self, can_run_in_netns, serial, workspace_bin, Need};
 use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::{PollStamp, RecordEncoder, SCHEMA_VERSION};
+use xtcp::identity::Identity;
 use xtcp::pipeline::kernel_release;
 use xtcp::pipeline::sock_diag::{SockDiagSocket, DUMP_DATAGRAM_MAX};
 use xtcp::proto::Record;
@@ -62,7 +63,7 @@ fn library_dump() -> Vec<Value> {
 fn library_dump_of(requests: &[impl Fn(u32) -> Vec<u8>]) -> Vec<Value> {
     let socket = SockDiagSocket::open(Duration::from_secs(5)).unwrap();
     let tail = TailLayout::for_release(&kernel_release());
-    let mut encoder = RecordEncoder::new("test-host".into());
+    let mut encoder = RecordEncoder::new(Identity::new("test-host", 1));
     let mut record = vec![0; encoder.max_record_len()];
     let stamp = PollStamp {
         poll_id: 1,
@@ -268,14 +269,22 @@ fn cli_dump(ns: &Netns, unprivileged: bool) -> Vec<Value> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "xtcp failed: {stderr}");
     assert!(
-        stderr.lines().count() == 1 && stderr.starts_with("xtcp: stopped: polls 1 "),
+        stderr.lines().count() == 1 && stderr.starts_with("xtcp: stopped: hostname "),
         "a clean poll prints only the totals on stderr: {stderr}"
     );
-    String::from_utf8(out.stdout)
+    assert_eq!(common::total(&stderr, "", "polls"), 1, "{stderr}");
+    // Every record carries the run's instance, which the exit line names.
+    let instance = common::total(&stderr, "", "instance");
+    let records: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
+        .collect();
+    assert!(
+        records.iter().all(|r| r["instance"] == instance),
+        "{stderr}"
+    );
+    records
 }
 
 #[test]
@@ -348,6 +357,13 @@ fn cli_takes_every_flag_from_the_environment() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
     }
+    // The instance is the printing process's own, drawn fresh, not a setting.
+    let instance = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# this process: hostname "))
+        .and_then(|l| l.split(" instance ").nth(1))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+    assert!(instance.is_some_and(|i| i != 0), "{text}");
     // A bad value from the environment is as clear as one from a flag.
     let out = xtcp().env("XTCP_FREQUENCY", "soon").output().unwrap();
     assert_eq!(out.status.code(), Some(2));

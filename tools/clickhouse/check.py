@@ -3,7 +3,9 @@
 (chdb, embedded): checks the DDL in the docs is what tools/clickhouse/ddl.py
 makes from the schema, runs it, feeds it MESSAGES (Kafka message payloads,
 concatenated: length-delimited xtcp.v1.Records) through the Kafka table and
-the materialized view, and prints what landed in xtcp.records as JSON.
+the materialized view, merges the table (`OPTIMIZE ... FINAL`, as a
+ReplacingMergeTree eventually does by itself) and prints what is left in
+xtcp.records as JSON.
 
 chdb cannot create Kafka engine tables (it fails with "Shutdown was
 called"), so the Kafka table is made with the Null engine instead, same
@@ -40,10 +42,12 @@ def main(messages):
         schema = os.path.abspath(PROTO)
         db.query(f"INSERT INTO xtcp.records_kafka SELECT * FROM file('{os.path.abspath(messages)}', "
                  f"'Protobuf') SETTINGS format_schema = '{schema}:Record'")
+        db.query("OPTIMIZE TABLE xtcp.records FINAL")
         result = db.query("""
             SELECT
                 count() AS rows,
-                uniqExact(hostname, record_counter) AS unique_records,
+                uniqExact(hostname, instance, record_counter) AS unique_records,
+                uniqExact(instance) AS instances,
                 min(record_counter) AS min_counter,
                 max(record_counter) AS max_counter,
                 countIf(inet_diag_msg_family = 2) AS v4,
@@ -55,7 +59,7 @@ def main(messages):
                 groupUniqArray(congestion_algorithm_enum) AS algorithms,
                 uniqExact(inet_diag_msg_socket_source_port, inet_diag_msg_socket_destination_port,
                           inet_diag_msg_family) AS sockets
-            FROM xtcp.records FINAL
+            FROM xtcp.records
             """, "JSONEachRow")
         print(str(result).strip())
     finally:

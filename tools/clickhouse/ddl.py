@@ -76,8 +76,10 @@ SETTINGS
     kafka_format = 'Protobuf',
     kafka_schema = 'xtcp.proto:Record';
 
--- Keeps the records. A record repeated by an at-least-once retry has the
--- same (hostname, record_counter) and is merged away.
+-- Keeps the records. (hostname, instance, record_counter) names a record:
+-- a record repeated by an at-least-once redelivery is merged away, while
+-- another exporter run (a restart, a second exporter with the same
+-- hostname) has its own instance, so its rows are kept.
 CREATE TABLE xtcp.records
 (
 {columns},
@@ -85,7 +87,7 @@ CREATE TABLE xtcp.records
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toDate(intDiv(poll_timestamp_ns, 1000000000))
-ORDER BY (hostname, record_counter);
+ORDER BY (hostname, instance, record_counter);
 
 CREATE MATERIALIZED VIEW xtcp.records_mv TO xtcp.records AS
 SELECT * FROM xtcp.records_kafka;

@@ -87,13 +87,13 @@ fn start_forwarder(farm: &Farm, extra: &[&str]) -> Running {
 }
 
 /// Reads the topic from the beginning until `want(records so far)` or the
-/// deadline; returns every record of every message, and the payloads
-/// concatenated (which is again length-delimited records).
+/// deadline; returns every record of every message, and each message's
+/// payload (length-delimited records).
 fn consume(
     ns: &Netns,
     deadline: Duration,
     want: impl Fn(&[Record]) -> bool + Sync,
-) -> (Vec<Record>, Vec<u8>) {
+) -> (Vec<Record>, Vec<Vec<u8>>) {
     in_ns(ns, || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", format!("127.0.0.1:{BROKER_PORT}"))
@@ -117,7 +117,7 @@ fn consume(
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     let mut payload = message.payload().unwrap_or_default();
-                    payloads.extend_from_slice(payload);
+                    payloads.push(payload.to_vec());
                     while !payload.is_empty() {
                         records.push(
                             Record::decode_length_delimited(&mut payload)
@@ -164,6 +164,17 @@ fn forwarder_total(stderr: &str, name: &str) -> u64 {
     stopped_value(stderr, "xtcp-forwarder", "", name)
 }
 
+/// The records of one exporter run.
+fn of_instance(records: &[Record], instance: u64) -> Vec<Record> {
+    records
+        .iter()
+        .filter(|r| r.instance == instance)
+        .cloned()
+        .collect()
+}
+
+/// Two exporter runs on one host (same hostname, same day): every record of
+/// both reaches Kafka and lands in ClickHouse as its own row.
 #[test]
 fn every_record_reaches_kafka_intact() {
     let Some(farm) = Farm::needing("kafka", &[Need::Tool("tansu"), Need::Python("chdb")]) else {
@@ -171,25 +182,55 @@ fn every_record_reaches_kafka_intact() {
     };
     let _broker = start_broker(&farm.ns);
     let forwarder = start_forwarder(&farm, &[]);
-    let (_, exporter) = run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms"]));
-    let sockets = farm.keys.len();
-    let (records, payloads) = consume(&farm.ns, Duration::from_secs(60), |r| {
-        whole_polls(r, &farm.keys).len() == 2
+    let (_, first) = run(farm.xtcp(&["--max-loops", "2", "--frequency", "300ms"]));
+    let (_, second) = run(farm.xtcp(&["--max-loops", "1"]));
+    let runs = [
+        (total(&first, "", "instance"), 2),
+        (total(&second, "", "instance"), 1),
+    ];
+    assert_ne!(runs[0].0, runs[1].0, "each run draws its own instance");
+    let (records, messages) = consume(&farm.ns, Duration::from_secs(60), |r| {
+        runs.iter().all(|&(instance, polls)| {
+            whole_polls(&of_instance(r, instance), &farm.keys).len() == polls
+        })
     });
     let (status, stderr) = forwarder.terminate();
     assert!(status.success(), "{stderr}");
 
-    let polls = by_poll(&records);
-    assert_eq!(polls.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    for (instance, polls) in runs {
+        assert_run_whole(&of_instance(&records, instance), polls, &farm.keys);
+    }
+    // Everything the exporters sent was received, produced and acknowledged.
+    let sent: u64 = [&first, &second]
+        .iter()
+        .map(|run| total(run, "v4", "records") + total(run, "v6", "records"))
+        .sum();
+    assert_eq!(records.len() as u64, sent);
+    assert_eq!(forwarder_total(&stderr, "records"), sent, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "delivered_records"), sent);
+    assert_eq!(forwarder_total(&stderr, "dropped_records"), 0);
+    assert_eq!(forwarder_total(&stderr, "malformed"), 0);
+
+    assert_lands_in_clickhouse(&messages, &records);
+}
+
+/// One run's records: `polls` polls, each with every farm socket once and
+/// nothing else but the broker's and the forwarder's sockets; numbered 1..=n.
+fn assert_run_whole(records: &[Record], polls: usize, farm: &BTreeSet<Key>) {
+    let by_id = by_poll(records);
+    assert_eq!(
+        by_id.keys().copied().collect::<Vec<_>>(),
+        (1..=polls as u64).collect::<Vec<_>>()
+    );
     let hostname = nix::unistd::gethostname().unwrap();
-    for (poll, records) in &polls {
+    for (poll, records) in &by_id {
         // The farm's sockets, each once; the rest are the broker's and the
         // forwarder's own, in the same namespace.
         let (farm_records, others): (Vec<&&Record>, Vec<&&Record>) =
-            records.iter().partition(|r| farm.keys.contains(&key(r)));
+            records.iter().partition(|r| farm.contains(&key(r)));
         let keys: BTreeSet<Key> = farm_records.iter().map(|r| key(r)).collect();
-        assert_eq!(farm_records.len(), sockets, "poll {poll}: records");
-        assert_eq!(keys, farm.keys, "poll {poll}: sockets");
+        assert_eq!(farm_records.len(), farm.len(), "poll {poll}: records");
+        assert_eq!(&keys, farm, "poll {poll}: sockets");
         for r in &others {
             let ports = [
                 r.inet_diag_msg_socket_source_port,
@@ -210,22 +251,17 @@ fn every_record_reaches_kafka_intact() {
     let mut counters: Vec<u64> = records.iter().map(|r| r.record_counter).collect();
     counters.sort_unstable();
     assert_eq!(counters, (1..=records.len() as u64).collect::<Vec<_>>());
-    // Everything the exporter sent was received, produced and acknowledged.
-    let sent = total(&exporter, "v4", "records") + total(&exporter, "v6", "records");
-    assert_eq!(forwarder_total(&stderr, "records"), sent, "{stderr}");
-    assert_eq!(forwarder_total(&stderr, "delivered_records"), sent);
-    assert_eq!(forwarder_total(&stderr, "dropped_records"), 0);
-    assert_eq!(forwarder_total(&stderr, "malformed"), 0);
-
-    assert_lands_in_clickhouse(&payloads, &records);
 }
 
-/// Runs the consumed messages through the ClickHouse DDL of docs/kafka.md
-/// (`tools/clickhouse/check.py`, chdb) and compares what landed with the
-/// records decoded here.
-fn assert_lands_in_clickhouse(payloads: &[u8], records: &[Record]) {
+/// Runs the consumed messages, the first of them twice (an at-least-once
+/// redelivery), through the ClickHouse DDL of docs/kafka.md
+/// (`tools/clickhouse/check.py`, chdb, which merges with `OPTIMIZE ...
+/// FINAL`) and compares what landed with the records decoded here.
+fn assert_lands_in_clickhouse(messages: &[Vec<u8>], records: &[Record]) {
     let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kafka-messages-{}.bin", std::process::id()));
+    let mut payloads = messages.concat();
+    payloads.extend_from_slice(&messages[0]);
     std::fs::write(&file, payloads).unwrap();
     let out = Command::new("python3")
         .arg(concat!(
@@ -250,10 +286,21 @@ fn assert_lands_in_clickhouse(payloads: &[u8], records: &[Record]) {
             .filter(|r| r.inet_diag_msg_family == family)
             .count()
     };
+    // Every record once: the redelivered message merged away, the two runs'
+    // equal (hostname, record_counter) pairs kept apart by the instance.
     assert_eq!(landed["rows"], n, "{landed}");
     assert_eq!(landed["unique_records"], n);
+    assert_eq!(landed["instances"], 2);
+    let hostname_and_counter: BTreeSet<u64> = records.iter().map(|r| r.record_counter).collect();
+    assert!(
+        hostname_and_counter.len() < records.len(),
+        "the runs share numbers"
+    );
     assert_eq!(landed["min_counter"], 1);
-    assert_eq!(landed["max_counter"], n);
+    assert_eq!(
+        landed["max_counter"],
+        hostname_and_counter.last().copied().unwrap()
+    );
     assert_eq!(landed["v4"], count(u32::from(xtcp::wire::request::AF_INET)));
     assert_eq!(
         landed["v6"],
