@@ -98,9 +98,10 @@ fn decode(c: &mut Criterion) {
     g.bench_function("forwarder_to_delimited", |b| {
         let datagrams = envelopes();
         let mut message = Vec::with_capacity(DEFAULT_UDP_BATCH_BYTES);
+        let mut ids = Vec::new();
         b.iter(|| {
             for datagram in &datagrams {
-                black_box(to_delimited(black_box(datagram), &mut message).unwrap());
+                black_box(to_delimited(black_box(datagram), &mut message, &mut ids).unwrap());
             }
         })
     });

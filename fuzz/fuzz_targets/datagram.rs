@@ -2,8 +2,9 @@
 //! (`to_delimited`) never panics and passes on exactly what a reader of the
 //! datagram decodes: when it accepts a datagram, its output is the
 //! datagram's records, each length-delimited, each the `Record` that
-//! `decode_datagram` returns, with a `schema_version`; when it refuses one,
-//! it writes nothing and `decode_datagram` refuses it for the same reason.
+//! `decode_datagram` returns, with a `schema_version`, and names each
+//! record's run and number for the loss tracker; when it refuses one, it
+//! writes nothing and `decode_datagram` refuses it for the same reason.
 //!
 //! Run: `make fuzz FUZZ_TARGET=datagram`.
 
@@ -11,16 +12,19 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
+use xtcp::export::sequence::RecordId;
 use xtcp::export::udp::{count_records, decode_datagram, to_delimited};
 use xtcp::proto::Record;
 
 fuzz_target!(|data: &[u8]| {
-    let mut out = Vec::new();
-    match to_delimited(data, &mut out) {
+    let (mut out, mut ids) = (Vec::new(), Vec::new());
+    match to_delimited(data, &mut out, &mut ids) {
         Ok(n) => {
             let records = decode_datagram(data).expect("a reader decodes what is passed on");
             assert_eq!(records.len() as u64, n);
             assert_eq!(count_records(data).ok(), Some(n));
+            let tracked: Vec<RecordId> = records.iter().map(RecordId::from).collect();
+            assert_eq!(ids, tracked);
             let mut rest = out.as_slice();
             for record in &records {
                 assert!(record.schema_version > 0);

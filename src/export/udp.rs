@@ -14,13 +14,16 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{setsockopt, sockopt};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::export::sequence::RecordId;
 use crate::proto::Record;
+use crate::wire::inet_diag::SkMemInfo;
 
 /// First byte of a batch datagram: `Envelope.records` (1) length-delimited.
 const ENVELOPE_KEY: u8 = 0x0a;
@@ -115,6 +118,32 @@ pub fn nothing_yet(e: &io::Error) -> bool {
 /// (it reports twice that, counting its own bookkeeping).
 pub fn recv_buffer_len(socket: &UdpSocket) -> io::Result<usize> {
     Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
+}
+
+/// Datagrams the kernel dropped on `socket` since it was opened because its
+/// receive buffer was full: `SK_MEMINFO_DROPS` of `SO_MEMINFO`. It is the
+/// counter `SO_RXQ_OVFL` reports, but readable at any time, where that
+/// control message comes only with the next datagram queued after a drop.
+/// `None` on kernels before 4.7, which lack the entry.
+pub fn socket_drops(socket: &UdpSocket) -> io::Result<Option<u32>> {
+    let mut meminfo = [0u8; 64];
+    let mut len = meminfo.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `meminfo` and
+    // stores the length it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = (len as usize).min(meminfo.len());
+    Ok(SkMemInfo::new(&meminfo[..len]).drops())
 }
 
 impl UdpSink {
@@ -239,11 +268,17 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
 /// One datagram as length-delimited records (each record preceded by its
 /// length as a varint: what ClickHouse's `Protobuf` format, Java's
 /// `parseDelimitedFrom` and Go's `protodelim` read), written into `out`;
-/// returns how many records. Every record is decoded and checked first, so
-/// nothing that is not an exporter's record is passed on: a datagram with
-/// one bad record is refused whole.
-pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramError> {
+/// returns how many records, whose run and number are in `ids`. Every
+/// record is decoded and checked first, so nothing that is not an
+/// exporter's record is passed on: a datagram with one bad record is
+/// refused whole.
+pub fn to_delimited(
+    datagram: &[u8],
+    out: &mut Vec<u8>,
+    ids: &mut Vec<RecordId>,
+) -> Result<u64, DatagramError> {
     out.clear();
+    ids.clear();
     let mut scratch = Record::default();
     match datagram.first() {
         None => Err(DatagramError::Empty),
@@ -254,7 +289,10 @@ pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramE
                     check_record(record, records, &mut scratch).map(|()| framed)
                 });
                 match checked {
-                    Ok(framed) => out.extend_from_slice(framed),
+                    Ok(framed) => {
+                        out.extend_from_slice(framed);
+                        ids.push(RecordId::from(&scratch));
+                    }
                     Err(e) => {
                         out.clear(); // nothing of a refused datagram
                         return Err(e);
@@ -266,6 +304,7 @@ pub fn to_delimited(datagram: &[u8], out: &mut Vec<u8>) -> Result<u64, DatagramE
         }
         Some(_) => {
             check_record(datagram, 0, &mut scratch)?;
+            ids.push(RecordId::from(&scratch));
             encode_varint(datagram.len() as u64, out);
             out.extend_from_slice(datagram);
             Ok(1)
@@ -422,13 +461,15 @@ mod tests {
             encode_varint(r.len() as u64, &mut batch);
             batch.extend_from_slice(r);
         }
-        let mut out = Vec::new();
-        assert_eq!(to_delimited(&batch, &mut out).unwrap(), 2);
+        let (mut out, mut ids) = (Vec::new(), Vec::new());
+        assert_eq!(to_delimited(&batch, &mut out, &mut ids).unwrap(), 2);
         assert_eq!(out.len(), batch.len() - 2, "only the two keys go");
         let counters: Vec<u64> = delimited(&out).iter().map(|r| r.record_counter).collect();
         assert_eq!(counters, [1, 2]);
+        let numbered: Vec<u64> = ids.iter().map(|id| id.record_counter).collect();
+        assert_eq!(numbered, [1, 2]);
         assert_eq!(count_records(&batch).unwrap(), 2);
-        assert_eq!(to_delimited(&a, &mut out).unwrap(), 1);
+        assert_eq!(to_delimited(&a, &mut out, &mut ids).unwrap(), 1);
         assert_eq!(delimited(&out)[0].record_counter, 1);
         assert_eq!(count_records(&a).unwrap(), 1);
         // Cut short, an unknown field, a length past the end, garbage.
@@ -438,11 +479,11 @@ mod tests {
             &[0x0a, 0x7f, 1],
             b"\x08\xff",
         ] {
-            assert!(to_delimited(bad, &mut out).is_err(), "{bad:?}");
+            assert!(to_delimited(bad, &mut out, &mut ids).is_err(), "{bad:?}");
             assert!(count_records(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(
-            to_delimited(&[], &mut out),
+            to_delimited(&[], &mut out, &mut ids),
             Err(DatagramError::Empty)
         ));
         assert!(matches!(count_records(&[]), Err(DatagramError::Empty)));
@@ -453,7 +494,7 @@ mod tests {
     #[test]
     fn forged_datagrams_are_refused_by_reason() {
         let real = record(7);
-        let mut out = Vec::new();
+        let (mut out, mut ids) = (Vec::new(), Vec::new());
         for (datagram, reason) in [
             (vec![], "empty"),
             (vec![0x0a, 0x05, 1], "framing"),
@@ -469,7 +510,7 @@ mod tests {
             // A bare record without schema_version (record_counter only).
             (vec![0x28, 0x01], "no_schema"),
         ] {
-            let err = to_delimited(&datagram, &mut out).unwrap_err();
+            let err = to_delimited(&datagram, &mut out, &mut ids).unwrap_err();
             assert_eq!(err.reason(), reason, "{datagram:?}: {err}");
             assert!(out.is_empty(), "{datagram:?}");
             assert_eq!(decode_datagram(&datagram).unwrap_err().reason(), reason);

@@ -211,7 +211,12 @@ impl BbrInfo<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SkMemInfo<'a>(&'a [u8]);
 
-impl SkMemInfo<'_> {
+impl<'a> SkMemInfo<'a> {
+    /// The array as the kernel wrote it (also what `SO_MEMINFO` returns).
+    pub fn new(bytes: &'a [u8]) -> Self {
+        SkMemInfo(bytes)
+    }
+
     fn at(&self, idx: usize) -> Option<u32> {
         u32::read(self.0, idx * 4)
     }

@@ -17,6 +17,7 @@ mod encode;
 mod faults;
 mod filter;
 mod fixtures;
+mod loss;
 mod malformed;
 mod namespaces;
 mod netns;

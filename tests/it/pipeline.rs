@@ -244,7 +244,15 @@ fn debug_server_prints_every_record_as_json_and_counts_garbage() {
         return;
     };
     let mut server = start_debug_server(&farm, "json");
-    run(farm.xtcp(&["--max-loops", "1"]));
+    // Two inetdiagers per family: the run's numbers arrive interleaved.
+    run(farm.xtcp(&[
+        "--max-loops",
+        "1",
+        "--inetdiagers4",
+        "2",
+        "--inetdiagers6",
+        "2",
+    ]));
     let lines = read_lines(&mut server, farm.keys.len(), Duration::from_secs(20));
     // Garbage from another sender: counted and reported, not fatal.
     in_ns(&farm.ns, || {
@@ -292,6 +300,14 @@ fn debug_server_prints_every_record_as_json_and_counts_garbage() {
         stderr.contains(&format!("records {} undecodable 1", farm.keys.len())),
         "{stderr}"
     );
+    // Interleaved is not lost: every number of the run arrived once.
+    for counter in ["lost", "duplicated", "untracked", "kernel_drops"] {
+        assert_eq!(
+            stopped_value(&stderr, "xtcp-debug-server", "", counter),
+            0,
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! `xtcp-debug-server`: receives the exporter's UDP datagrams and prints
 //! every record, one JSON object per line (default) or, with `--format text`,
 //! one `ss`-like line per socket. Undecodable datagrams are counted and
-//! reported on stderr, never fatal. On SIGINT/SIGTERM it prints what is
+//! reported on stderr, never fatal. It tracks the numbers of each exporter
+//! run and reads its socket's drop counter, so its totals say what never
+//! arrived (`xtcp::export::sequence`). On SIGINT/SIGTERM it prints what is
 //! already queued on its socket, then its totals to stderr, and exits 0 (also
 //! when stdout closes).
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use xtcp::cli::exit_for;
+use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::udp::{bind_receiver, count_records, decode_datagram, nothing_yet};
 use xtcp::proto::Record;
 use xtcp::shutdown::{Shutdown, SignalThread};
@@ -34,7 +37,8 @@ enum Format {
     None,
     /// Like none, but decode nothing: count the records of each batch from
     /// its framing (the cheapest receiver, so it takes as little CPU as
-    /// possible from what a benchmark measures).
+    /// possible from what a benchmark measures). Reading no record, it
+    /// cannot tell lost records: they are `untracked`.
     Count,
 }
 
@@ -63,6 +67,7 @@ struct Totals {
     bytes: u64,
     records: u64,
     undecodable: u64,
+    loss: Loss,
 }
 
 fn main() -> ExitCode {
@@ -73,8 +78,12 @@ fn main() -> ExitCode {
     match serve(&cli) {
         Ok(totals) => {
             eprintln!(
-                "xtcp-debug-server: datagrams {} bytes {} records {} undecodable {}",
-                totals.datagrams, totals.bytes, totals.records, totals.undecodable
+                "xtcp-debug-server: stopped: datagrams {} bytes {} records {} undecodable {}{}",
+                totals.datagrams,
+                totals.bytes,
+                totals.records,
+                totals.undecodable,
+                totals.loss.exit_fields()
             );
             ExitCode::SUCCESS
         }
@@ -104,6 +113,7 @@ fn serve(cli: &Cli) -> io::Result<Totals> {
 /// Prints records until `shutdown` stops, then what is already queued.
 fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Totals> {
     let mut totals = Totals::default();
+    let mut watch = LossWatch::new(socket.try_clone()?, DEFAULT_RUN_LIMIT);
     let mut buf = vec![0u8; 65536];
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut draining = false;
@@ -113,6 +123,7 @@ fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Tot
             draining = true;
             socket.set_nonblocking(true)?;
         }
+        watch.tick();
         let (len, peer) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             Err(e) if draining && e.kind() == io::ErrorKind::WouldBlock => break,
@@ -138,6 +149,11 @@ fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Tot
             }
         };
         totals.records += count;
+        if cli.format == Format::Count {
+            watch.unread(count);
+        } else {
+            watch.records(records.iter().map(RecordId::from));
+        }
         if matches!(cli.format, Format::None | Format::Count) {
             continue;
         }
@@ -152,6 +168,7 @@ fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Tot
             Err(e) => return Err(e),
         }
     }
+    totals.loss = watch.finish();
     Ok(totals)
 }
 

@@ -24,6 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
+use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited};
 use xtcp::metrics::prom::{PromServer, PromThread};
 use xtcp::metrics::Health;
@@ -109,7 +110,8 @@ impl ProducerContext for Context {
 
 /// What a run did, for the line printed at exit. Every datagram received
 /// is malformed, produced or refused by the producer (its queue full, or an
-/// error): `datagrams = malformed + produced + refused`.
+/// error): `datagrams = malformed + produced + refused`. `loss` is what
+/// never reached the forwarder.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ForwarderTotals {
     pub datagrams: u64,
@@ -119,6 +121,7 @@ pub struct ForwarderTotals {
     pub refused: u64,
     pub delivered_records: u64,
     pub dropped_records: u64,
+    pub loss: Loss,
 }
 
 impl std::fmt::Display for ForwarderTotals {
@@ -126,14 +129,15 @@ impl std::fmt::Display for ForwarderTotals {
         write!(
             f,
             "datagrams {} records {} malformed {} produced {} refused {} delivered_records {} \
-             dropped_records {}",
+             dropped_records {}{}",
             self.datagrams,
             self.records,
             self.malformed,
             self.produced,
             self.refused,
             self.delivered_records,
-            self.dropped_records
+            self.dropped_records,
+            self.loss.exit_fields()
         )
     }
 }
@@ -173,13 +177,19 @@ pub fn run(
         .map(|listen| start_metrics(listen, &metrics, &health, shutdown))
         .transpose()?;
 
+    let watched = socket
+        .try_clone()
+        .map_err(setup("watching the socket's drops"))?;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut feed = Feed {
         metrics: &metrics,
         producer: &producer,
         topic: &config.topic,
         message: Vec::with_capacity(MAX_DATAGRAM),
+        ids: Vec::new(),
         refused: 0,
+        watch: LossWatch::new(watched, DEFAULT_RUN_LIMIT),
+        loss: Loss::default(),
     };
     while !shutdown.is_stopping() {
         metrics.queued.set(i64::from(producer.in_flight_count()));
@@ -188,6 +198,8 @@ pub fn run(
             Err(e) if nothing_yet(&e) => {}
             Err(e) => eprintln!("xtcp-forwarder: receive: {e}"),
         }
+        let loss = feed.watch.tick();
+        feed.count_loss(loss);
     }
     // What arrived before the stop is forwarded too, within DRAIN_LIMIT.
     let drain_until = Instant::now() + DRAIN_LIMIT;
@@ -207,6 +219,8 @@ pub fn run(
         }
     }
     let refused = feed.refused;
+    let loss = feed.watch.finish();
+    feed.count_loss(loss);
 
     // Stop: deliver what is queued, within the flush timeout.
     if producer.flush(config.flush_timeout).is_err() {
@@ -237,6 +251,7 @@ pub fn run(
         refused,
         delivered_records: metrics.delivered_records.get(),
         dropped_records: dropped,
+        loss,
     })
 }
 
@@ -245,10 +260,14 @@ struct Feed<'a> {
     metrics: &'a ForwarderMetrics,
     producer: &'a ThreadedProducer<Context>,
     topic: &'a str,
-    /// The message being built, reused.
+    /// The message being built, reused, and its records' runs and numbers.
     message: Vec<u8>,
+    ids: Vec<RecordId>,
     /// Datagrams the producer refused (queue full, or an error).
     refused: u64,
+    watch: LossWatch,
+    /// What the metrics show of the loss so far.
+    loss: Loss,
 }
 
 impl Feed<'_> {
@@ -257,7 +276,7 @@ impl Feed<'_> {
         let metrics = self.metrics;
         metrics.datagrams.inc();
         metrics.bytes.inc_by(datagram.len() as u64);
-        let records = match to_delimited(datagram, &mut self.message) {
+        let records = match to_delimited(datagram, &mut self.message, &mut self.ids) {
             Ok(records) => records,
             Err(e) => {
                 let refused = metrics.malformed.with_label_values(&[e.reason()]);
@@ -270,6 +289,7 @@ impl Feed<'_> {
             }
         };
         metrics.records.inc_by(records);
+        self.watch.records(self.ids.iter().copied());
         let record = BaseRecord::<(), [u8], usize>::with_opaque_to(self.topic, records as usize)
             .payload(&self.message[..]);
         match self.producer.send(record) {
@@ -284,6 +304,22 @@ impl Feed<'_> {
                 metrics.drop_messages("delivery_failed", 1, records);
             }
         }
+    }
+
+    /// Brings the loss metrics up to `loss`.
+    fn count_loss(&mut self, loss: Loss) {
+        let (m, was) = (self.metrics, self.loss);
+        m.kernel_drops.inc_by(loss.kernel_drops - was.kernel_drops);
+        let (now, before) = (loss.sequence, was.sequence);
+        m.records_lost.inc_by(now.lost - before.lost);
+        m.records_duplicated
+            .inc_by(now.duplicated - before.duplicated);
+        m.records_reordered.inc_by(now.reordered - before.reordered);
+        m.records_untracked.inc_by(now.untracked - before.untracked);
+        m.runs_evicted
+            .inc_by(now.runs_evicted - before.runs_evicted);
+        m.runs_tracked.set(self.watch.runs() as i64);
+        self.loss = loss;
     }
 }
 
@@ -310,7 +346,8 @@ fn create_producer(
         // backs off up to 10 s by default), so little waits in the queue.
         .set("reconnect.backoff.max.ms", "1000")
         // At least once: a retry after a lost acknowledgement can repeat a
-        // message; consumers drop repeats by (hostname, record_counter).
+        // message; consumers drop repeats by (hostname, instance,
+        // record_counter).
         // Idempotence would need the broker to keep producer state across
         // restarts, and makes a broker that lost it a fatal error.
         .set("enable.idempotence", "false")

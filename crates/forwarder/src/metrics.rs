@@ -32,6 +32,20 @@ xtcp::metrics_table! {
         "Messages in the producer's queue, not yet acknowledged.";
     kafka_errors: IntCounterVec "xtcp_forwarder_kafka_errors_total" ["code"]
         "Errors the Kafka client reported (broker down, transport errors...), by librdkafka error code.";
+    kernel_drops: IntCounter "xtcp_forwarder_kernel_drops_total" []
+        "Datagrams the kernel dropped on the forwarder's socket because its receive buffer was full (SO_MEMINFO drops).";
+    records_lost: IntCounter "xtcp_forwarder_records_lost_total" []
+        "Records that never arrived: numbers of an exporter run still missing 5 s after a later number arrived, or at exit.";
+    records_duplicated: IntCounter "xtcp_forwarder_records_duplicated_total" []
+        "Records whose number had already arrived (or had already been counted lost); still forwarded.";
+    records_reordered: IntCounter "xtcp_forwarder_records_reordered_total" []
+        "Records that arrived after a higher number of their run (expected with more than one inetdiager thread).";
+    records_untracked: IntCounter "xtcp_forwarder_records_untracked_total" []
+        "Records without an instance (schema 2 or older), whose loss cannot be told.";
+    runs_tracked: IntGauge "xtcp_forwarder_runs_tracked" []
+        "Exporter runs (instances) whose numbers are tracked, at most 4096.";
+    runs_evicted: IntCounter "xtcp_forwarder_runs_evicted_total" []
+        "Runs dropped from the full table (the one heard from longest ago); their open holes were counted lost.";
 }
 
 /// Every `reason` of the dropped counters.

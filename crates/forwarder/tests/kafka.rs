@@ -564,15 +564,90 @@ fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
 /// Without `CAP_NET_ADMIN` the kernel caps the receive buffer at
 /// `net.core.rmem_max`: the forwarder says so at start and exports what it
 /// got.
+/// The forwarder's `/metrics` at `prom`, once it serves.
+fn scrape(prom: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(prom) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forwarder did not serve metrics"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A metric's value in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<u64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn free_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+/// Driven into kernel drops (a small buffer, stopped during a burst), the
+/// forwarder counts as lost exactly the records it did not receive, and
+/// its metrics show the kernel's drops.
+#[test]
+fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
+    let _serial = serial();
+    let (port, prom) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let mut forwarder = Running(Some(
+        Command::new(workspace_bin("xtcp-forwarder"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--brokers", "127.0.0.1:1", "--prom-listen", &prom])
+            .args(["--recv-buffer", "4096", "--flush-timeout", "0s"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    scrape(&prom); // serving, so bound
+    let pid = forwarder.child().id();
+    let (datagrams, per) = (400, 5);
+    let sent = overflow_receiver(pid, port, 0xfeed, datagrams, per);
+    // The drop counter is read every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let drops = loop {
+        match metric(&scrape(&prom), "xtcp_forwarder_kernel_drops_total") {
+            Some(n) if n > 0 => break n,
+            _ => assert!(Instant::now() < deadline, "no kernel drops shown"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+    let received = forwarder_total(&stderr, "records");
+    assert!(received < sent / 2, "no overflow: {stderr}");
+    eprintln!(
+        "forwarder: sent {sent} received {received} lost {} kernel_drops {} (x{per} records)",
+        forwarder_total(&stderr, "lost"),
+        forwarder_total(&stderr, "kernel_drops")
+    );
+    assert_eq!(
+        forwarder_total(&stderr, "lost"),
+        sent - received,
+        "{stderr}"
+    );
+    assert_eq!(forwarder_total(&stderr, "kernel_drops"), drops, "{stderr}");
+    assert_eq!(drops * per, sent - received, "{stderr}");
+}
+
 #[test]
 fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
     if !can_run(&[Need::Root, Need::Tool("setpriv")]) {
         return;
     }
-    let free_port = || {
-        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
     let prom = format!("127.0.0.1:{}", free_port());
     let asked: usize = 512 << 20;
     let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
@@ -597,22 +672,7 @@ fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
             .spawn()
             .unwrap(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let scrape = loop {
-        if let Ok(mut s) = TcpStream::connect(&prom) {
-            use std::io::{Read, Write};
-            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).unwrap();
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the forwarder did not serve metrics"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let scrape = scrape(&prom);
     let granted = scrape
         .lines()
         .find_map(|l| l.strip_prefix("xtcp_forwarder_receive_buffer_bytes "))

@@ -424,3 +424,66 @@ impl Receiver {
         self.thread.join().unwrap()
     }
 }
+
+/// Records of one exporter run (`instance`), first poll, numbered
+/// `first..first + n`, as one envelope.
+pub fn numbered_envelope(instance: u64, first: u64, n: u64) -> Vec<u8> {
+    use prost::Message as _;
+    xtcp::proto::Envelope {
+        records: (first..first + n)
+            .map(|record_counter| Record {
+                schema_version: xtcp::export::record::SCHEMA_VERSION,
+                hostname: "burst".into(),
+                instance,
+                poll_id: 1,
+                record_counter,
+                ..Default::default()
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Bytes waiting in the receive queue of the UDP socket bound to `port`
+/// (`/proc/net/udp` of the caller's namespace), if there is one.
+pub fn udp_queued(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/udp").ok()?;
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let queues = fields.get(4)?;
+        fields[1]
+            .ends_with(&local)
+            .then(|| u64::from_str_radix(queues.split(':').nth(1)?, 16).ok())?
+    })
+}
+
+/// Drives the receiver (process `pid`, UDP `port` on 127.0.0.1, a small
+/// receive buffer) into kernel drops: stops it, sends `datagrams` envelopes
+/// of `per` records of one run (numbered from 1), lets it run again, waits
+/// until it has read its queue, and sends one more datagram so it knows
+/// how far the run went. Returns the records sent.
+pub fn overflow_receiver(pid: u32, port: u16, instance: u64, datagrams: u64, per: u64) -> u64 {
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender.connect(("127.0.0.1", port)).unwrap();
+    let pid = Pid::from_raw(pid as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    for i in 0..datagrams {
+        sender
+            .send(&numbered_envelope(instance, 1 + i * per, per))
+            .unwrap();
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while udp_queued(port) != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the receiver did not read its queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sender
+        .send(&numbered_envelope(instance, 1 + datagrams * per, per))
+        .unwrap();
+    (datagrams + 1) * per
+}
