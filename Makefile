@@ -75,7 +75,7 @@ bench:
 	$(CARGO) bench --locked --bench decode
 	python3 tools/bench/bench_report.py
 
-## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes (root; 16k sockets in a namespace)
+## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes, and the cost of --feed-key per datagram (root; 16k sockets in a namespace)
 bench-udp: build-all
 	python3 tools/bench/bench_udp.py
 

@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -163,6 +164,11 @@ fn parse_http_path(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A path, or blank for none (`XTCP_FEED_KEY=` in an environment file).
+fn parse_optional_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 fn parse_batch_bytes(s: &str) -> Result<usize, String> {
     let v: usize = s.parse().map_err(|e| format!("'{s}': {e}"))?;
     if v != 0 && !(512..=MAX_UDP_PAYLOAD).contains(&v) {
@@ -279,6 +285,11 @@ struct Cli {
     #[arg(long, env = "XTCP_UDP_BATCH_BYTES", default_value_t = DEFAULT_UDP_BATCH_BYTES, value_parser = parse_batch_bytes)]
     udp_batch_bytes: usize,
 
+    /// Sign every UDP datagram with the key in this file (HMAC-SHA256, a
+    /// 16-byte tag at its end), for receivers given the same key.
+    #[arg(long, env = "XTCP_FEED_KEY", value_name = "FILE", value_parser = parse_optional_path)]
+    feed_key: Option<PathBuf>,
+
     /// Serve Prometheus metrics and /healthz over HTTP on this HOST:PORT
     /// (port 0 picks a free one, printed at start).
     #[arg(long, env = "XTCP_PROM_LISTEN", default_value = DEFAULT_PROM_LISTEN, value_parser = parse_socket_addr)]
@@ -354,6 +365,8 @@ pub struct Config {
     pub extensions: u8,
     pub dest: Dest,
     pub udp_batch_bytes: usize,
+    /// `--feed-key`: the key file, read at start.
+    pub feed_key: Option<PathBuf>,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.
@@ -448,6 +461,11 @@ impl Config {
                  outside {min}..={MAX_RECV_BUFFER} (pages of {page} bytes)"
             ));
         }
+        // Blank (`XTCP_FEED_KEY=`): none.
+        let feed_key = cli.feed_key.clone().filter(|p| !p.as_os_str().is_empty());
+        if feed_key.is_some() && cli.dest == Dest::Stdout {
+            return Err("--feed-key signs UDP datagrams, and --dest stdout sends none".into());
+        }
         if cli.states == 0 {
             return Err("--states selects no state".into());
         }
@@ -478,6 +496,7 @@ impl Config {
             extensions: ALL_EXTENSIONS,
             dest: cli.dest,
             udp_batch_bytes: cli.udp_batch_bytes,
+            feed_key,
             prom: (!cli.no_prom).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),
@@ -542,6 +561,12 @@ impl Config {
             ("ALL_NETNS", self.netns.all.to_string()),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            (
+                "FEED_KEY",
+                self.feed_key
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+            ),
             // Turned off, an endpoint prints its default, which the NO_
             // line below overrides.
             (

@@ -41,7 +41,7 @@ else
     install -D -m 0644 bundle/systemd/xtcp.env "$env_file"
 fi
 
-for drop_in in net-admin netns; do
+for drop_in in net-admin netns feed-key; do
     install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
 done
 for doc in operations metrics flags record filter kafka; do

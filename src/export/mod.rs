@@ -4,6 +4,7 @@
 //! for receivers) or [`stdout`] (JSON lines via [`json`]); [`sequence`] is how
 //! receivers tell what never arrived.
 
+pub mod auth;
 pub mod encode;
 pub mod json;
 pub mod record;

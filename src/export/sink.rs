@@ -3,6 +3,7 @@
 use std::io;
 
 use crate::config::Dest;
+use crate::export::auth::FeedKey;
 use crate::export::stdout::StdoutSink;
 use crate::export::udp::{SendTally, UdpSink};
 
@@ -12,9 +13,10 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub fn open(dest: Dest, udp_batch_bytes: usize) -> io::Result<Sink> {
+    /// `key` signs UDP datagrams; stdout has none to sign.
+    pub fn open(dest: Dest, udp_batch_bytes: usize, key: Option<FeedKey>) -> io::Result<Sink> {
         Ok(match dest {
-            Dest::Udp(addr) => Sink::Udp(UdpSink::connect(addr, udp_batch_bytes)?),
+            Dest::Udp(addr) => Sink::Udp(UdpSink::connect(addr, udp_batch_bytes, key)?),
             Dest::Stdout => Sink::Stdout(StdoutSink::default()),
         })
     }

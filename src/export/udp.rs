@@ -21,6 +21,7 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::export::auth::{FeedKey, TAG_LEN};
 use crate::export::sequence::RecordId;
 use crate::proto::Record;
 use crate::wire::inet_diag::SkMemInfo;
@@ -57,8 +58,12 @@ impl SendTally {
 
 pub struct UdpSink {
     socket: UdpSocket,
-    /// 0: one record per datagram.
+    /// Most bytes of records per datagram (the tag comes on top, within
+    /// `--udp-batch-bytes`); 0: one bare record per datagram.
     batch_limit: usize,
+    /// Signs each datagram (`--feed-key`). Boxed: the keyed hash state is
+    /// larger than the rest of the sink.
+    key: Option<Box<FeedKey>>,
     batch: Vec<u8>,
     batch_records: u64,
     tally: SendTally,
@@ -147,13 +152,17 @@ pub fn socket_drops(socket: &UdpSocket) -> io::Result<Option<u32>> {
 }
 
 impl UdpSink {
-    /// A socket connected to `dest` (so send errors come back to us).
-    pub fn connect(dest: SocketAddr, batch_limit: usize) -> io::Result<Self> {
+    /// A socket connected to `dest` (so send errors come back to us),
+    /// sending datagrams of at most `batch_limit` bytes, each signed with
+    /// `key` if there is one.
+    pub fn connect(dest: SocketAddr, batch_limit: usize, key: Option<FeedKey>) -> io::Result<Self> {
         let socket = bind_for(dest)?;
         socket.connect(dest)?;
+        let tag = if key.is_some() { TAG_LEN } else { 0 };
         Ok(UdpSink {
             socket,
-            batch_limit,
+            batch_limit: batch_limit.saturating_sub(tag),
+            key: key.map(Box::new),
             batch: Vec::with_capacity(batch_limit),
             batch_records: 0,
             tally: SendTally::default(),
@@ -164,8 +173,9 @@ impl UdpSink {
     /// the record would not fit). A record larger than the limit goes alone.
     pub fn record(&mut self, record: &[u8]) {
         if self.batch_limit == 0 {
-            let result = self.socket.send(record);
-            self.tally.sent(result, 1);
+            self.batch.extend_from_slice(record);
+            self.batch_records = 1;
+            self.flush();
             return;
         }
         let framed = 1 + encoded_len_varint(record.len() as u64) + record.len();
@@ -183,6 +193,9 @@ impl UdpSink {
     pub fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
+        }
+        if let Some(key) = &self.key {
+            key.sign(&mut self.batch);
         }
         let result = self.socket.send(&self.batch);
         self.tally.sent(result, self.batch_records);
@@ -394,7 +407,7 @@ mod tests {
     #[test]
     fn one_record_per_datagram() {
         let r = receiver();
-        let mut sink = UdpSink::connect(r.local_addr().unwrap(), 0).unwrap();
+        let mut sink = UdpSink::connect(r.local_addr().unwrap(), 0, None).unwrap();
         for n in 1..=3 {
             sink.record(&record(n));
         }
@@ -409,7 +422,7 @@ mod tests {
     fn batches_stay_under_the_limit_and_decode_as_envelopes() {
         let r = receiver();
         let limit = 600;
-        let mut sink = UdpSink::connect(r.local_addr().unwrap(), limit).unwrap();
+        let mut sink = UdpSink::connect(r.local_addr().unwrap(), limit, None).unwrap();
         for n in 1..=40 {
             sink.record(&record(n));
         }
@@ -428,7 +441,7 @@ mod tests {
     #[test]
     fn nobody_listening_is_counted_not_fatal() {
         let port = receiver().local_addr().unwrap(); // bound, then closed
-        let mut sink = UdpSink::connect(port, 0).unwrap();
+        let mut sink = UdpSink::connect(port, 0, None).unwrap();
         for n in 1..=20 {
             sink.record(&record(n));
             std::thread::sleep(Duration::from_millis(1));

@@ -198,7 +198,7 @@ mod tests {
         drop((tx, dump));
         let inetdiager = Inetdiager {
             encoder: RecordEncoder::new(Identity::new("h", 9)),
-            sink: Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000).unwrap(),
+            sink: Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000, None).unwrap(),
             sampler: Sampler::new(1),
             tail: TailLayout::for_release("6.1.0"),
         };

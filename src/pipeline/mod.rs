@@ -34,6 +34,7 @@ use crossbeam_channel::bounded;
 use std::time::Duration;
 
 use crate::config::{Config, Family};
+use crate::export::auth::FeedKey;
 use crate::export::record::RecordEncoder;
 use crate::export::sink::Sink;
 use crate::identity::Identity;
@@ -119,6 +120,12 @@ fn run_threads(
                 .map_err(setup(format!("opening --statsd-dst {dst}")))
         })
         .transpose()?;
+    let feed_key = config
+        .feed_key
+        .as_ref()
+        .map(|path| FeedKey::open(path, "xtcp"))
+        .transpose()
+        .map_err(|e| setup("--feed-key")(io::Error::other(e)))?;
     let mut families = Vec::new();
     for &family in &config.families {
         let pool = BufferPool::new(pool_capacity(&family), config.recv_buffer_len());
@@ -126,7 +133,7 @@ fn run_threads(
             .map_err(setup("creating the netlinkers' epoll set"))?;
         let state = Arc::new(state);
         let sinks = (0..family.inetdiagers)
-            .map(|_| Sink::open(config.dest, config.udp_batch_bytes))
+            .map(|_| Sink::open(config.dest, config.udp_batch_bytes, feed_key.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(setup("opening the destination"))?;
         families.push((state, sinks));

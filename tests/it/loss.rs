@@ -1,19 +1,21 @@
-//! Loss on the UDP leg, as `xtcp-debug-server` reports it: a receiver with
-//! a small buffer, stopped while a burst arrives, drops datagrams in the
-//! kernel; its totals must say exactly how many records never arrived.
-//! (`crates/forwarder/tests/kafka.rs` does the same to the forwarder.)
+//! The UDP leg, as `xtcp-debug-server` sees it: a receiver with a small
+//! buffer, stopped while a burst arrives, drops datagrams in the kernel, and
+//! its totals must say exactly how many records never arrived; a feed
+//! signed with a shared key arrives whole. (`crates/forwarder/tests/kafka.rs`
+//! does the same to the forwarder.)
 
 use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{overflow_receiver, serial, stopped_value, udp_queued, workspace_bin, Running};
+use crate::common::{
+    overflow_receiver, run, serial, stopped_value, total, udp_queued, workspace_bin, Running,
+};
 
 const PROGRAM: &str = "xtcp-debug-server";
 
-/// The debug server on a free port of 127.0.0.1 with the smallest receive
-/// buffer the kernel grants, once bound.
-fn start_small_receiver() -> (Running, u16) {
+/// The debug server on a free port of 127.0.0.1 with `args`, once bound.
+fn start_receiver(args: &[&str]) -> (Running, u16) {
     let port = UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -21,7 +23,8 @@ fn start_small_receiver() -> (Running, u16) {
         .port();
     let mut server = Running(Some(
         Command::new(workspace_bin(PROGRAM))
-            .args(["--format", "none", "--recv-buffer", "4096"])
+            .args(["--format", "none"])
+            .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stderr(Stdio::piped())
             .spawn()
@@ -43,7 +46,8 @@ fn start_small_receiver() -> (Running, u16) {
 #[test]
 fn debug_server_counts_exactly_what_the_kernel_dropped() {
     let _serial = serial();
-    let (mut server, port) = start_small_receiver();
+    // The smallest receive buffer the kernel grants.
+    let (mut server, port) = start_receiver(&["--recv-buffer", "4096"]);
     let pid = server.child().id();
     let (datagrams, per) = (400, 5);
     let sent = overflow_receiver(pid, port, 0xfeed, datagrams, per);
@@ -61,4 +65,65 @@ fn debug_server_counts_exactly_what_the_kernel_dropped() {
     // Every loss was a whole datagram the kernel dropped.
     assert_eq!(total("kernel_drops") * per, sent - received, "{stderr}");
     assert_eq!(total("duplicated") + total("untracked"), 0, "{stderr}");
+}
+
+/// An exporter and a debug server sharing a key: every record passes. A
+/// bad key file, or a key with nothing to sign, stops the start in one line.
+#[test]
+fn a_signed_feed_reaches_a_receiver_with_the_key() {
+    let _serial = serial();
+    let key = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("feed-key-it-{}", std::process::id()));
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key_arg = key.to_str().unwrap();
+    let (server, port) = start_receiver(&["--feed-key", key_arg]);
+    // At least one socket to export, on any host.
+    let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_, exporter) = run({
+        let mut cmd = Command::new(workspace_bin("xtcp"));
+        cmd.args([
+            "--max-loops",
+            "1",
+            "--no-prom",
+            "--no-statsd",
+            "--feed-key",
+            key_arg,
+        ])
+        .args(["--dest", &format!("udp:127.0.0.1:{port}")]);
+        cmd
+    });
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    let sent = total(&exporter, "v4", "records") + total(&exporter, "v6", "records");
+    let received = |name| stopped_value(&stderr, PROGRAM, "", name);
+    assert!(sent > 0, "{exporter}");
+    assert_eq!(received("records"), sent, "{stderr}");
+    for counter in ["unauthenticated", "undecodable", "lost"] {
+        assert_eq!(received(counter), 0, "{stderr}");
+    }
+
+    let xtcp = |args: &[&str]| {
+        let out = Command::new(workspace_bin("xtcp"))
+            .args(["--max-loops", "1", "--no-prom", "--no-statsd"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        (out.status.code(), stderr)
+    };
+    let (code, said) = xtcp(&["--feed-key", "/nonexistent/feed.key"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("--feed-key: reading the feed key /nonexistent/feed.key"),
+        "{said}"
+    );
+    std::fs::write(&key, "short").unwrap();
+    let (code, said) = xtcp(&["--feed-key", key_arg]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("too short"), "{said}");
+    let (code, said) = xtcp(&["--feed-key", key_arg, "--dest", "stdout"]);
+    assert_eq!(code, Some(2), "{said}");
+    std::fs::remove_file(&key).unwrap();
 }

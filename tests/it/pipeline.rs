@@ -297,7 +297,10 @@ fn debug_server_prints_every_record_as_json_and_counts_garbage() {
     }
     assert!(stderr.contains("warning: undecodable datagram"), "{stderr}");
     assert!(
-        stderr.contains(&format!("records {} undecodable 1", farm.keys.len())),
+        stderr.contains(&format!(
+            "records {} unauthenticated 0 undecodable 1",
+            farm.keys.len()
+        )),
         "{stderr}"
     );
     // Interleaved is not lost: every number of the run arrived once.

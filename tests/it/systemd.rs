@@ -114,6 +114,7 @@ fn installed_unit_verifies_and_is_hardened() {
         "lib/systemd/system/xtcp.service",
         "share/doc/xtcp/net-admin.conf",
         "share/doc/xtcp/netns.conf",
+        "share/doc/xtcp/feed-key.conf",
         "share/doc/xtcp/filter.md",
         "share/doc/xtcp/operations.md",
         "share/doc/xtcp/metrics.md",
@@ -151,6 +152,13 @@ fn installed_unit_verifies_and_is_hardened() {
         assert!(with_cap_score > score, "{granted} must cost something");
         println!("exposure with {drop_in}.conf {with_cap_score}");
     }
+
+    // The key drop-in grants nothing: it only hands the service its key.
+    let with_key = root.0.join("xtcp-feed-key.service");
+    let conf = std::fs::read_to_string(repo().join("bundle/systemd/feed-key.conf")).unwrap();
+    std::fs::write(&with_key, format!("{text}\n{conf}")).unwrap();
+    verify(&with_key);
+    assert_eq!(exposure(&with_key).0, score);
 
     // A second install keeps the operator's environment file.
     std::fs::write(&env_file, "XTCP_FREQUENCY=1m\n").unwrap();

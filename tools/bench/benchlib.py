@@ -47,12 +47,12 @@ def children_cpu():
 RECV_BUFFER = 256 << 20
 
 
-def start_receiver(ns, port, fmt="none"):
-    """A counting `xtcp-debug-server --format none` (or `fmt`) in `ns`, once
-    bound."""
+def start_receiver(ns, port, fmt="none", extra=()):
+    """A counting `xtcp-debug-server --format none` (or `fmt`, and `extra`
+    flags) in `ns`, once bound."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", ns, f"{BIN}/xtcp-debug-server", "--format", fmt,
-         "--listen", f"127.0.0.1:{port}", "--recv-buffer", str(RECV_BUFFER)],
+         "--listen", f"127.0.0.1:{port}", "--recv-buffer", str(RECV_BUFFER), *extra],
         stderr=subprocess.PIPE, text=True)
     wait_udp_bound(ns, port)
     return server

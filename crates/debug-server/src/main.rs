@@ -9,11 +9,13 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use xtcp::cli::exit_for;
+use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::udp::{bind_receiver, count_records, decode_datagram, nothing_yet};
 use xtcp::proto::Record;
@@ -59,6 +61,16 @@ struct Cli {
     /// root (SO_RCVBUFFORCE).
     #[arg(long, env = "XTCP_DEBUG_RECV_BUFFER", default_value_t = 32 << 20)]
     recv_buffer: usize,
+
+    /// Read only datagrams signed with the key in this file (as the
+    /// exporter's --feed-key); given twice, either key.
+    #[arg(
+        long,
+        env = "XTCP_DEBUG_FEED_KEY",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    feed_key: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +78,7 @@ struct Totals {
     datagrams: u64,
     bytes: u64,
     records: u64,
+    unauthenticated: u64,
     undecodable: u64,
     loss: Loss,
 }
@@ -78,10 +91,12 @@ fn main() -> ExitCode {
     match serve(&cli) {
         Ok(totals) => {
             eprintln!(
-                "xtcp-debug-server: stopped: datagrams {} bytes {} records {} undecodable {}{}",
+                "xtcp-debug-server: stopped: datagrams {} bytes {} records {} unauthenticated {} \
+                 undecodable {}{}",
                 totals.datagrams,
                 totals.bytes,
                 totals.records,
+                totals.unauthenticated,
                 totals.undecodable,
                 totals.loss.exit_fields()
             );
@@ -102,16 +117,23 @@ fn open(cli: &Cli) -> io::Result<UdpSocket> {
 }
 
 fn serve(cli: &Cli) -> io::Result<Totals> {
+    let keys = FeedKeys::open(&cli.feed_key, "xtcp-debug-server")
+        .map_err(|e| io::Error::other(format!("--feed-key: {e}")))?;
     let socket = open(cli)?;
     let shutdown = Shutdown::new()?;
     let signals = SignalThread::start(&shutdown)?;
-    let totals = receive(cli, &socket, &shutdown);
+    let totals = receive(cli, keys.as_ref(), &socket, &shutdown);
     signals.close();
     totals
 }
 
 /// Prints records until `shutdown` stops, then what is already queued.
-fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Totals> {
+fn receive(
+    cli: &Cli,
+    keys: Option<&FeedKeys>,
+    socket: &UdpSocket,
+    shutdown: &Shutdown,
+) -> io::Result<Totals> {
     let mut totals = Totals::default();
     let mut watch = LossWatch::new(socket.try_clone()?, DEFAULT_RUN_LIMIT);
     let mut buf = vec![0u8; 65536];
@@ -132,7 +154,19 @@ fn receive(cli: &Cli, socket: &UdpSocket, shutdown: &Shutdown) -> io::Result<Tot
         };
         totals.datagrams += 1;
         totals.bytes += len as u64;
-        let datagram = &buf[..len];
+        let datagram = match keys {
+            None => &buf[..len],
+            Some(keys) => match keys.verify(&buf[..len]) {
+                Some(payload) => payload,
+                None => {
+                    totals.unauthenticated += 1;
+                    if totals.unauthenticated <= MAX_WARNINGS {
+                        eprintln!("warning: datagram from {peer} without a valid feed key tag");
+                    }
+                    continue;
+                }
+            },
+        };
         let records = if cli.format == Format::Count {
             count_records(datagram).map(|n| (n, Vec::new()))
         } else {

@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -140,6 +141,16 @@ struct Cli {
     /// Do not serve metrics.
     #[arg(long, env = "XTCP_FORWARDER_NO_PROM")]
     no_prom: bool,
+
+    /// Forward only datagrams signed with the key in this file (as the
+    /// exporter's --feed-key); given twice, either key (for a rotation).
+    #[arg(
+        long,
+        env = "XTCP_FORWARDER_FEED_KEY",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    feed_key: Vec<PathBuf>,
 }
 
 /// The forwarder's validated configuration.
@@ -158,6 +169,8 @@ pub struct ForwarderConfig {
     pub recv_buffer: usize,
     /// Where metrics are served; `None` with `--no-prom`.
     pub prom_listen: Option<SocketAddr>,
+    /// `--feed-key` files, read at start.
+    pub feed_keys: Vec<PathBuf>,
 }
 
 impl ForwarderConfig {
@@ -181,6 +194,12 @@ impl ForwarderConfig {
             flush_timeout: cli.flush_timeout,
             recv_buffer: cli.recv_buffer,
             prom_listen: (!cli.no_prom).then_some(cli.prom_listen),
+            // Blank (`XTCP_FORWARDER_FEED_KEY=`): none.
+            feed_keys: cli
+                .feed_key
+                .into_iter()
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect(),
         })
     }
 }

@@ -24,6 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
+use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited};
 use xtcp::metrics::prom::{PromServer, PromThread};
@@ -109,13 +110,15 @@ impl ProducerContext for Context {
 }
 
 /// What a run did, for the line printed at exit. Every datagram received
-/// is malformed, produced or refused by the producer (its queue full, or an
-/// error): `datagrams = malformed + produced + refused`. `loss` is what
-/// never reached the forwarder.
+/// is unauthenticated (with `--feed-key`), malformed, produced or refused
+/// by the producer (its queue full, or an error): `datagrams =
+/// unauthenticated + malformed + produced + refused`. `loss` is what never
+/// reached the forwarder.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ForwarderTotals {
     pub datagrams: u64,
     pub records: u64,
+    pub unauthenticated: u64,
     pub malformed: u64,
     pub produced: u64,
     pub refused: u64,
@@ -128,10 +131,11 @@ impl std::fmt::Display for ForwarderTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "datagrams {} records {} malformed {} produced {} refused {} delivered_records {} \
-             dropped_records {}{}",
+            "datagrams {} records {} unauthenticated {} malformed {} produced {} refused {} \
+             delivered_records {} dropped_records {}{}",
             self.datagrams,
             self.records,
+            self.unauthenticated,
             self.malformed,
             self.produced,
             self.refused,
@@ -158,6 +162,8 @@ pub fn run(
         ForwarderMetrics::new().map_err(|e| setup("registering metrics")(io::Error::other(e)))?,
     );
     let health = Arc::new(Health::new("delivery"));
+    let keys = FeedKeys::open(&config.feed_keys, "xtcp-forwarder")
+        .map_err(|e| setup("--feed-key")(io::Error::other(e)))?;
     let socket = bind_receiver(config.listen, config.recv_buffer, "xtcp-forwarder")
         .map_err(setup(format!("binding --listen {}", config.listen)))?;
     let granted = recv_buffer_len(&socket).map_err(setup("reading the receive buffer size"))?;
@@ -187,6 +193,7 @@ pub fn run(
         topic: &config.topic,
         message: Vec::with_capacity(MAX_DATAGRAM),
         ids: Vec::new(),
+        keys,
         refused: 0,
         watch: LossWatch::new(watched, DEFAULT_RUN_LIMIT),
         loss: Loss::default(),
@@ -246,6 +253,7 @@ pub fn run(
     Ok(ForwarderTotals {
         datagrams: metrics.datagrams.get(),
         records: metrics.records.get(),
+        unauthenticated: metrics.unauthenticated.get(),
         malformed: metrics.malformed_total(),
         produced: metrics.produced.get(),
         refused,
@@ -263,6 +271,8 @@ struct Feed<'a> {
     /// The message being built, reused, and its records' runs and numbers.
     message: Vec<u8>,
     ids: Vec<RecordId>,
+    /// With `--feed-key`: only datagrams signed with one of these pass.
+    keys: Option<FeedKeys>,
     /// Datagrams the producer refused (queue full, or an error).
     refused: u64,
     watch: LossWatch,
@@ -276,6 +286,21 @@ impl Feed<'_> {
         let metrics = self.metrics;
         metrics.datagrams.inc();
         metrics.bytes.inc_by(datagram.len() as u64);
+        let datagram = match &self.keys {
+            None => datagram,
+            Some(keys) => match keys.verify(datagram) {
+                Some(payload) => payload,
+                None => {
+                    if metrics.unauthenticated.get() == 0 {
+                        eprintln!(
+                            "xtcp-forwarder: dropped a datagram without a valid tag of a --feed-key"
+                        );
+                    }
+                    metrics.unauthenticated.inc();
+                    return;
+                }
+            },
+        };
         let records = match to_delimited(datagram, &mut self.message, &mut self.ids) {
             Ok(records) => records,
             Err(e) => {

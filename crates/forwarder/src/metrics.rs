@@ -14,6 +14,8 @@ xtcp::metrics_table! {
         "Bytes of those datagrams.";
     records: IntCounter "xtcp_forwarder_records_total" []
         "Records in the datagrams that were well formed.";
+    unauthenticated: IntCounter "xtcp_forwarder_unauthenticated_datagrams_total" []
+        "Datagrams dropped (never sent to Kafka) because, with --feed-key, no key made their tag: forged, signed with another key, or unsigned.";
     malformed: IntCounterVec "xtcp_forwarder_malformed_datagrams_total" ["reason"]
         "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's: empty, framing (not an Envelope), undecodable (a record that is not protobuf of the Record schema), no_schema (a record without schema_version).";
     produced: IntCounter "xtcp_forwarder_produced_messages_total" []

@@ -15,6 +15,7 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use xtcp::export::auth::{FeedKey, MIN_KEY_LEN};
 use xtcp::export::record::SCHEMA_VERSION;
 use xtcp::proto::{Envelope, Record};
 use xtcp_testkit::harness::*;
@@ -641,6 +642,68 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
     );
     assert_eq!(forwarder_total(&stderr, "kernel_drops"), drops, "{stderr}");
     assert_eq!(drops * per, sent - received, "{stderr}");
+}
+
+/// A key file of `byte`s in the test's scratch directory.
+fn key_file(name: &str, byte: u8) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("feed-key-{name}-{}", std::process::id()));
+    std::fs::write(&path, [byte; MIN_KEY_LEN]).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+/// With keys, the forwarder passes on only datagrams signed with one of
+/// them: forged, other-key and unsigned ones are dropped and counted.
+#[test]
+fn with_feed_keys_only_signed_datagrams_are_forwarded() {
+    let _serial = serial();
+    let (current, next, other) = (key_file("a", 1), key_file("b", 2), key_file("c", 3));
+    let keys = |path: &std::path::Path| FeedKey::load(path).unwrap();
+    let port = free_port();
+    let forwarder = Running(Some(
+        Command::new(workspace_bin("xtcp-forwarder"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--no-prom"])
+            .args(["--brokers", "127.0.0.1:1", "--flush-timeout", "0s"])
+            .args(["--feed-key".as_ref(), current.as_os_str()])
+            .args(["--feed-key".as_ref(), next.as_os_str()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    while udp_queued(port).is_none() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let signed = |key: &std::path::Path, first| {
+        let mut datagram = numbered_envelope(7, first, 3);
+        keys(key).sign(&mut datagram);
+        datagram
+    };
+    // Either key of a rotation passes.
+    let good = [signed(&current, 1), signed(&next, 4)];
+    // A record changed after signing (a forgery), a datagram signed with
+    // a key the forwarder does not have, and one not signed at all.
+    let mut forged = signed(&current, 7);
+    forged[10] ^= 1;
+    let bad = [forged, signed(&other, 7), numbered_envelope(7, 7, 3)];
+    for datagram in good.iter().chain(&bad) {
+        sender.send_to(datagram, ("127.0.0.1", port)).unwrap();
+    }
+    while udp_queued(port) != Some(0) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "datagrams"), 5, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "unauthenticated"), 3, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "malformed"), 0, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "records"), 6, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "produced"), 2, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "lost"), 0, "{stderr}");
+    for path in [current, next, other] {
+        std::fs::remove_file(path).unwrap();
+    }
 }
 
 #[test]
