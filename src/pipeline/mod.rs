@@ -12,8 +12,10 @@
 //!   [`dump`]: one dump in flight, shared by the stages.
 //! - [`netns`]: the namespaces polled; [`pool`]: receive buffers;
 //!   [`sample`]: `--sampling-modulus`.
-//! - [`report`]: what is printed per poll and at exit.
+//! - [`report`]: what is printed per poll and at exit; [`cgroup`]: the
+//!   memory limit the buffers must fit.
 
+pub mod cgroup;
 pub mod dump;
 pub mod family;
 pub mod inetdiager;
@@ -84,6 +86,8 @@ fn run_threads(
     shutdown: &Shutdown,
 ) -> Result<RunTotals, RunError> {
     // Everything that can fail is opened before the first thread starts.
+    cgroup::check_fits(config)
+        .map_err(|e| setup("checking the memory limit")(io::Error::other(e)))?;
     let kernel = kernel_release();
     let tail = TailLayout::for_release(&kernel);
     let encoder = RecordEncoder::new(identity.clone());

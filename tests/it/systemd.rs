@@ -1,8 +1,10 @@
 //! The service bundle: `tools/install.sh` (what `make install` runs) into a
 //! temporary prefix, the installed unit checked by `systemd-analyze verify`
 //! and scored by `systemd-analyze security --offline=true`, the environment
-//! file read back by the exporter, and the unit's system call filter checked
-//! against every system call the exporter makes (traced with strace).
+//! file read back by the exporter, the unit's system call filter checked
+//! against every system call the exporter makes (traced with strace), and
+//! the start's check of the buffers against the memory limit (a real
+//! control group).
 
 use crate::common::{can_run, workspace_bin, Need};
 use std::collections::BTreeSet;
@@ -366,5 +368,92 @@ fn syscall_filter_allows_everything_the_exporter_does() {
     assert!(
         refused.is_empty(),
         "RestrictAddressFamilies= refuses {refused:?}"
+    );
+}
+
+/// A memory control group under this process's own, removed on drop: v1
+/// (`memory.limit_in_bytes`) or v2 (`memory.max`).
+struct MemoryCgroup(PathBuf);
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> MemoryCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let v1 = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, path)| path.to_string()));
+        let name = format!("xtcp-test-{}", std::process::id());
+        let (dir, file) = match v1 {
+            Some(path) => (
+                Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')),
+                "memory.limit_in_bytes",
+            ),
+            None => {
+                let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+                (
+                    Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')),
+                    "memory.max",
+                )
+            }
+        };
+        let dir = dir.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cgroup = MemoryCgroup(dir);
+        std::fs::write(cgroup.0.join(file), limit.to_string())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        cgroup
+    }
+
+    /// `xtcp args` run inside the group.
+    fn xtcp(&self, args: &[&str]) -> Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                self.0.display()
+            ))
+            .arg(workspace_bin("xtcp"))
+            .args([
+                "--max-loops",
+                "1",
+                "--dest",
+                "stdout",
+                "--no-prom",
+                "--no-statsd",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Under a 64 MiB limit, buffers that may take 250.2 MiB (2 families x
+/// (4000 + 2) x 32 KiB, and two 16 KiB UDP batches) stop the start with
+/// one line; the default flags (6.5 MiB of buffers) poll.
+#[test]
+fn buffers_that_cannot_fit_the_memory_limit_do_not_start() {
+    if !can_run(&[Need::Root]) {
+        return;
+    }
+    let cgroup = MemoryCgroup::new(64 << 20);
+    let out = cgroup.xtcp(&["--channel-size", "4000"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("250.2 MiB") && stderr.contains("over the 64.0 MiB memory limit"),
+        "{stderr}"
+    );
+    let out = cgroup.xtcp(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
