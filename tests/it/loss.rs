@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::{
-    overflow_receiver, run, serial, stopped_value, total, udp_queued, workspace_bin, Running,
+    key_file, one_line_exit, overflow_receiver, run, serial, stopped_value, total, udp_queued,
+    workspace_bin, Running,
 };
 
 const PROGRAM: &str = "xtcp-debug-server";
@@ -72,10 +73,7 @@ fn debug_server_counts_exactly_what_the_kernel_dropped() {
 #[test]
 fn a_signed_feed_reaches_a_receiver_with_the_key() {
     let _serial = serial();
-    let key = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("feed-key-it-{}", std::process::id()));
-    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key_file("it", format!("{}\n", "ab".repeat(32)).as_bytes());
     let key_arg = key.to_str().unwrap();
     let (server, port) = start_receiver(&["--feed-key", key_arg]);
     // At least one socket to export, on any host.
@@ -104,14 +102,10 @@ fn a_signed_feed_reaches_a_receiver_with_the_key() {
     }
 
     let xtcp = |args: &[&str]| {
-        let out = Command::new(workspace_bin("xtcp"))
-            .args(["--max-loops", "1", "--no-prom", "--no-statsd"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        (out.status.code(), stderr)
+        let mut cmd = Command::new(workspace_bin("xtcp"));
+        cmd.args(["--max-loops", "1", "--no-prom", "--no-statsd"])
+            .args(args);
+        one_line_exit(cmd)
     };
     let (code, said) = xtcp(&["--feed-key", "/nonexistent/feed.key"]);
     assert_eq!(code, Some(1), "{said}");

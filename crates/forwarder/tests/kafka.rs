@@ -475,13 +475,9 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
 #[test]
 fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
     let forwarder = |args: &[&str]| {
-        let out = Command::new(workspace_bin("xtcp-forwarder"))
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        (out.status.code(), stderr)
+        let mut cmd = Command::new(workspace_bin("xtcp-forwarder"));
+        cmd.args(args);
+        one_line_exit(cmd)
     };
     let (code, stderr) = forwarder(&["--compression", "zip"]);
     assert_eq!(code, Some(2));
@@ -644,21 +640,16 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
     assert_eq!(drops * per, sent - received, "{stderr}");
 }
 
-/// A key file of `byte`s in the test's scratch directory.
-fn key_file(name: &str, byte: u8) -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("feed-key-{name}-{}", std::process::id()));
-    std::fs::write(&path, [byte; MIN_KEY_LEN]).unwrap();
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    path
-}
-
 /// With keys, the forwarder passes on only datagrams signed with one of
 /// them: forged, other-key and unsigned ones are dropped and counted.
 #[test]
 fn with_feed_keys_only_signed_datagrams_are_forwarded() {
     let _serial = serial();
-    let (current, next, other) = (key_file("a", 1), key_file("b", 2), key_file("c", 3));
+    let (current, next, other) = (
+        key_file("a", &[1; MIN_KEY_LEN]),
+        key_file("b", &[2; MIN_KEY_LEN]),
+        key_file("c", &[3; MIN_KEY_LEN]),
+    );
     let keys = |path: &std::path::Path| FeedKey::load(path).unwrap();
     let port = free_port();
     let forwarder = Running(Some(

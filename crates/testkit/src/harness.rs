@@ -487,3 +487,22 @@ pub fn overflow_receiver(pid: u32, port: u16, instance: u64, datagrams: u64, per
         .unwrap();
     (datagrams + 1) * per
 }
+
+/// Runs `cmd` to its end and returns its exit code and stderr, which must
+/// be one line (how every xtcp program reports a bad start).
+pub fn one_line_exit(mut cmd: Command) -> (Option<i32>, String) {
+    let out = cmd.output().expect("run the program");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    (out.status.code(), stderr)
+}
+
+/// A key file holding `key`, readable by its owner only, in the temporary
+/// directory (`name` tells apart the files of one test process).
+pub fn key_file(name: &str, key: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("feed-key-{name}-{}", std::process::id()));
+    std::fs::write(&path, key).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
