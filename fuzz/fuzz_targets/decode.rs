@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use xtcp::identity::Identity;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
-use xtcp::proto::Record;
+use xtcp::proto::{Record, RecordKind};
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         timestamp_ns: u64::MAX,
         netns_inode: u64::MAX,
         netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+        kind: RecordKind::Closed,
     };
     for msg in messages(data) {
         let Ok(msg) = msg else { break };

@@ -13,25 +13,27 @@ use std::sync::Arc;
 
 use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::identity::Identity;
-use crate::proto::{key, CongestionAlgorithm};
+use crate::proto::{key, CongestionAlgorithm, RecordKind};
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
 
 /// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
-/// network namespace; 3: the instance).
-pub const SCHEMA_VERSION: u32 = 3;
+/// network namespace; 3: the instance; 4: the record kind).
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Longest `netns_name`: a file name under /run/netns, or a `--netns` path
 /// (the config refuses longer ones).
 pub const MAX_NETNS_NAME_LEN: usize = 255;
 
-/// What every record of one dump shares: the poll and the namespace.
+/// What every record of one dump (or one batch of closes) shares: the
+/// poll, the namespace and the kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollStamp {
     /// 1 for the first poll.
     pub poll_id: u64,
-    /// Poll start, ns since the Unix epoch.
+    /// Poll start (or when closes were received), ns since the Unix epoch.
     pub timestamp_ns: u64,
+    pub kind: RecordKind,
     pub netns_inode: u64,
     /// At most [`MAX_NETNS_NAME_LEN`] bytes, or records may not fit the
     /// buffer of [`RecordEncoder::max_record_len`] (encode fails, no panic).
@@ -132,6 +134,7 @@ fn encode_fields(
     w.uint(key::NETNS_INODE, poll.netns_inode)?;
     w.bytes(key::NETNS_NAME, poll.netns_name.as_bytes())?;
     w.uint(key::INSTANCE, identity.instance)?;
+    w.uint(key::RECORD_KIND, poll.kind as u32)?;
 
     let m = &s.msg;
     w.uint(key::INET_DIAG_MSG_FAMILY, m.family())?;

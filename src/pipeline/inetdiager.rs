@@ -9,7 +9,7 @@ use std::io;
 use crossbeam_channel::Receiver;
 
 use crate::counting::{DumpTotals, TcpInfoLengths};
-use crate::export::record::RecordEncoder;
+use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
 use crate::pipeline::netlinker::ReceivedDatagram;
 use crate::pipeline::sample::Sampler;
@@ -17,22 +17,18 @@ use crate::pipeline::sock_diag::scan_datagram;
 use crate::shutdown::Shutdown;
 use crate::wire::inet_diag::INET_DIAG_MSG_LEN;
 use crate::wire::message::NLMSG_HDRLEN;
-use crate::wire::{decode_socket, TailLayout};
+use crate::wire::{decode_socket, TailLayout, WireError};
 
 /// The shortest socket message that decodes. Sizes the per-buffer list of
 /// decoded sockets so it never grows.
 const SMALLEST_SOCKET_MESSAGE: usize = NLMSG_HDRLEN + INET_DIAG_MSG_LEN;
 
 pub struct Inetdiager {
-    pub encoder: RecordEncoder,
-    pub sink: Sink,
-    pub sampler: Sampler,
-    pub tail: TailLayout,
+    pub writer: RecordWriter,
 }
 
 impl Inetdiager {
     pub fn run(mut self, rx: Receiver<ReceivedDatagram>, shutdown: &Shutdown) {
-        let mut record = vec![0u8; self.encoder.max_record_len()];
         // After stdout closed (`xtcp --dest stdout | head`) records are dropped.
         let mut output_closed = false;
         for received in rx.iter() {
@@ -41,61 +37,28 @@ impl Inetdiager {
             }
             let dump = &received.dump;
             let mut tally = DumpTotals::default();
-            let mut lengths = TcpInfoLengths::default();
             let datagram = &received.buf[..received.len];
-            let (sampler, tail) = (self.sampler, self.tail);
-            // Decode first, encode after: the encoder then takes exactly one
-            // record number per decoded socket, in one block per buffer, so
-            // a run's numbers have no gaps. The netlinker already framed this
-            // datagram and checked its sequence number, so neither can fail.
-            let mut sockets = Vec::with_capacity(datagram.len() / SMALLEST_SOCKET_MESSAGE);
-            let _ = scan_datagram(datagram, dump.seq, |payload| {
-                if !sampler.keep_message(payload) {
-                    tally.unsampled += 1;
-                    return;
-                }
-                tally.sampled += 1;
-                if output_closed {
-                    // Dropped: the buffer goes back to the pool.
-                    tally.output_closed += 1;
-                    return;
-                }
-                match decode_socket(payload, tail) {
-                    Ok(socket) => {
-                        tally.unknown_attributes += u64::from(socket.unknown_attributes);
-                        lengths.add(socket.tcp_info.map(|t| t.len()), 1);
-                        sockets.push(socket);
-                    }
-                    Err(e) => {
-                        tally.decode_errors += 1;
-                        dump.note_error("decode", e);
-                    }
-                }
-            });
             if output_closed {
+                // Dropped: the buffer goes back to the pool.
+                self.writer.skip_datagram(datagram, dump.seq, &mut tally);
                 dump.counters.add(&tally);
                 continue;
             }
-            self.encoder.reserve(sockets.len() as u64);
-            let mut output_error = None;
-            for socket in &sockets {
-                if output_error.is_some() {
-                    tally.output_closed += 1;
-                    continue;
-                }
-                let Some(len) = self.encoder.encode(socket, &dump.stamp, &mut record) else {
-                    tally.encode_errors += 1;
-                    continue;
-                };
-                tally.records += 1;
-                if let Err(e) = self.sink.record(&record[..len]) {
-                    output_error = Some(e);
-                }
+            let mut lengths = TcpInfoLengths::default();
+            // The netlinker already framed this datagram and checked its
+            // sequence number, so neither can fail here.
+            let written = self.writer.write_datagram(
+                datagram,
+                dump.seq,
+                &dump.stamp,
+                &mut tally,
+                &mut lengths,
+                |e| dump.note_error("decode", e),
+            );
+            let (flushed, send_error) = self.writer.flush(written, &mut tally);
+            if let Some(e) = send_error {
+                dump.note_error("send", e);
             }
-            let flushed = match output_error {
-                Some(e) => Err(e),
-                None => self.sink.flush(),
-            };
             if let Err(e) = flushed {
                 if e.kind() == io::ErrorKind::BrokenPipe {
                     output_closed = true;
@@ -105,17 +68,119 @@ impl Inetdiager {
                     return;
                 }
             }
-            let sent = self.sink.take_tally();
-            tally.sent_datagrams = sent.datagrams;
-            tally.sent_bytes = sent.bytes;
-            tally.send_errors = sent.errors;
-            tally.records_lost = sent.records_lost;
-            if let Some(e) = sent.first_error {
-                dump.note_error("send", e);
-            }
             dump.counters.add(&tally);
             dump.add_tcp_info_lengths(&lengths);
         }
+    }
+}
+
+/// Turns the socket messages of netlink datagrams into records at the
+/// destination: samples, decodes, numbers, encodes and sends. What the
+/// inetdiagers do with a dump's datagrams, and the closer with the
+/// kernel's close messages.
+pub struct RecordWriter {
+    pub encoder: RecordEncoder,
+    pub sink: Sink,
+    pub sampler: Sampler,
+    pub tail: TailLayout,
+    /// One record, reused.
+    record: Vec<u8>,
+}
+
+impl RecordWriter {
+    pub fn new(encoder: RecordEncoder, sink: Sink, sampler: Sampler, tail: TailLayout) -> Self {
+        let record = vec![0u8; encoder.max_record_len()];
+        RecordWriter {
+            encoder,
+            sink,
+            sampler,
+            tail,
+            record,
+        }
+    }
+
+    /// Hands the sampled sockets of `datagram` (messages with sequence
+    /// number `seq`) to the sink as records stamped `stamp`, without
+    /// flushing; counts into `tally` and `lengths`, and gives each decode
+    /// error to `on_decode_error`. Fails with the sink's first error (only
+    /// stdout fails here), after which the rest count as `output_closed`.
+    pub fn write_datagram(
+        &mut self,
+        datagram: &[u8],
+        seq: u32,
+        stamp: &PollStamp,
+        tally: &mut DumpTotals,
+        lengths: &mut TcpInfoLengths,
+        mut on_decode_error: impl FnMut(WireError),
+    ) -> io::Result<()> {
+        let (sampler, tail) = (self.sampler, self.tail);
+        // Decode first, encode after: the encoder then takes exactly one
+        // record number per decoded socket, in one block per datagram, so a
+        // run's numbers have no gaps.
+        let mut sockets = Vec::with_capacity(datagram.len() / SMALLEST_SOCKET_MESSAGE);
+        let _ = scan_datagram(datagram, seq, |payload| {
+            if !sampler.keep_message(payload) {
+                tally.unsampled += 1;
+                return;
+            }
+            tally.sampled += 1;
+            match decode_socket(payload, tail) {
+                Ok(socket) => {
+                    tally.unknown_attributes += u64::from(socket.unknown_attributes);
+                    lengths.add(socket.tcp_info.map(|t| t.len()), 1);
+                    sockets.push(socket);
+                }
+                Err(e) => {
+                    tally.decode_errors += 1;
+                    on_decode_error(e);
+                }
+            }
+        });
+        self.encoder.reserve(sockets.len() as u64);
+        let mut result = Ok(());
+        for socket in &sockets {
+            if result.is_err() {
+                tally.output_closed += 1;
+                continue;
+            }
+            let Some(len) = self.encoder.encode(socket, stamp, &mut self.record) else {
+                tally.encode_errors += 1;
+                continue;
+            };
+            tally.records += 1;
+            result = self.sink.record(&self.record[..len]);
+        }
+        result
+    }
+
+    /// Counts the sockets of a datagram dropped whole once the output is
+    /// closed.
+    pub fn skip_datagram(&self, datagram: &[u8], seq: u32, tally: &mut DumpTotals) {
+        let _ = scan_datagram(datagram, seq, |payload| {
+            if self.sampler.keep_message(payload) {
+                tally.sampled += 1;
+                tally.output_closed += 1;
+            } else {
+                tally.unsampled += 1;
+            }
+        });
+    }
+
+    /// Sends what is pending unless `written` already failed, and moves the
+    /// sends' tally into `tally`. Returns the output's error (stdout), and
+    /// the first failed send (UDP, counted, not fatal).
+    pub fn flush(
+        &mut self,
+        written: io::Result<()>,
+        tally: &mut DumpTotals,
+    ) -> (io::Result<()>, Option<io::Error>) {
+        let flushed = written.and_then(|()| self.sink.flush());
+        let sent = self.sink.take_tally();
+        tally.sent_datagrams += sent.datagrams;
+        tally.sent_bytes += sent.bytes;
+        tally.send_errors += sent.errors;
+        tally.records_lost += sent.records_lost;
+        (flushed, sent.first_error)
     }
 }
 
@@ -129,7 +194,6 @@ mod tests {
 
     use super::*;
     use crate::config::{Dest, Family};
-    use crate::export::record::PollStamp;
     use crate::export::udp::decode_datagram;
     use crate::identity::Identity;
     use crate::pipeline::dump::Dump;
@@ -197,10 +261,12 @@ mod tests {
         }
         drop((tx, dump));
         let inetdiager = Inetdiager {
-            encoder: RecordEncoder::new(Identity::new("h", 9)),
-            sink: Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000, None).unwrap(),
-            sampler: Sampler::new(1),
-            tail: TailLayout::for_release("6.1.0"),
+            writer: RecordWriter::new(
+                RecordEncoder::new(Identity::new("h", 9)),
+                Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000, None).unwrap(),
+                Sampler::new(1),
+                TailLayout::for_release("6.1.0"),
+            ),
         };
         inetdiager.run(rx, &Shutdown::new().unwrap());
         let totals = report_rx.try_recv().unwrap().totals;

@@ -46,7 +46,7 @@ use crate::metrics::{Health, Metrics};
 use crate::shutdown::{spawn, Shutdown, SignalThread};
 use crate::wire::TailLayout;
 use family::FamilyState;
-use inetdiager::Inetdiager;
+use inetdiager::{Inetdiager, RecordWriter};
 use netns::Namespaces;
 use poller::Poller;
 use pool::BufferPool;
@@ -225,10 +225,7 @@ fn spawn_workers(
         }
         for (i, sink) in sinks.into_iter().enumerate() {
             let inetdiager = Inetdiager {
-                encoder: encoder.clone(),
-                sink,
-                sampler,
-                tail,
+                writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
             };
             let (rx, sd) = (rx.clone(), shutdown.clone());
             workers.push(spawn(

@@ -5,7 +5,7 @@
 use prost::Message;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::identity::Identity;
-use xtcp::proto::Record;
+use xtcp::proto::{Record, RecordKind};
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 
@@ -17,6 +17,7 @@ fn stamp() -> PollStamp {
         timestamp_ns: 1_795_000_000_123_456_789,
         netns_inode: u64::MAX,
         netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+        kind: RecordKind::Closed,
     }
 }
 
@@ -145,5 +146,5 @@ fn record_doc_lists_every_field() {
         );
         fields += 1;
     }
-    assert_eq!(fields, 133);
+    assert_eq!(fields, 134);
 }

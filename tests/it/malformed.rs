@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::identity::Identity;
+use xtcp::proto::RecordKind;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout, WireError};
 
@@ -274,6 +275,7 @@ proptest! {
                 timestamp_ns: u64::MAX,
                 netns_inode: u64::MAX,
                 netns_name: "n".repeat(MAX_NETNS_NAME_LEN).into(),
+                kind: RecordKind::Closed,
             };
             prop_assert!(enc.encode(&s, &stamp, &mut out).is_some());
         }
