@@ -3,7 +3,8 @@
 //! protoc comes from the `protoc-bin-vendored` crate so a fresh machine needs no
 //! system protoc. The generated types also derive `serde::Serialize` for the
 //! JSON output (`--dest stdout`, the debug server); which fields get which serde
-//! attribute is read from the compiled descriptor set, so it follows the .proto.
+//! attribute is read from the compiled descriptor set, so it follows the .proto
+//! (each enum needs a serializer of its name in `src/export/json.rs`).
 //!
 //! It also writes `record_keys.rs`, the protobuf key of every `Record` field,
 //! so the exporter can encode a decoded socket straight into a buffer without
@@ -50,10 +51,16 @@ fn main() -> Result<(), Box<dyn Error>> {
                         r#"#[serde(serialize_with = "crate::export::json::ip_address")]"#,
                     );
                 }
-                if field.type_name() == ".xtcp.v1.CongestionAlgorithm" {
+                // Enums print by name: `CongestionAlgorithm` through
+                // `crate::export::json::congestion_algorithm`, and so on.
+                if field.r#type() == Type::Enum {
+                    let name = field.type_name().rsplit('.').next().unwrap_or_default();
                     config.field_attribute(
                         &path,
-                        r#"#[serde(serialize_with = "crate::export::json::congestion_algorithm")]"#,
+                        format!(
+                            r#"#[serde(serialize_with = "crate::export::json::{}")]"#,
+                            snake_case(name)
+                        ),
                     );
                 }
             }
@@ -69,6 +76,18 @@ fn main() -> Result<(), Box<dyn Error>> {
     std::fs::write(out, record_keys(record)?)?;
     config.compile_fds(fds)?;
     Ok(())
+}
+
+/// `CongestionAlgorithm` -> `congestion_algorithm`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// The protobuf key (field number and wire type) as varint bytes.

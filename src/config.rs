@@ -22,6 +22,11 @@ use crate::wire::state;
 
 /// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// `--close-buffer`: 4 MiB hold ~10k close messages.
+pub const DEFAULT_CLOSE_BUFFER: u64 = 4 << 20;
+/// The most a close socket's receive buffer grows to after overruns. Socket
+/// memory is the kernel's, not the process's; 64 MiB hold ~160k messages.
+pub const MAX_CLOSE_BUFFER: usize = 64 << 20;
 /// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
 pub const DEFAULT_UDP_BATCH_BYTES: usize = 16_384;
 const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
@@ -285,6 +290,17 @@ struct Cli {
     #[arg(long, env = "XTCP_UDP_BATCH_BYTES", default_value_t = DEFAULT_UDP_BATCH_BYTES, value_parser = parse_batch_bytes)]
     udp_batch_bytes: usize,
 
+    /// Also export a record for every TCP socket destroyed in a polled
+    /// namespace, with its final state, as the kernel reports it
+    /// (record_kind closed; docs/lifecycle.md).
+    #[arg(long, env = "XTCP_CLOSE_RECORDS")]
+    close_records: bool,
+
+    /// Receive buffer for the kernel's close messages, bytes; it doubles
+    /// (up to 64 MiB) each time messages are lost to a full one.
+    #[arg(long, env = "XTCP_CLOSE_BUFFER", default_value_t = DEFAULT_CLOSE_BUFFER, value_parser = ranged(4096, MAX_CLOSE_BUFFER as u64))]
+    close_buffer: u64,
+
     /// Sign every UDP datagram with the key in this file (HMAC-SHA256, a
     /// 16-byte tag at its end), for receivers given the same key.
     #[arg(long, env = "XTCP_FEED_KEY", value_name = "FILE", value_parser = parse_optional_path)]
@@ -367,6 +383,8 @@ pub struct Config {
     pub udp_batch_bytes: usize,
     /// `--feed-key`: the key file, read at start.
     pub feed_key: Option<PathBuf>,
+    /// `--close-records`: the receive buffer of the close sockets, if on.
+    pub close_buffer: Option<usize>,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.
@@ -497,6 +515,7 @@ impl Config {
             dest: cli.dest,
             udp_batch_bytes: cli.udp_batch_bytes,
             feed_key,
+            close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
             prom: (!cli.no_prom).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),
@@ -561,6 +580,13 @@ impl Config {
             ("ALL_NETNS", self.netns.all.to_string()),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            ("CLOSE_RECORDS", self.close_buffer.is_some().to_string()),
+            (
+                "CLOSE_BUFFER",
+                self.close_buffer
+                    .unwrap_or(DEFAULT_CLOSE_BUFFER as usize)
+                    .to_string(),
+            ),
             (
                 "FEED_KEY",
                 self.feed_key

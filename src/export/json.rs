@@ -1,11 +1,11 @@
 //! serde helpers wired onto the generated types by `build.rs`: addresses print
-//! as IP strings and the congestion enum by name, so the JSON reads like `ss`.
+//! as IP strings and enums by name, so the JSON reads like `ss`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Serializer;
 
-use crate::proto::CongestionAlgorithm;
+use crate::proto::{CongestionAlgorithm, RecordKind};
 
 /// 4 bytes -> "10.0.0.1", 16 bytes -> "::1", empty -> "", anything else -> hex
 /// (only a malformed record from a peer can hold another length).
@@ -20,12 +20,27 @@ pub fn ip_address<S: Serializer>(addr: &[u8], s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-/// The enum's proto name (`CONGESTION_ALGORITHM_BBR`), or the number if unknown.
-pub fn congestion_algorithm<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
-    match CongestionAlgorithm::try_from(*value) {
-        Ok(c) => s.serialize_str(c.as_str_name()),
-        Err(_) => s.serialize_i32(*value),
+/// An enum value's proto name, or the number if it has none.
+fn by_name<S: Serializer>(value: i32, name: Option<&str>, s: S) -> Result<S::Ok, S::Error> {
+    match name {
+        Some(name) => s.serialize_str(name),
+        None => s.serialize_i32(value),
     }
+}
+
+/// `CONGESTION_ALGORITHM_BBR`.
+pub fn congestion_algorithm<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+    let name = CongestionAlgorithm::try_from(*value).ok();
+    by_name(*value, name.map(|c| c.as_str_name()), s)
+}
+
+/// `RECORD_KIND_CLOSED`.
+pub fn record_kind<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+    by_name(
+        *value,
+        RecordKind::try_from(*value).ok().map(|k| k.as_str_name()),
+        s,
+    )
 }
 
 #[cfg(test)]
@@ -45,6 +60,7 @@ mod tests {
         assert_eq!(v["inet_diag_msg_socket_source"], "127.0.0.1");
         assert_eq!(v["inet_diag_msg_socket_destination"], "::1");
         assert_eq!(v["congestion_algorithm_enum"], "CONGESTION_ALGORITHM_CUBIC");
+        assert_eq!(v["record_kind"], "RECORD_KIND_POLLED");
         assert_eq!(v["tcp_info_rtt"], 1234);
         assert!(
             v.get("tcp_info_snd_cwnd").is_none(),

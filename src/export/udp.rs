@@ -14,7 +14,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
@@ -125,19 +125,20 @@ pub fn recv_buffer_len(socket: &UdpSocket) -> io::Result<usize> {
     Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
 }
 
-/// Datagrams the kernel dropped on `socket` since it was opened because its
-/// receive buffer was full: `SK_MEMINFO_DROPS` of `SO_MEMINFO`. It is the
+/// Datagrams (or netlink messages) the kernel dropped on `socket` since it
+/// was opened because its receive buffer was full: `SK_MEMINFO_DROPS` of
+/// `SO_MEMINFO`. It is the
 /// counter `SO_RXQ_OVFL` reports, but readable at any time, where that
 /// control message comes only with the next datagram queued after a drop.
 /// `None` on kernels before 4.7, which lack the entry.
-pub fn socket_drops(socket: &UdpSocket) -> io::Result<Option<u32>> {
+pub fn socket_drops(socket: impl AsFd) -> io::Result<Option<u32>> {
     let mut meminfo = [0u8; 64];
     let mut len = meminfo.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `meminfo` and
     // stores the length it wrote in `len`.
     let rc = unsafe {
         libc::getsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_MEMINFO,
             meminfo.as_mut_ptr().cast(),

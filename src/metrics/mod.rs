@@ -176,6 +176,23 @@ metrics_table! {
     // Inetdiagers.
     tcp_info_lengths: IntCounterVec "xtcp_tcp_info_length_sockets_total" ["family", "length"]
         "Decoded sockets by the byte length of their tcp_info (none: no tcp_info, as for TIME_WAIT; other: more distinct lengths than tracked).";
+    // Close records (--close-records).
+    close_messages: IntCounter "xtcp_close_messages_total" []
+        "Close messages the kernel sent, one per TCP socket destroyed in a polled namespace (--close-records).";
+    close_records: IntCounter "xtcp_close_records_total" []
+        "Records made from them (record_kind closed).";
+    close_skipped: IntCounterVec "xtcp_close_skipped_total" ["reason"]
+        "Close messages not exported, by reason: sampling, undecodable, too_long, output_closed.";
+    close_lost: IntCounter "xtcp_close_messages_lost_total" []
+        "Close messages the kernel dropped because the closer's receive queue was full.";
+    close_overruns: IntCounter "xtcp_close_overruns_total" []
+        "Times the closer found its queue had overflowed (ENOBUFS); each doubles the receive buffer, up to 64 MiB.";
+    close_buffer: IntGauge "xtcp_close_receive_buffer_bytes" []
+        "The receive buffer of the close sockets, as the kernel granted it.";
+    close_send_errors: IntCounter "xtcp_close_send_errors_total" []
+        "Datagrams of close records whose send failed.";
+    close_records_lost: IntCounter "xtcp_close_records_lost_total" []
+        "Close records in those datagrams.";
     // Output.
     // The exporter itself.
     statsd_errors: IntCounter "xtcp_statsd_errors_total" []
@@ -184,6 +201,34 @@ metrics_table! {
         "Always 1: the xtcp version and the kernel release it runs on.";
     instance_info: IntGaugeVec "xtcp_instance_info" ["hostname", "instance"]
         "Always 1: the hostname and instance this run stamps on its records.";
+}
+
+/// The closer's metrics: clones of the table's, sharing their values.
+#[derive(Clone)]
+pub struct CloseMetrics {
+    pub messages: IntCounter,
+    pub records: IntCounter,
+    pub skipped: IntCounterVec,
+    pub lost: IntCounter,
+    pub overruns: IntCounter,
+    pub buffer: IntGauge,
+    pub send_errors: IntCounter,
+    pub records_lost: IntCounter,
+}
+
+impl Table {
+    pub fn close_metrics(&self) -> CloseMetrics {
+        CloseMetrics {
+            messages: self.close_messages.clone(),
+            records: self.close_records.clone(),
+            skipped: self.close_skipped.clone(),
+            lost: self.close_lost.clone(),
+            overruns: self.close_overruns.clone(),
+            buffer: self.close_buffer.clone(),
+            send_errors: self.close_send_errors.clone(),
+            records_lost: self.close_records_lost.clone(),
+        }
+    }
 }
 
 /// A family's receive buffers as the poller sees them after a poll.

@@ -14,9 +14,10 @@ pub const HEADROOM: u64 = 16 << 20;
 
 /// What the buffers of `config` may take at most: each family's receive
 /// buffers (a pool of `--channel-size` + its threads, each of the buffer
-/// size) and each inetdiager's UDP batch.
+/// size), each inetdiager's UDP batch, and the closer's.
 pub fn buffer_bound(config: &Config) -> u64 {
-    config
+    let closer = config.close_buffer.map_or(0, |_| config.udp_batch_bytes) as u64;
+    let families: u64 = config
         .families
         .iter()
         .map(|f| {
@@ -24,7 +25,8 @@ pub fn buffer_bound(config: &Config) -> u64 {
             let pool = buffers as u64 * config.recv_buffer_len() as u64;
             pool + (f.inetdiagers * config.udp_batch_bytes) as u64
         })
-        .sum()
+        .sum();
+    families + closer
 }
 
 /// `Err` with one line when the buffers of `config` plus [`HEADROOM`] do

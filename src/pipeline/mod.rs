@@ -16,6 +16,7 @@
 //!   memory limit the buffers must fit.
 
 pub mod cgroup;
+pub mod closes;
 pub mod dump;
 pub mod family;
 pub mod inetdiager;
@@ -45,6 +46,7 @@ use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics};
 use crate::shutdown::{spawn, Shutdown, SignalThread};
 use crate::wire::TailLayout;
+use closes::{CloseState, Closer};
 use family::FamilyState;
 use inetdiager::{Inetdiager, RecordWriter};
 use netns::Namespaces;
@@ -144,7 +146,21 @@ fn run_threads(
     }
 
     let states: Vec<Arc<FamilyState>> = families.iter().map(|(s, _)| Arc::clone(s)).collect();
-    let mut namespaces = Namespaces::new(config.netns.clone(), config.netlink_timeout);
+    let closes = config
+        .close_buffer
+        .map(|buffer| {
+            let state = CloseState::new(config.families.clone(), buffer, shutdown.release_fd())
+                .map_err(setup("creating the closer's epoll set"))?;
+            let sink = Sink::open(config.dest, config.udp_batch_bytes, feed_key.clone())
+                .map_err(setup("opening the destination"))?;
+            Ok::<_, RunError>((Arc::new(state), sink))
+        })
+        .transpose()?;
+    let mut namespaces = Namespaces::new(
+        config.netns.clone(),
+        config.netlink_timeout,
+        closes.as_ref().map(|(state, _)| Arc::clone(state)),
+    );
     let problems = namespaces.refresh(&states);
     // The exporter's own namespace must open; selected ones may come and
     // go, and each poll says which it missed.
@@ -156,8 +172,23 @@ fn run_threads(
     }
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let mut prom_thread = None;
+    let mut closer = None;
+    let close_state = closes.as_ref().map(|(state, _)| Arc::clone(state));
+    let sampler = Sampler::new(config.sampling_modulus);
     let spawned =
-        spawn_workers(config, shutdown, families, encoder, tail, &mut workers).and_then(|()| {
+        spawn_workers(config, shutdown, families, &encoder, tail, &mut workers).and_then(|()| {
+            if let Some((state, sink)) = closes {
+                let closer_thread = Closer {
+                    state,
+                    writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
+                    metrics: metrics.table.close_metrics(),
+                    said: Vec::new(),
+                };
+                let sd = shutdown.clone();
+                closer = Some(spawn("closer".into(), shutdown, move || {
+                    closer_thread.run(&sd)
+                })?);
+            }
             if let Some(server) = prom {
                 prom_thread = Some(spawn_prom(config, shutdown, server)?);
             }
@@ -168,6 +199,7 @@ fn run_threads(
         let poller = Poller {
             families: states,
             namespaces,
+            closes: close_state,
             config: config.clone(),
             shutdown: shutdown.clone(),
             report_tx,
@@ -194,9 +226,14 @@ fn run_threads(
         // A panicked worker has already recorded the failure.
         let _ = worker.join();
     }
+    // The release that ended the netlinkers ends the closer too.
+    let close_totals = closer.and_then(|c| c.join().ok());
     match (shutdown.failure(), totals) {
         (Some(reason), _) => Err(RunError::Aborted(reason)),
-        (None, Some(totals)) => Ok(totals),
+        (None, Some(mut totals)) => {
+            totals.closes = close_totals;
+            Ok(totals)
+        }
         (None, None) => Err(RunError::Aborted("the poller stopped unexpectedly".into())),
     }
 }
@@ -207,7 +244,7 @@ fn spawn_workers(
     config: &Config,
     shutdown: &Shutdown,
     families: Vec<(Arc<FamilyState>, Vec<Sink>)>,
-    encoder: RecordEncoder,
+    encoder: &RecordEncoder,
     tail: TailLayout,
     workers: &mut Vec<JoinHandle<()>>,
 ) -> io::Result<()> {

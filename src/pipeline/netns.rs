@@ -24,6 +24,7 @@ use std::time::Duration;
 use nix::sched::{setns, CloneFlags};
 
 use crate::config::NetnsSelection;
+use crate::pipeline::closes::{CloseSocket, CloseState};
 use crate::pipeline::family::FamilyState;
 use crate::pipeline::sock_diag::SockDiagSocket;
 
@@ -53,14 +54,21 @@ pub struct Namespaces {
     selection: NetnsSelection,
     timeout: Duration,
     open: Vec<Namespace>,
+    /// With `--close-records`: each namespace also gets a close socket.
+    closes: Option<Arc<CloseState>>,
 }
 
 impl Namespaces {
-    pub fn new(selection: NetnsSelection, timeout: Duration) -> Self {
+    pub fn new(
+        selection: NetnsSelection,
+        timeout: Duration,
+        closes: Option<Arc<CloseState>>,
+    ) -> Self {
         Namespaces {
             selection,
             timeout,
             open: Vec::new(),
+            closes,
         }
     }
 
@@ -95,27 +103,43 @@ impl Namespaces {
             if next.iter().any(|n| n.inode == inode) {
                 continue;
             }
+            let target_name: Arc<str> = target.name.into();
             if let Some(mut ns) = old.remove(&inode) {
-                ns.name = target.name.into();
+                if let Some(closes) = &self.closes {
+                    closes.rename(inode, Arc::clone(&target_name));
+                }
+                ns.name = target_name;
                 next.push(ns);
                 continue;
             }
-            match open_sockets(target.path.as_deref(), families.len(), self.timeout) {
-                Ok(sockets) => {
+            let opened = open_sockets(
+                target.path.as_deref(),
+                families.len(),
+                self.timeout,
+                self.closes.as_deref(),
+            );
+            match opened {
+                Ok((sockets, close)) => {
                     let sockets: Vec<Arc<SockDiagSocket>> =
                         sockets.into_iter().map(Arc::new).collect();
                     let registered = families
                         .iter()
                         .zip(&sockets)
-                        .try_for_each(|(f, s)| f.add_socket(inode, Arc::clone(s)));
+                        .try_for_each(|(f, s)| f.add_socket(inode, Arc::clone(s)))
+                        .and_then(|()| match (&self.closes, close) {
+                            (Some(closes), Some(close)) => {
+                                closes.add(inode, Arc::clone(&target_name), Arc::new(close))
+                            }
+                            _ => Ok(()),
+                        });
                     match registered {
                         Ok(()) => next.push(Namespace {
-                            name: target.name.into(),
+                            name: target_name,
                             inode,
                             sockets,
                         }),
                         Err(e) => {
-                            families.iter().for_each(|f| f.remove_socket(inode));
+                            self.forget(inode, families);
                             problems.push(format!("{name}: epoll: {e}"));
                         }
                     }
@@ -125,18 +149,26 @@ impl Namespaces {
         }
         // Gone or replaced: their sockets close once no dump holds them.
         for inode in old.into_keys() {
-            families.iter().for_each(|f| f.remove_socket(inode));
+            self.forget(inode, families);
         }
         self.open = next;
         problems
     }
 
-    /// Closes the sockets of the namespace with this inode (once no dump
-    /// holds them), so the next [`Self::refresh`] opens new ones: a socket
-    /// whose dump was abandoned may still be in it.
+    /// Closes the dump sockets of the namespace with this inode (once no
+    /// dump holds them), so the next [`Self::refresh`] opens new ones: a
+    /// socket whose dump was abandoned may still be in it.
     pub fn reopen(&mut self, inode: u64, families: &[Arc<FamilyState>]) {
         self.open.retain(|n| n.inode != inode);
+        self.forget(inode, families);
+    }
+
+    /// Stops watching every socket of the namespace.
+    fn forget(&self, inode: u64, families: &[Arc<FamilyState>]) {
         families.iter().for_each(|f| f.remove_socket(inode));
+        if let Some(closes) = &self.closes {
+            closes.remove(inode);
+        }
     }
 
     /// What the selection names right now.
@@ -199,14 +231,25 @@ fn named_namespaces() -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// `count` sockets in the namespace at `path` (`None`: this one). The
-/// namespace is entered by a thread of its own, so no other thread moves.
+/// `count` dump sockets in the namespace at `path` (`None`: this one), and
+/// its close socket with `closes`. The namespace is entered by a thread of
+/// its own, so no other thread moves.
 fn open_sockets(
     path: Option<&Path>,
     count: usize,
     timeout: Duration,
-) -> io::Result<Vec<SockDiagSocket>> {
-    let open_all = || (0..count).map(|_| SockDiagSocket::open(timeout)).collect();
+    closes: Option<&CloseState>,
+) -> io::Result<(Vec<SockDiagSocket>, Option<CloseSocket>)> {
+    let open_all = || {
+        let dumps = (0..count)
+            .map(|_| SockDiagSocket::open(timeout))
+            .collect::<io::Result<_>>()?;
+        let close = closes
+            .map(|c| CloseSocket::open(&c.families, c.buffer))
+            .transpose()
+            .map_err(|e| io::Error::new(e.kind(), format!("joining the close groups: {e}")))?;
+        Ok((dumps, close))
+    };
     let Some(path) = path else {
         return open_all();
     };

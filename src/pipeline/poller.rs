@@ -12,7 +12,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
@@ -21,6 +21,7 @@ use crate::counting::DumpReport;
 use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics, PoolState};
+use crate::pipeline::closes::{unix_nanos, CloseState};
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::FamilyState;
 use crate::pipeline::netns::Namespaces;
@@ -35,6 +36,8 @@ const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
 pub struct Poller {
     pub families: Vec<Arc<FamilyState>>,
     pub namespaces: Namespaces,
+    /// With `--close-records`: told which poll closes come after.
+    pub closes: Option<Arc<CloseState>>,
     pub config: Config,
     pub shutdown: Shutdown,
     pub report_tx: Sender<DumpReport>,
@@ -58,6 +61,9 @@ impl Poller {
                 timestamp_ns: unix_nanos(),
                 ..PollStamp::default()
             };
+            if let Some(closes) = &self.closes {
+                closes.last_poll.store(poll_id, Relaxed);
+            }
             let problems = self.namespaces.refresh(&self.families);
             for problem in &problems {
                 eprintln!("warning: poll {poll_id}: {problem}");
@@ -244,10 +250,4 @@ impl Poller {
             );
         }
     }
-}
-
-fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }

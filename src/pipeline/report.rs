@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::config::Family;
 use crate::counting::{DumpReport, DumpTotals};
+use crate::pipeline::closes::CloseTotals;
 
 /// Sums over every poll of the run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct RunTotals {
     pub stale_datagrams: u64,
     /// Selected namespaces that could not be polled, once per poll each.
     pub netns_errors: u64,
+    /// With `--close-records`: what the closer did.
+    pub closes: Option<CloseTotals>,
 }
 
 impl RunTotals {
@@ -46,6 +49,12 @@ impl fmt::Display for RunTotals {
         for (family, t) in &self.families {
             write!(f, " | {}", family.name())?;
             for (key, value) in t.exit_fields() {
+                write!(f, " {key} {value}")?;
+            }
+        }
+        if let Some(closes) = &self.closes {
+            write!(f, " | closes")?;
+            for (key, value) in closes.exit_fields() {
                 write!(f, " {key} {value}")?;
             }
         }

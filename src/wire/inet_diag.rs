@@ -26,6 +26,9 @@ pub const INET_DIAG_TCLASS: u16 = 6;
 pub const INET_DIAG_SKMEMINFO: u16 = 7;
 pub const INET_DIAG_SHUTDOWN: u16 = 8;
 pub const INET_DIAG_DCTCPINFO: u16 = 9;
+/// The socket's IP protocol (a u8): always TCP here, so not recorded. The
+/// kernel sends it with close messages.
+pub const INET_DIAG_PROTOCOL: u16 = 10;
 pub const INET_DIAG_SKV6ONLY: u16 = 11;
 pub const INET_DIAG_PAD: u16 = 14;
 pub const INET_DIAG_MARK: u16 = 15;
@@ -333,7 +336,7 @@ pub fn decode_socket(payload: &[u8], tail: TailLayout) -> Result<DiagSocket<'_>,
                 })?;
                 s.sockopt = Some(sockopt_bits(*b, cfg!(target_endian = "big")));
             }
-            INET_DIAG_PAD => {}
+            INET_DIAG_PAD | INET_DIAG_PROTOCOL => {}
             _ => s.unknown_attributes = s.unknown_attributes.saturating_add(1),
         }
     }

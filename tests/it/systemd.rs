@@ -252,8 +252,8 @@ fn unit_allows() -> BTreeSet<String> {
     allowed
 }
 
-/// Runs the exporter under strace through two polls, a scrape of its
-/// metrics and a SIGTERM, and checks the unit's filter allows every system
+/// Runs the exporter under strace, with close records, through two polls,
+/// a scrape of its metrics and a SIGTERM, and checks the unit's filter allows every system
 /// call it made (the filter would fail them with EPERM).
 #[test]
 fn syscall_filter_allows_everything_the_exporter_does() {
@@ -272,6 +272,8 @@ fn syscall_filter_allows_everything_the_exporter_does() {
         .arg(workspace_bin("xtcp"))
         .args(["--frequency", "200ms", "--prom-listen", "127.0.0.1:0", "-v"])
         .args(["--dest", "udp:127.0.0.1:9", "--statsd-dst", "127.0.0.1:9"])
+        // The closer's calls too (a close comes from the scrape's socket).
+        .arg("--close-records")
         .stderr(Stdio::piped())
         .spawn()
         .expect("strace (package strace)");

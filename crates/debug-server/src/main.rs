@@ -18,7 +18,7 @@ use xtcp::cli::exit_for;
 use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::udp::{bind_receiver, count_records, decode_datagram, nothing_yet};
-use xtcp::proto::Record;
+use xtcp::proto::{Record, RecordKind};
 use xtcp::shutdown::{Shutdown, SignalThread};
 use xtcp::wire::state;
 
@@ -273,6 +273,11 @@ fn text_line(r: &Record) -> String {
         " rq {} wq {} cookie {:#x} poll {}",
         r.inet_diag_msg_rqueue, r.inet_diag_msg_wqueue, r.inet_diag_msg_socket_cookie, r.poll_id
     ));
+    // A close record (--close-records) says so: its state is the socket's
+    // last, not what a poll found.
+    if r.record_kind() == RecordKind::Closed {
+        line.push_str(" closed");
+    }
     // Records of other namespaces (--netns, --all-netns) say which.
     if !r.netns_name.is_empty() {
         line.push_str(&format!(" netns {}", r.netns_name));
@@ -310,5 +315,7 @@ mod tests {
         assert!(!line.contains("netns"));
         v6.netns_name = "blue".into();
         assert!(text_line(&v6).ends_with(" poll 0 netns blue"));
+        v6.record_kind = RecordKind::Closed as i32;
+        assert!(text_line(&v6).ends_with(" poll 0 closed netns blue"));
     }
 }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -380,6 +380,8 @@ pub fn count_by_poll(polls: &mut BTreeMap<u64, u64>, datagram: &[u8]) {
 /// A UDP receiver inside the namespace that keeps every datagram's records.
 pub struct Receiver {
     stop: Arc<AtomicBool>,
+    /// Records received so far.
+    count: Arc<AtomicU64>,
     thread: JoinHandle<Received>,
 }
 
@@ -395,8 +397,9 @@ impl Receiver {
     pub fn start(ns: &Netns) -> Receiver {
         let socket = bind_receiver(ns);
         let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
         let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
+            let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
             move || {
                 let mut got = Received::default();
                 let mut buf = vec![0; 65536];
@@ -405,8 +408,9 @@ impl Receiver {
                         Ok(n) => {
                             got.datagrams += 1;
                             got.bytes += n as u64;
-                            got.records
-                                .extend(decode_datagram(&buf[..n]).expect("decodable datagram"));
+                            let records = decode_datagram(&buf[..n]).expect("decodable datagram");
+                            count.fetch_add(records.len() as u64, Ordering::Relaxed);
+                            got.records.extend(records);
                         }
                         Err(_) if stop.load(Ordering::Relaxed) => return got,
                         Err(_) => {}
@@ -414,7 +418,23 @@ impl Receiver {
                 }
             }
         });
-        Receiver { stop, thread }
+        Receiver {
+            stop,
+            count,
+            thread,
+        }
+    }
+
+    /// Waits until `n` records arrived, at most `limit`; whether they did.
+    pub fn wait_for(&self, n: u64, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.count.load(Ordering::Relaxed) < n {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     /// Everything received; call once the exporter has exited (loopback

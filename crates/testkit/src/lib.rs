@@ -321,6 +321,75 @@ pub fn established_pairs(server: SocketAddr, pairs: usize, exchange: bool) -> io
     Ok(Pairs { listener, streams })
 }
 
+/// One connection that [`closed_connections`] opened, sent over and closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed {
+    pub family: u32,
+    pub client_port: u16,
+    pub server_port: u16,
+    /// Bytes the client sent (and the server read) before the close.
+    pub bytes: u64,
+    /// Whether the server closed first (else the client did).
+    pub server_first: bool,
+}
+
+/// Opens `n` connections to a new listener on `server` (in batches, so
+/// few descriptors are open at once), sends `bytes(i)` from each client to
+/// the server, which reads them all, then closes both ends: the server
+/// first where `server_first(i)`, else the client. The listener is closed
+/// last. Client `i` binds port `first_client_port + i`, so no two
+/// connections share their ports (the kernel would reuse an ephemeral port
+/// whose connection is in TIME_WAIT only on the server's side). Returns what
+/// was done, connection by connection.
+pub fn closed_connections(
+    server: SocketAddr,
+    n: usize,
+    first_client_port: u16,
+    bytes: impl Fn(usize) -> u64,
+    server_first: impl Fn(usize) -> bool,
+) -> io::Result<Vec<Closed>> {
+    const BATCH: usize = 500;
+    let listener = TcpListener::bind(server)?;
+    let server_port = listener.local_addr()?.port();
+    let mut done = Vec::with_capacity(n);
+    let mut data = Vec::new();
+    for start in (0..n).step_by(BATCH) {
+        let mut open = Vec::with_capacity(BATCH);
+        for i in start..n.min(start + BATCH) {
+            let port = u16::try_from(i)
+                .ok()
+                .and_then(|i| first_client_port.checked_add(i))
+                .ok_or_else(|| io::Error::other("client ports past 65535"))?;
+            let local = SocketAddr::new(server.ip(), port);
+            let mut client = connect_from(local, server, &Tweak::None, "", server.is_ipv6())?;
+            let (mut accepted, _) = listener.accept()?;
+            let len = bytes(i);
+            data.resize(len as usize, 0x5a);
+            client.write_all(&data)?;
+            accepted.read_exact(&mut data)?;
+            let local = client.local_addr()?;
+            done.push(Closed {
+                family: family_of(&local),
+                client_port: local.port(),
+                server_port,
+                bytes: len,
+                server_first: server_first(i),
+            });
+            open.push((client, accepted, server_first(i)));
+        }
+        for (client, accepted, server_first) in open {
+            if server_first {
+                drop(accepted);
+                drop(client);
+            } else {
+                drop(client);
+                drop(accepted);
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Size of the old `struct inet_diag_req`.
 pub const INET_DIAG_REQ_LEN: usize = 60;
 /// Size of the whole old-style request datagram.

@@ -1,0 +1,419 @@
+//! Close records (`--close-records`): the last state of every TCP socket,
+//! sent by the kernel as the socket is destroyed.
+//!
+//! A polling exporter misses every connection that opens and closes
+//! between two polls, and the final counters of every other. The kernel
+//! multicasts a `SOCK_DIAG_BY_FAMILY` message (`inet_diag_msg`, the final
+//! `tcp_info`, `INET_DIAG_PROTOCOL`; no congestion control or memory
+//! attributes) to the members of `SKNLGRP_INET_TCP_DESTROY` and
+//! `SKNLGRP_INET6_TCP_DESTROY` of the socket's namespace, and only while
+//! someone listens. Each polled namespace gets one [`CloseSocket`] that
+//! joins the groups of the polled families; the closer thread waits on all
+//! of them (one epoll set, like the netlinkers') and turns each message into
+//! a record through the same [`RecordWriter`] as a poll: same sampling,
+//! numbering, encoding and destination, `record_kind` closed.
+//!
+//! The messages wait in the socket's receive buffer. When it is full the
+//! kernel drops them, counts them (`SK_MEMINFO_DROPS`) and fails our next
+//! read with `ENOBUFS`: the closer counts the overrun and the messages
+//! lost, doubles the buffer (up to [`MAX_CLOSE_BUFFER`]) and warns.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{
+    bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
+};
+
+use crate::config::{Family, MAX_CLOSE_BUFFER};
+use crate::counting::{DumpTotals, TcpInfoLengths};
+use crate::export::record::PollStamp;
+use crate::export::udp::socket_drops;
+use crate::metrics::CloseMetrics;
+use crate::pipeline::family::RELEASE_TOKEN;
+use crate::pipeline::inetdiager::RecordWriter;
+use crate::proto::RecordKind;
+use crate::shutdown::Shutdown;
+use crate::wire::request::{AF_INET, AF_INET6};
+
+/// `enum sknetlink_groups` of `include/uapi/linux/sock_diag.h`.
+const SKNLGRP_INET_TCP_DESTROY: u32 = 1;
+const SKNLGRP_INET6_TCP_DESTROY: u32 = 3;
+
+/// The largest close message: headers, `inet_diag_msg`, a `tcp_info` of a
+/// future kernel and the protocol; one is read at a time.
+const MESSAGE_MAX: usize = 8192;
+
+/// A `NETLINK_SOCK_DIAG` socket in the TCP destroy groups of some families,
+/// of the namespace it was opened in. Non-blocking.
+pub struct CloseSocket {
+    fd: OwnedFd,
+}
+
+impl CloseSocket {
+    /// Opens a socket in the current namespace, joined to the destroy group
+    /// of each of `families`, with a receive buffer of `buffer` bytes
+    /// (`SO_RCVBUFFORCE` where allowed, else capped by
+    /// `net.core.rmem_max`). No privilege is needed to join.
+    pub fn open(families: &[Family], buffer: usize) -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        for family in families {
+            let group = match family.af {
+                AF_INET => SKNLGRP_INET_TCP_DESTROY,
+                AF_INET6 => SKNLGRP_INET6_TCP_DESTROY,
+                _ => continue,
+            };
+            join(&fd, group)?;
+        }
+        let socket = CloseSocket { fd };
+        socket.set_buffer(buffer)?;
+        Ok(socket)
+    }
+
+    fn set_buffer(&self, bytes: usize) -> io::Result<()> {
+        if setsockopt(&self.fd, sockopt::RcvBufForce, &bytes).is_err() {
+            setsockopt(&self.fd, sockopt::RcvBuf, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The receive buffer the kernel granted, in the bytes asked for.
+    pub fn buffer(&self) -> usize {
+        nix::sys::socket::getsockopt(&self.fd, sockopt::RcvBuf).map_or(0, |b| b / 2)
+    }
+
+    /// Messages the kernel dropped on this socket so far.
+    fn drops(&self) -> u32 {
+        socket_drops(self.fd.as_fd()).ok().flatten().unwrap_or(0)
+    }
+}
+
+/// `NETLINK_ADD_MEMBERSHIP` of `group`.
+fn join(fd: &OwnedFd, group: u32) -> io::Result<()> {
+    // SAFETY: `group` outlives the call, which reads 4 bytes of it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            (&group as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A namespace's close socket and the name its records carry.
+struct Watched {
+    socket: Arc<CloseSocket>,
+    name: Arc<str>,
+    /// The socket's drop counter when last read.
+    drops_seen: u32,
+}
+
+/// The close sockets of every polled namespace, shared by the poller's
+/// namespace refresh (which adds and removes them) and the closer thread.
+pub struct CloseState {
+    pub families: Vec<Family>,
+    /// `--close-buffer`: what each new socket asks for.
+    pub buffer: usize,
+    epoll: Epoll,
+    sockets: Mutex<HashMap<u64, Watched>>,
+    /// The id of the last poll started, for the records' `poll_id`.
+    pub last_poll: AtomicU64,
+}
+
+impl CloseState {
+    /// No namespace yet; `release` ends the closer (`Shutdown::release_fd`).
+    pub fn new(families: Vec<Family>, buffer: usize, release: BorrowedFd<'_>) -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(release, EpollEvent::new(EpollFlags::EPOLLIN, RELEASE_TOKEN))?;
+        Ok(CloseState {
+            families,
+            buffer,
+            epoll,
+            sockets: Mutex::default(),
+            last_poll: AtomicU64::new(0),
+        })
+    }
+
+    fn sockets(&self) -> MutexGuard<'_, HashMap<u64, Watched>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches the close socket of the namespace with this inode.
+    pub fn add(&self, inode: u64, name: Arc<str>, socket: Arc<CloseSocket>) -> io::Result<()> {
+        self.epoll.add(
+            socket.fd.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, inode),
+        )?;
+        self.sockets().insert(
+            inode,
+            Watched {
+                socket,
+                name,
+                drops_seen: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// The namespace is now selected under `name`.
+    pub fn rename(&self, inode: u64, name: Arc<str>) {
+        if let Some(w) = self.sockets().get_mut(&inode) {
+            w.name = name;
+        }
+    }
+
+    /// Stops watching (and closes) the namespace's socket.
+    pub fn remove(&self, inode: u64) {
+        if let Some(w) = self.sockets().remove(&inode) {
+            let _ = self.epoll.delete(w.socket.fd.as_fd());
+        }
+    }
+}
+
+/// What the closer did over the run, for the exit line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CloseTotals {
+    /// Close messages read.
+    pub messages: u64,
+    pub records: u64,
+    /// Not exported: left out by sampling, undecodable, too long, or after
+    /// the output closed.
+    pub skipped: u64,
+    /// Messages the kernel dropped, its queue for us full.
+    pub lost: u64,
+    /// Reads that failed with `ENOBUFS` (each after some were lost).
+    pub overruns: u64,
+    pub send_errors: u64,
+    /// Records in the datagrams whose send failed.
+    pub records_lost: u64,
+}
+
+impl CloseTotals {
+    pub fn exit_fields(&self) -> [(&'static str, u64); 7] {
+        [
+            ("messages", self.messages),
+            ("records", self.records),
+            ("skipped", self.skipped),
+            ("lost", self.lost),
+            ("overruns", self.overruns),
+            ("send_errors", self.send_errors),
+            ("records_lost", self.records_lost),
+        ]
+    }
+}
+
+/// The closer thread: reads close messages until the pipeline stops.
+pub struct Closer {
+    pub state: Arc<CloseState>,
+    pub writer: RecordWriter,
+    pub metrics: CloseMetrics,
+    /// The kinds of error already said on stderr (the first of each is).
+    pub said: Vec<&'static str>,
+}
+
+impl Closer {
+    pub fn run(mut self, shutdown: &Shutdown) -> CloseTotals {
+        let mut totals = CloseTotals::default();
+        if let Some(w) = self.state.sockets().values().next() {
+            self.metrics.buffer.set(w.socket.buffer() as i64);
+        }
+        let mut buf = vec![0u8; MESSAGE_MAX];
+        let mut events = [EpollEvent::empty(); 16];
+        let mut output_closed = false;
+        loop {
+            let n = match self.state.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    shutdown.abort(format!("waiting for close messages: {e}"));
+                    return totals;
+                }
+            };
+            let mut released = false;
+            for event in &events[..n] {
+                match event.data() {
+                    RELEASE_TOKEN => released = true,
+                    inode => {
+                        if !self.drain(inode, &mut buf, &mut totals, &mut output_closed, shutdown) {
+                            return totals;
+                        }
+                    }
+                }
+            }
+            if released || shutdown.is_aborted() {
+                // Closes already queued are read before the exit.
+                let inodes: Vec<u64> = self.state.sockets().keys().copied().collect();
+                for inode in inodes {
+                    self.drain(inode, &mut buf, &mut totals, &mut output_closed, shutdown);
+                }
+                return totals;
+            }
+        }
+    }
+
+    /// Reads every message queued on the namespace's socket and sends their
+    /// records. `false` when the pipeline must stop (an output error).
+    fn drain(
+        &mut self,
+        inode: u64,
+        buf: &mut [u8],
+        totals: &mut CloseTotals,
+        output_closed: &mut bool,
+        shutdown: &Shutdown,
+    ) -> bool {
+        // A namespace removed since the event is skipped.
+        let Some((socket, name)) = self
+            .state
+            .sockets()
+            .get(&inode)
+            .map(|w| (Arc::clone(&w.socket), Arc::clone(&w.name)))
+        else {
+            return true;
+        };
+        let mut tally = DumpTotals::default();
+        let mut lengths = TcpInfoLengths::default();
+        let mut written = Ok(());
+        loop {
+            let len = match recv(socket.fd.as_raw_fd(), buf, MsgFlags::empty()) {
+                Ok(len) => len,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::ENOBUFS) => {
+                    self.overrun(inode, &socket, totals);
+                    continue;
+                }
+                Err(e) => {
+                    shutdown.abort(format!("reading close messages: {e}"));
+                    return false;
+                }
+            };
+            let datagram = &buf[..len];
+            if *output_closed || written.is_err() {
+                self.writer.skip_datagram(datagram, 0, &mut tally);
+                continue;
+            }
+            let stamp = PollStamp {
+                poll_id: self.state.last_poll.load(Relaxed),
+                timestamp_ns: unix_nanos(),
+                netns_inode: inode,
+                netns_name: Arc::clone(&name),
+                kind: RecordKind::Closed,
+            };
+            // Multicast messages carry sequence number 0.
+            written =
+                self.writer
+                    .write_datagram(datagram, 0, &stamp, &mut tally, &mut lengths, |e| {
+                        say_once(&mut self.said, "decode", &e)
+                    });
+        }
+        // Drops while the queue stayed full raise no new ENOBUFS: the
+        // counter is read after every batch too.
+        self.note_drops(inode, &socket, totals);
+        let (flushed, send_error) = self.writer.flush(written, &mut tally);
+        if let Some(e) = send_error {
+            say_once(&mut self.said, "send", &e);
+        }
+        self.count(&tally, totals);
+        match flushed {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                *output_closed = true;
+                shutdown.stop();
+                true
+            }
+            Err(e) => {
+                shutdown.abort(format!("writing records: {e}"));
+                false
+            }
+        }
+    }
+
+    /// `ENOBUFS`: the kernel dropped messages. Counts them, doubles the
+    /// buffer up to [`MAX_CLOSE_BUFFER`], and says so.
+    fn overrun(&mut self, inode: u64, socket: &CloseSocket, totals: &mut CloseTotals) {
+        self.note_drops(inode, socket, totals);
+        let was = socket.buffer();
+        let grown = (was * 2).min(MAX_CLOSE_BUFFER);
+        if grown > was {
+            let _ = socket.set_buffer(grown);
+        }
+        let now = socket.buffer();
+        totals.overruns += 1;
+        self.metrics.overruns.inc();
+        self.metrics.buffer.set(now as i64);
+        eprintln!(
+            "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
+             ({was} bytes); receive buffer now {now} bytes",
+            totals.lost
+        );
+    }
+
+    /// Counts the messages the kernel dropped on the namespace's socket
+    /// since the last look.
+    fn note_drops(&self, inode: u64, socket: &CloseSocket, totals: &mut CloseTotals) {
+        let drops = socket.drops();
+        let lost = self.state.sockets().get_mut(&inode).map_or(0, |w| {
+            let lost = drops.wrapping_sub(w.drops_seen);
+            w.drops_seen = drops;
+            u64::from(lost)
+        });
+        totals.lost += lost;
+        self.metrics.lost.inc_by(lost);
+    }
+
+    fn count(&self, tally: &DumpTotals, totals: &mut CloseTotals) {
+        totals.messages += tally.sampled + tally.unsampled;
+        totals.records += tally.records;
+        totals.skipped +=
+            tally.unsampled + tally.decode_errors + tally.encode_errors + tally.output_closed;
+        totals.send_errors += tally.send_errors;
+        totals.records_lost += tally.records_lost;
+        let m = &self.metrics;
+        m.messages.inc_by(tally.sampled + tally.unsampled);
+        m.records.inc_by(tally.records);
+        for (reason, n) in [
+            ("sampling", tally.unsampled),
+            ("undecodable", tally.decode_errors),
+            ("too_long", tally.encode_errors),
+            ("output_closed", tally.output_closed),
+        ] {
+            m.skipped.with_label_values(&[reason]).inc_by(n);
+        }
+        m.send_errors.inc_by(tally.send_errors);
+        m.records_lost.inc_by(tally.records_lost);
+    }
+}
+
+/// Says the first error of each `kind` on stderr (all are counted).
+fn say_once(said: &mut Vec<&'static str>, kind: &'static str, e: &dyn std::fmt::Display) {
+    if !said.contains(&kind) {
+        said.push(kind);
+        eprintln!("xtcp: warning: close records: {kind}: {e}");
+    }
+}
+
+/// Now, ns since the Unix epoch.
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
