@@ -35,8 +35,9 @@ impl Scene {
     }
 
     /// The exporter, polling every minute with close records on, once it
-    /// has joined the close groups. `prefix` runs it (e.g. as another user).
-    fn exporter(&self, prefix: &[&str], args: &[&str]) -> Running {
+    /// has joined the close groups of `polled` (its own namespace unless
+    /// `args` say otherwise). `prefix` runs it (e.g. as another user).
+    fn exporter(&self, prefix: &[&str], args: &[&str], polled: &Netns) -> Running {
         let dest = format!("udp:127.0.0.1:{PORT}");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.ns.name()])
@@ -48,7 +49,7 @@ impl Scene {
             .stderr(Stdio::piped());
         let mut exporter = Running(Some(cmd.spawn().unwrap()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !in_ns(&self.ns, joined_close_groups) {
+        while !in_ns(polled, joined_close_groups) {
             assert!(
                 exporter.child().try_wait().unwrap().is_none(),
                 "the exporter exited"
@@ -127,8 +128,8 @@ fn matched(connections: &[Closed], records: &[Record]) -> Vec<Closed> {
         .collect()
 }
 
-/// Close messages the test's churn makes: two per connection, one per
-/// listener.
+/// Close messages [`Scene::churn`] makes: two per connection, one per
+/// listener (one per family).
 fn messages(connections: &[Closed]) -> u64 {
     2 * connections.len() as u64 + 2
 }
@@ -138,7 +139,7 @@ fn connections_closed_between_polls_arrive_with_their_final_counters() {
     let Some(scene) = Scene::new("closes", &[]) else {
         return;
     };
-    let exporter = scene.exporter(&[], &[]);
+    let exporter = scene.exporter(&[], &[], &scene.ns);
     let connections = scene.churn(5000);
     let expected = messages(&connections);
     scene.receiver.wait_for(expected, Duration::from_secs(30));
@@ -185,7 +186,7 @@ fn a_burst_beyond_the_close_buffer_is_counted_lost() {
     let Some(scene) = Scene::new("closeburst", &[]) else {
         return;
     };
-    let exporter = scene.exporter(&[], &["--close-buffer", "4096"]);
+    let exporter = scene.exporter(&[], &["--close-buffer", "4096"], &scene.ns);
     let connections = scene.churn(1000);
     let expected = messages(&connections);
     // Whatever arrives, arrives within the wait; the rest was lost.
@@ -224,7 +225,7 @@ fn close_records_need_no_privilege() {
         "--clear-groups",
         "--inh-caps=-all",
     ];
-    let exporter = scene.exporter(&nobody, &[]);
+    let exporter = scene.exporter(&nobody, &[], &scene.ns);
     let connections = scene.churn(50);
     scene
         .receiver
@@ -233,4 +234,33 @@ fn close_records_need_no_privilege() {
     assert!(status.success(), "{stderr}");
     let records = scene.receiver.finish().records;
     assert_eq!(matched(&connections, &records).len(), connections.len());
+}
+
+/// The closes of a namespace polled with `--netns` arrive too, named after
+/// it; the exporter's own namespace, not polled then, sends none.
+#[test]
+fn closes_of_a_polled_namespace_carry_its_name() {
+    let Some(scene) = Scene::new("closehome", &[]) else {
+        return;
+    };
+    let other = Netns::create("closeother").expect("create network namespace");
+    let exporter = scene.exporter(&[], &["--netns", other.name()], &other);
+    let connections = in_ns(&other, || {
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 40001));
+        closed_connections(server, 20, 20_000, |_| 100, |i| i % 2 == 0).unwrap()
+    });
+    // Closes in the exporter's own namespace, which it does not poll.
+    scene.churn(5);
+    // Two per connection and the one listener.
+    let expected = 2 * connections.len() as u64 + 1;
+    scene.receiver.wait_for(expected, Duration::from_secs(10));
+    let (status, stderr) = exporter.terminate();
+    assert!(status.success(), "{stderr}");
+    let records = scene.receiver.finish().records;
+    assert_eq!(matched(&connections, &records).len(), connections.len());
+    assert_eq!(records.len() as u64, expected, "{stderr}");
+    let inode = other.inode().unwrap();
+    assert!(records
+        .iter()
+        .all(|r| r.netns_name == other.name() && r.netns_inode == inode));
 }
