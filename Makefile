@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -78,6 +78,14 @@ bench:
 ## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes, and the cost of --feed-key per datagram (root; 16k sockets in a namespace)
 bench-udp: build-all
 	python3 tools/bench/bench_udp.py
+
+## bench-closes: exporter CPU per 10k closes/s and close messages lost at 10k, 50k, 100k closes/s (root; RATES, SECONDS, REPS)
+bench-closes: build-all
+	python3 tools/bench/bench_closes.py
+
+## bench-changes: a later poll of an idle farm with --changes-only against a full one, and the tracker's memory (root; SIZE, REPS)
+bench-changes: build-all
+	python3 tools/bench/bench_changes.py
 
 ## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
 bench-e2e: build-all

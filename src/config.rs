@@ -22,6 +22,8 @@ use crate::wire::state;
 
 /// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// `--snapshot-every`.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 10;
 /// `--close-buffer`: 4 MiB hold ~10k close messages.
 pub const DEFAULT_CLOSE_BUFFER: u64 = 4 << 20;
 /// The most a close socket's receive buffer grows to after overruns. Socket
@@ -290,6 +292,17 @@ struct Cli {
     #[arg(long, env = "XTCP_UDP_BATCH_BYTES", default_value_t = DEFAULT_UDP_BATCH_BYTES, value_parser = parse_batch_bytes)]
     udp_batch_bytes: usize,
 
+    /// Export a socket only when it is new or its state or counters moved
+    /// since its last export, with every socket every --snapshot-every
+    /// polls (docs/lifecycle.md).
+    #[arg(long, env = "XTCP_CHANGES_ONLY")]
+    changes_only: bool,
+
+    /// With --changes-only: every Nth poll (the first included) exports
+    /// every socket, so a consumer can rebuild the table.
+    #[arg(long, env = "XTCP_SNAPSHOT_EVERY", default_value_t = DEFAULT_SNAPSHOT_EVERY, value_parser = ranged(1, 1_000_000))]
+    snapshot_every: u64,
+
     /// Also export a record for every TCP socket destroyed in a polled
     /// namespace, with its final state, as the kernel reports it
     /// (record_kind closed; docs/lifecycle.md).
@@ -385,6 +398,8 @@ pub struct Config {
     pub feed_key: Option<PathBuf>,
     /// `--close-records`: the receive buffer of the close sockets, if on.
     pub close_buffer: Option<usize>,
+    /// `--changes-only`: a full snapshot every this many polls, if on.
+    pub snapshot_every: Option<u64>,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.
@@ -516,6 +531,7 @@ impl Config {
             udp_batch_bytes: cli.udp_batch_bytes,
             feed_key,
             close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
+            snapshot_every: cli.changes_only.then_some(cli.snapshot_every),
             prom: (!cli.no_prom).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),
@@ -580,6 +596,13 @@ impl Config {
             ("ALL_NETNS", self.netns.all.to_string()),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            ("CHANGES_ONLY", self.snapshot_every.is_some().to_string()),
+            (
+                "SNAPSHOT_EVERY",
+                self.snapshot_every
+                    .unwrap_or(DEFAULT_SNAPSHOT_EVERY)
+                    .to_string(),
+            ),
             ("CLOSE_RECORDS", self.close_buffer.is_some().to_string()),
             (
                 "CLOSE_BUFFER",

@@ -201,6 +201,7 @@ counters! {
     send_errors "UDP sends that failed, e.g. nobody listening (ECONNREFUSED)." => "xtcp_output_send_errors_total", exit "send_errors", warn "failed sends";
     records_lost "Records in the datagrams whose send failed." => "xtcp_output_records_lost_total", exit "records_lost", warn "records lost in failed sends";
     decode_errors "a malformed socket message" => "xtcp_sockets_skipped_total" ["reason" = "undecodable"], exit "decode_errors", warn "socket messages not decodable";
+    unchanged "not changed since its last export (--changes-only)" => "xtcp_sockets_skipped_total" ["reason" = "unchanged"], exit "unchanged";
     encode_errors "a record over the record buffer (never expected)" => "xtcp_sockets_skipped_total" ["reason" = "too_long"], warn "records too long for the record buffer";
     output_closed "stdout was closed or failed" => "xtcp_sockets_skipped_total" ["reason" = "output_closed"];
     unknown_attributes "Socket attributes of kinds this version does not decode: a newer kernel sends something new." => "xtcp_unknown_attributes_total";

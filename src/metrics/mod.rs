@@ -176,6 +176,11 @@ metrics_table! {
     // Inetdiagers.
     tcp_info_lengths: IntCounterVec "xtcp_tcp_info_length_sockets_total" ["family", "length"]
         "Decoded sockets by the byte length of their tcp_info (none: no tcp_info, as for TIME_WAIT; other: more distinct lengths than tracked).";
+    // Change-only export (--changes-only).
+    changes_tracked: IntGauge "xtcp_changes_tracked_sockets" []
+        "Sockets whose last export the change tracker remembers (those the last poll saw).";
+    changes_bytes: IntGauge "xtcp_changes_table_bytes" []
+        "Memory of the change tracker's table (its allocated slots).";
     // Close records (--close-records).
     close_messages: IntCounter "xtcp_close_messages_total" []
         "Close messages the kernel sent, one per TCP socket destroyed in a polled namespace (--close-records).";

@@ -5,12 +5,14 @@
 //! and the channel is drained, so nothing received is left unsent.
 
 use std::io;
+use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
 use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
+use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::netlinker::ReceivedDatagram;
 use crate::pipeline::sample::Sampler;
 use crate::pipeline::sock_diag::scan_datagram;
@@ -83,6 +85,8 @@ pub struct RecordWriter {
     pub sink: Sink,
     pub sampler: Sampler,
     pub tail: TailLayout,
+    /// With `--changes-only`: which sockets a poll exports, and as what.
+    pub changes: Option<Arc<ChangeTracker>>,
     /// One record, reused.
     record: Vec<u8>,
 }
@@ -95,6 +99,7 @@ impl RecordWriter {
             sink,
             sampler,
             tail,
+            changes: None,
             record,
         }
     }
@@ -128,7 +133,7 @@ impl RecordWriter {
                 Ok(socket) => {
                     tally.unknown_attributes += u64::from(socket.unknown_attributes);
                     lengths.add(socket.tcp_info.map(|t| t.len()), 1);
-                    sockets.push(socket);
+                    sockets.push((socket, stamp.kind));
                 }
                 Err(e) => {
                     tally.decode_errors += 1;
@@ -136,13 +141,40 @@ impl RecordWriter {
                 }
             }
         });
+        if let Some(changes) = &self.changes {
+            sockets.retain_mut(|(socket, kind)| {
+                match changes.classify(stamp.netns_inode, socket, stamp.poll_id) {
+                    Some(k) => {
+                        *kind = k;
+                        true
+                    }
+                    None => {
+                        tally.unchanged += 1;
+                        false
+                    }
+                }
+            });
+        }
         self.encoder.reserve(sockets.len() as u64);
+        // The stamp of each kind other than `stamp`'s, made once.
+        let mut kinded: Vec<PollStamp> = Vec::new();
         let mut result = Ok(());
-        for socket in &sockets {
+        for (socket, kind) in &sockets {
             if result.is_err() {
                 tally.output_closed += 1;
                 continue;
             }
+            let stamp = if *kind == stamp.kind {
+                stamp
+            } else {
+                if !kinded.iter().any(|s| s.kind == *kind) {
+                    kinded.push(PollStamp {
+                        kind: *kind,
+                        ..stamp.clone()
+                    });
+                }
+                kinded.iter().find(|s| s.kind == *kind).unwrap_or(stamp)
+            };
             let Some(len) = self.encoder.encode(socket, stamp, &mut self.record) else {
                 tally.encode_errors += 1;
                 continue;

@@ -16,6 +16,7 @@
 //!   memory limit the buffers must fit.
 
 pub mod cgroup;
+pub mod changes;
 pub mod closes;
 pub mod dump;
 pub mod family;
@@ -46,6 +47,7 @@ use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics};
 use crate::shutdown::{spawn, Shutdown, SignalThread};
 use crate::wire::TailLayout;
+use changes::ChangeTracker;
 use closes::{CloseState, Closer};
 use family::FamilyState;
 use inetdiager::{Inetdiager, RecordWriter};
@@ -174,32 +176,41 @@ fn run_threads(
     let mut prom_thread = None;
     let mut closer = None;
     let close_state = closes.as_ref().map(|(state, _)| Arc::clone(state));
+    let changes = config
+        .snapshot_every
+        .map(|n| Arc::new(ChangeTracker::new(n)));
     let sampler = Sampler::new(config.sampling_modulus);
-    let spawned =
-        spawn_workers(config, shutdown, families, &encoder, tail, &mut workers).and_then(|()| {
-            if let Some((state, sink)) = closes {
-                let closer_thread = Closer {
-                    state,
-                    writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
-                    metrics: metrics.table.close_metrics(),
-                    said: Vec::new(),
-                };
-                let sd = shutdown.clone();
-                closer = Some(spawn("closer".into(), shutdown, move || {
-                    closer_thread.run(&sd)
-                })?);
-            }
-            if let Some(server) = prom {
-                prom_thread = Some(spawn_prom(config, shutdown, server)?);
-            }
-            Ok(())
-        });
+    let writer = |sink| {
+        let mut writer = RecordWriter::new(encoder.clone(), sink, sampler, tail);
+        writer.changes = changes.clone();
+        writer
+    };
+    let spawned = spawn_workers(config, shutdown, families, &writer, &mut workers).and_then(|()| {
+        if let Some((state, sink)) = closes {
+            let closer_thread = Closer {
+                state,
+                // Closes are exported as they come, changed or not.
+                writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
+                metrics: metrics.table.close_metrics(),
+                said: Vec::new(),
+            };
+            let sd = shutdown.clone();
+            closer = Some(spawn("closer".into(), shutdown, move || {
+                closer_thread.run(&sd)
+            })?);
+        }
+        if let Some(server) = prom {
+            prom_thread = Some(spawn_prom(config, shutdown, server)?);
+        }
+        Ok(())
+    });
     let (report_tx, report_rx) = bounded(config.families.len());
     let poller = spawned.and_then(|()| {
         let poller = Poller {
             families: states,
             namespaces,
             closes: close_state,
+            changes: changes.clone(),
             config: config.clone(),
             shutdown: shutdown.clone(),
             report_tx,
@@ -244,11 +255,9 @@ fn spawn_workers(
     config: &Config,
     shutdown: &Shutdown,
     families: Vec<(Arc<FamilyState>, Vec<Sink>)>,
-    encoder: &RecordEncoder,
-    tail: TailLayout,
+    writer: &dyn Fn(Sink) -> RecordWriter,
     workers: &mut Vec<JoinHandle<()>>,
 ) -> io::Result<()> {
-    let sampler = Sampler::new(config.sampling_modulus);
     for (state, sinks) in families {
         let name = state.family.name();
         let (tx, rx) = bounded(config.channel_size);
@@ -262,7 +271,7 @@ fn spawn_workers(
         }
         for (i, sink) in sinks.into_iter().enumerate() {
             let inetdiager = Inetdiager {
-                writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
+                writer: writer(sink),
             };
             let (rx, sd) = (rx.clone(), shutdown.clone());
             workers.push(spawn(

@@ -21,6 +21,7 @@ use crate::counting::DumpReport;
 use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Health, Metrics, PoolState};
+use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::closes::{unix_nanos, CloseState};
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::FamilyState;
@@ -38,6 +39,8 @@ pub struct Poller {
     pub namespaces: Namespaces,
     /// With `--close-records`: told which poll closes come after.
     pub closes: Option<Arc<CloseState>>,
+    /// With `--changes-only`: forgets, after each poll, what it did not see.
+    pub changes: Option<Arc<ChangeTracker>>,
     pub config: Config,
     pub shutdown: Shutdown,
     pub report_tx: Sender<DumpReport>,
@@ -77,6 +80,12 @@ impl Poller {
             // namespace's sockets are replaced at the next refresh.
             for inode in abandoned {
                 self.namespaces.reopen(inode, &self.families);
+            }
+            if let Some(changes) = &self.changes {
+                changes.sweep(poll_id);
+                let (sockets, bytes) = changes.size();
+                self.metrics.table.changes_tracked.set(sockets as i64);
+                self.metrics.table.changes_bytes.set(bytes as i64);
             }
             let took = started.elapsed();
             let long = took.as_secs_f64()

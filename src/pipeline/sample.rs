@@ -33,7 +33,9 @@ impl Sampler {
     }
 }
 
-fn mix(mut z: u64) -> u64 {
+/// A 64-bit finaliser (splitmix64's): every input bit moves every output
+/// bit. Also the change tracker's hash.
+pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

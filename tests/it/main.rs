@@ -13,6 +13,7 @@
 
 use xtcp_testkit::harness as common;
 
+mod changes;
 mod closes;
 mod encode;
 mod faults;

@@ -153,7 +153,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 pub struct Farm {
     pub ns: Netns,
     pub keys: BTreeSet<Key>,
-    _pairs: Vec<Pairs>,
+    /// The IPv4 and the IPv6 connections.
+    pub pairs: Vec<Pairs>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -189,7 +190,7 @@ impl Farm {
         Some(Farm {
             ns,
             keys,
-            _pairs: pairs.into(),
+            pairs: pairs.into(),
             _serial: serial,
         })
     }
