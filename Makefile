@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-netns-scan bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -86,6 +86,10 @@ bench-closes: build-all
 ## bench-changes: a later poll of an idle farm with --changes-only against a full one, and the tracker's memory (root; SIZE, REPS)
 bench-changes: build-all
 	python3 tools/bench/bench_changes.py
+
+## bench-netns-scan: what --all-netns pays per poll to walk /proc, with 1000 more processes (PROCESSES)
+bench-netns-scan:
+	$(CARGO) bench --locked --bench netns_scan
 
 ## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
 bench-e2e: build-all

@@ -277,8 +277,10 @@ struct Cli {
     #[arg(long, env = "XTCP_NETNS", value_name = "NAME|PATH", value_delimiter = ',', value_parser = parse_netns)]
     netns: Vec<String>,
 
-    /// Poll every namespace under /run/netns, looked up again at every poll
-    /// (with --netns: those too).
+    /// Poll every network namespace of the host, looked up again at every
+    /// poll: those under /run/netns and /run/docker/netns, and those only a
+    /// process holds (/proc/PID/ns/net), this one included (with --netns:
+    /// those too).
     #[arg(long, env = "XTCP_ALL_NETNS")]
     all_netns: bool,
 
@@ -412,7 +414,7 @@ pub struct Config {
 pub struct NetnsSelection {
     /// Names under /run/netns and paths, as given.
     pub names: Vec<String>,
-    /// Every namespace under /run/netns too.
+    /// Every namespace of the host too (`--all-netns`).
     pub all: bool,
 }
 

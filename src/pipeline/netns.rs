@@ -191,13 +191,9 @@ impl Namespaces {
             })
             .collect();
         if self.selection.all {
-            match named_namespaces() {
-                Ok(names) => targets.extend(names.into_iter().map(|n| Target {
-                    path: Some(netns_path(&n)),
-                    name: n,
-                })),
-                Err(e) => problems.push(format!("--all-netns: {NETNS_RUN_DIR}: {e}")),
-            }
+            let (found, errors) = every_namespace();
+            targets.extend(found);
+            problems.extend(errors);
         }
         (targets, problems)
     }
@@ -212,10 +208,62 @@ fn netns_path(name_or_path: &str) -> PathBuf {
     }
 }
 
-/// The names under /run/netns, sorted; none if it does not exist (no
-/// namespace was ever named on this host).
-fn named_namespaces() -> io::Result<Vec<String>> {
-    let entries = match std::fs::read_dir(NETNS_RUN_DIR) {
+/// Where Docker bind-mounts the namespaces of its containers.
+pub const DOCKER_NETNS_DIR: &str = "/run/docker/netns";
+
+/// Every network namespace of the host (`--all-netns`), once each, in this
+/// order: those bind-mounted under /run/netns (named by their file name)
+/// and /run/docker/netns (`docker/FILE`), then those only a process holds,
+/// found through `/proc/PID/ns/net` (named `container/ID` when the process's
+/// control group names a container, else `pid/PID/COMMAND`, after the
+/// lowest PID holding it). The exporter's own namespace comes as such
+/// (named ""). Also returns the directories that could not be read.
+fn every_namespace() -> (Vec<Target>, Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    let own = std::fs::metadata(OWN_NETNS).map(|m| m.ino()).ok();
+    let mut targets = Vec::new();
+    let mut problems = Vec::new();
+    for (dir, prefix) in [(NETNS_RUN_DIR, ""), (DOCKER_NETNS_DIR, "docker/")] {
+        match mounted_namespaces(Path::new(dir)) {
+            Ok(names) => {
+                for name in names {
+                    let path = Path::new(dir).join(&name);
+                    // One that cannot be read is said at the refresh.
+                    let inode = std::fs::metadata(&path).map(|m| m.ino()).ok();
+                    if inode.is_none_or(|i| seen.insert(i)) {
+                        targets.push(Target {
+                            name: format!("{prefix}{name}"),
+                            path: Some(path),
+                        });
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("--all-netns: {dir}: {e}")),
+        }
+    }
+    for (pid, inode) in process_namespaces() {
+        if !seen.insert(inode) {
+            continue;
+        }
+        targets.push(if Some(inode) == own {
+            Target {
+                name: String::new(),
+                path: None,
+            }
+        } else {
+            Target {
+                name: holder_name(pid),
+                path: Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+            }
+        });
+    }
+    (targets, problems)
+}
+
+/// The file names in a directory of bind-mounted namespaces, sorted; none
+/// if it does not exist (nothing was ever mounted there).
+fn mounted_namespaces(dir: &Path) -> io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -229,6 +277,44 @@ fn named_namespaces() -> io::Result<Vec<String>> {
     }
     names.sort_unstable();
     Ok(names)
+}
+
+/// `(pid, namespace inode)` of every process, by ascending PID. Processes
+/// that exit meanwhile, or whose namespace this process may not see, are
+/// passed over.
+pub fn process_namespaces() -> Vec<(u32, u64)> {
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, u64)> = proc
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+            Some((pid, ns.ino()))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// What names the namespace of process `pid`: the container its control
+/// group names (a 64-hex-digit id, as Docker, containerd and Kubernetes
+/// make them: `container/` and the first 12), or `pid/PID/COMMAND`.
+fn holder_name(pid: u32) -> String {
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if let Some(id) = container_id(&cgroup) {
+        return format!("container/{}", &id[..12]);
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!("pid/{pid}/{}", comm.trim())
+}
+
+/// The first 64-hex-digit word of a `/proc/PID/cgroup` text
+/// (`.../docker-ID.scope`, `/docker/ID`, `cri-containerd-ID.scope`).
+fn container_id(cgroup: &str) -> Option<&str> {
+    cgroup
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .find(|word| word.len() == 64)
 }
 
 /// `count` dump sockets in the namespace at `path` (`None`: this one), and
@@ -264,4 +350,42 @@ fn open_sockets(
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_are_named_by_the_id_in_their_control_group() {
+        let id = "4f0c".repeat(16);
+        for cgroup in [
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("12:memory:/docker/{id}\n0::/\n"),
+            format!("0::/kubepods.slice/kubepods-pod1a2b.slice/cri-containerd-{id}.scope\n"),
+        ] {
+            assert_eq!(container_id(&cgroup), Some(id.as_str()), "{cgroup}");
+        }
+        assert_eq!(container_id("0::/user.slice/session-4.scope\n"), None);
+    }
+
+    #[test]
+    fn every_namespace_includes_this_one_unnamed_and_each_once() {
+        let (targets, _) = every_namespace();
+        let own: Vec<&Target> = targets.iter().filter(|t| t.path.is_none()).collect();
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].name, "");
+        let inodes: Vec<u64> = targets
+            .iter()
+            .map(|t| {
+                let path = t.path.as_deref().unwrap_or(Path::new(OWN_NETNS));
+                std::fs::metadata(path).map_or(0, |m| m.ino())
+            })
+            .collect();
+        let unique: std::collections::HashSet<u64> = inodes.iter().copied().collect();
+        assert_eq!(unique.len(), inodes.len(), "{inodes:?}");
+        assert!(
+            holder_name(std::process::id()).starts_with(&format!("pid/{}/", std::process::id()))
+        );
+    }
 }

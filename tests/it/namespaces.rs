@@ -14,7 +14,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{can_run_in_netns, in_ns, serial, stopped_value, workspace_bin, Key, Running};
+use crate::common::{
+    can_run_in_netns, in_ns, serial, stopped_value, workspace_bin, Key, Need, Running,
+};
 use serde_json::Value;
 use xtcp_testkit::{established_pairs, Netns, Pairs};
 
@@ -90,6 +92,7 @@ impl Exporter {
                         u("inet_diag_msg_socket_destination_port") as u16,
                     );
                     let name = r["netns_name"].as_str().unwrap().to_string();
+                    let ours = !name.is_empty() && !name.starts_with("container/");
                     let mut polls = polls.lock().unwrap();
                     let seen: &mut Seen = polls
                         .entry(u("poll_id"))
@@ -97,7 +100,12 @@ impl Exporter {
                         .entry(name)
                         .or_default();
                     seen.inodes.insert(u("netns_inode"));
-                    assert!(seen.keys.insert(key), "a socket twice in a poll: {key:?}");
+                    // The host's own namespaces (`--all-netns`) may hold two
+                    // sockets with the same ports on other addresses.
+                    assert!(
+                        seen.keys.insert(key) || !ours,
+                        "a socket twice in a poll: {key:?}"
+                    );
                 }
             }
         });
@@ -243,6 +251,189 @@ fn all_netns_follows_run_netns() {
     assert_eq!(exporter.next_poll(&ours), expect(&[]));
     assert_eq!(exporter.footprint(), (fds, threads));
 
+    let stderr = exporter.stop();
+    assert_eq!(
+        stopped_value(&stderr, "xtcp", "", "netns_errors"),
+        0,
+        "{stderr}"
+    );
+}
+
+/// A namespace only a process holds: `unshare -n` running a listener on
+/// 127.0.0.1:4444, until dropped.
+struct Unshared {
+    child: Running,
+    pid: u32,
+    inode: u64,
+}
+
+impl Unshared {
+    fn start() -> Unshared {
+        let script = "import os, socket, sys, time\n\
+            os.system('ip link set lo up')\n\
+            s = socket.socket(); s.bind(('127.0.0.1', 4444)); s.listen()\n\
+            print('ready', flush=True); time.sleep(600)";
+        let mut child = Running(Some(
+            Command::new("unshare")
+                .args(["-n", "python3", "-c", script])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("unshare (util-linux)"),
+        ));
+        let stdout = child.child().stdout.take().unwrap();
+        let ready = BufReader::new(stdout).lines().next();
+        assert!(
+            matches!(ready, Some(Ok(ref l)) if l == "ready"),
+            "{ready:?}"
+        );
+        // unshare execs python3: the child holds the namespace.
+        let pid = child.child().id();
+        let inode = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        Unshared { child, pid, inode }
+    }
+}
+
+/// Docker's directory of namespaces, made a shared mount point as Docker
+/// and `ip netns` make theirs, so a mount in it reaches the exporter's mount
+/// namespace (`ip netns exec` makes one of its own); undone when dropped.
+struct DockerDir {
+    dir: std::path::PathBuf,
+    /// The directories made here, innermost first.
+    made: Vec<std::path::PathBuf>,
+}
+
+impl DockerDir {
+    fn prepare() -> DockerDir {
+        let dir = std::path::PathBuf::from("/run/docker/netns");
+        let made = dir
+            .ancestors()
+            .take_while(|d| !d.exists())
+            .map(std::path::Path::to_path_buf)
+            .collect();
+        std::fs::create_dir_all(&dir).unwrap();
+        for args in [&["--bind", "--make-private"][..], &["--make-shared"]] {
+            let mut mount = Command::new("mount");
+            if args[0] == "--bind" {
+                mount.arg("--bind").arg(&dir).arg(&dir);
+            } else {
+                mount.args(args).arg(&dir);
+            }
+            assert!(mount.status().unwrap().success(), "mount {args:?}");
+        }
+        DockerDir { dir, made }
+    }
+}
+
+impl Drop for DockerDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        for dir in &self.made {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A namespace bind-mounted under Docker's directory only, with a listener
+/// on 127.0.0.1:5555 held by the test; unmounted when dropped.
+struct DockerStyle {
+    path: std::path::PathBuf,
+    inode: u64,
+    _listener: std::net::TcpListener,
+}
+
+impl DockerStyle {
+    fn new(dir: &DockerDir) -> DockerStyle {
+        let path = dir.dir.join(format!("xtcp-dock-{}", std::process::id()));
+        let tmp = Netns::create("docktmp").unwrap();
+        std::fs::File::create(&path).unwrap();
+        let mounted = Command::new("mount")
+            .arg("--bind")
+            .arg(format!("/run/netns/{}", tmp.name()))
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        // Only the Docker-style mount holds it now.
+        drop(tmp);
+        let ns = std::fs::File::open(&path).unwrap();
+        let listener = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let up = Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .status();
+                assert!(up.unwrap().success());
+                std::net::TcpListener::bind("127.0.0.1:5555").unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        DockerStyle {
+            path,
+            inode,
+            _listener: listener,
+        }
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "docker/{}",
+            self.path.file_name().unwrap().to_str().unwrap()
+        )
+    }
+}
+
+impl Drop for DockerStyle {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `--all-netns` finds a namespace under /run/netns, one bind-mounted under
+/// Docker's directory and one only a process holds, names each, and lets
+/// each go when it goes.
+#[test]
+fn all_netns_finds_namespaces_held_by_mounts_and_processes() {
+    if !can_run_in_netns(&[Need::Tool("unshare"), Need::Tool("mount")]) {
+        return;
+    }
+    let _serial = serial();
+    let home = Populated::new("anyhome", 0);
+    let docker_dir = DockerDir::prepare();
+    let exporter = Exporter::start(&home.ns, &["--all-netns"]);
+    let named = Populated::new("anyrun", 2);
+    let docker = DockerStyle::new(&docker_dir);
+    let unshared = Unshared::start();
+    let held = format!("pid/{}/python3", unshared.pid);
+    let (named_name, docker_name) = (named.name().to_string(), docker.name());
+    let ours = [named_name.as_str(), &docker_name, &held];
+    // Let the exporter settle on what it found before counting its files.
+    exporter.next_poll(&ours);
+    let (fds, threads) = exporter.footprint();
+
+    let mut want = expect(&[&named]);
+    for (name, inode, port) in [
+        (docker.name(), docker.inode, 5555),
+        (held.clone(), unshared.inode, 4444),
+    ] {
+        let seen = Seen {
+            inodes: [inode].into(),
+            keys: [(libc::AF_INET as u32, port, 0)].into(),
+        };
+        want.insert(name, seen);
+    }
+    assert_eq!(exporter.next_poll(&ours), want);
+
+    drop(unshared.child);
+    drop(docker);
+    drop(named);
+    assert_eq!(exporter.next_poll(&ours), expect(&[]));
+    // Two sockets per namespace gone, no thread more or less.
+    assert_eq!(exporter.footprint(), (fds - 6, threads));
     let stderr = exporter.stop();
     assert_eq!(
         stopped_value(&stderr, "xtcp", "", "netns_errors"),

@@ -50,23 +50,28 @@ def main():
     finally:
         stop_farm(farm)
     med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+    # A later poll, per repetition: (three polls - one poll) / 2 of that
+    # repetition's runs, then the median.
+    later = {
+        mode: {m: statistics.median((three[m] - one[m]) / 2
+                                    for one, three in zip(runs[(mode, 1)], runs[(mode, 3)]))
+               for m in ("cpu", "bytes", "records")}
+        for mode in MODES
+    }
     print(f"{sockets} idle sockets, {REPS} runs of each, rotated; medians. "
           f"Machine: {os.cpu_count()} CPUs, Linux {os.uname().release}\n")
     print("| mode | first poll: records | later poll: CPU ms | later poll: records "
           "| later poll: bytes sent | peak RSS MiB (3 polls) |")
     print("|---|---|---|---|---|---|")
-    later = {}
     for mode in MODES:
-        one, three = med[(mode, 1)], med[(mode, 3)]
-        later[mode] = {m: (three[m] - one[m]) / 2 for m in ("cpu", "bytes", "records")}
-        print(f"| {mode} | {one['records']:.0f} | {later[mode]['cpu'] * 1e3:.1f} | "
-              f"{later[mode]['records']:.0f} | {later[mode]['bytes']:.0f} | {three['rss']:.1f} |")
+        print(f"| {mode} | {med[(mode, 1)]['records']:.0f} | {later[mode]['cpu'] * 1e3:.1f} | "
+              f"{later[mode]['records']:.0f} | {later[mode]['bytes']:.0f} | "
+              f"{med[(mode, 3)]['rss']:.1f} |")
     full, changes = later["full"], later["--changes-only"]
     tracker = (med[("--changes-only", 3)]["rss"] - med[("full", 3)]["rss"]) * 2**20
     print(f"\nA later poll with --changes-only: {changes['cpu'] / full['cpu']:.2f}x the CPU and "
           f"{changes['bytes'] / max(full['bytes'], 1):.4f}x the bytes of a full one; the tracker "
           f"takes {tracker / sockets:.0f} bytes per socket ({tracker / 2**20:.1f} MiB).")
-
 
 if __name__ == "__main__":
     main()
