@@ -14,6 +14,7 @@
 use xtcp_testkit::harness as common;
 
 mod changes;
+mod clickhouse;
 mod closes;
 mod encode;
 mod faults;

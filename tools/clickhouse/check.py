@@ -11,7 +11,11 @@ chdb cannot create Kafka engine tables (it fails with "Shutdown was
 called"), so the Kafka table is made with the Null engine instead, same
 columns: an INSERT into it runs the materialized view as a Kafka read would.
 
-Usage: python3 tools/clickhouse/check.py MESSAGES   (crates/forwarder/tests/kafka.rs runs it)
+With --connections, it runs instead the query of docs/lifecycle.md ("One row
+per connection") over what landed and prints its rows as JSON lines.
+
+Usage: python3 tools/clickhouse/check.py [--connections] MESSAGES
+(crates/forwarder/tests/kafka.rs and tests/it/clickhouse.rs run it)
 """
 import json
 import os
@@ -22,27 +26,43 @@ from chdb import session
 
 from ddl import PROTO, ddl
 
-DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kafka.md")
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs")
 
 
-def main(messages):
+def connection_query():
+    """The SQL block under "One row per connection" in docs/lifecycle.md."""
+    with open(os.path.join(DOCS, "lifecycle.md")) as f:
+        text = f.read()
+    section = text.split("### One row per connection", 1)[1]
+    return re.search(r"```sql\n(.*?)```", section, re.S).group(1)
+
+
+def land(db, messages):
+    """Runs the DDL of docs/kafka.md and feeds MESSAGES through it."""
     statements = ddl()
-    with open(DOCS) as f:
+    with open(os.path.join(DOCS, "kafka.md")) as f:
         if statements not in f.read():
             sys.exit("docs/kafka.md does not carry the DDL of tools/clickhouse/ddl.py: "
                      "paste its output again")
     local = re.sub(r"ENGINE = Kafka\nSETTINGS\n.*?;", "ENGINE = Null;", statements, flags=re.S)
     assert local != statements
+    for statement in local.split(";"):
+        code = [l for l in statement.splitlines() if l.strip() and not l.startswith("--")]
+        if code:
+            db.query(statement)
+    schema = os.path.abspath(PROTO)
+    db.query(f"INSERT INTO xtcp.records_kafka SELECT * FROM file('{os.path.abspath(messages)}', "
+             f"'Protobuf') SETTINGS format_schema = '{schema}:Record'")
+    db.query("OPTIMIZE TABLE xtcp.records FINAL")
+
+
+def main(messages, connections=False):
     db = session.Session()
     try:
-        for statement in local.split(";"):
-            code = [l for l in statement.splitlines() if l.strip() and not l.startswith("--")]
-            if code:
-                db.query(statement)
-        schema = os.path.abspath(PROTO)
-        db.query(f"INSERT INTO xtcp.records_kafka SELECT * FROM file('{os.path.abspath(messages)}', "
-                 f"'Protobuf') SETTINGS format_schema = '{schema}:Record'")
-        db.query("OPTIMIZE TABLE xtcp.records FINAL")
+        land(db, messages)
+        if connections:
+            print(str(db.query(connection_query(), "JSONEachRow")).strip())
+            return
         result = db.query("""
             SELECT
                 count() AS rows,
@@ -67,6 +87,8 @@ def main(messages):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    connections = args[:1] == ["--connections"]
+    if len(args) != 1 + connections:
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(args[-1], connections)

@@ -273,10 +273,13 @@ fn text_line(r: &Record) -> String {
         " rq {} wq {} cookie {:#x} poll {}",
         r.inet_diag_msg_rqueue, r.inet_diag_msg_wqueue, r.inet_diag_msg_socket_cookie, r.poll_id
     ));
-    // A close record (--close-records) says so: its state is the socket's
-    // last, not what a poll found.
-    if r.record_kind() == RecordKind::Closed {
-        line.push_str(" closed");
+    // A record that is not a plain poll's says what it is: closed (its state
+    // is the socket's last), or snapshot, new or changed (--changes-only).
+    let kind = r.record_kind();
+    if kind != RecordKind::Polled {
+        let name = kind.as_str_name().trim_start_matches("RECORD_KIND_");
+        line.push(' ');
+        line.push_str(&name.to_lowercase());
     }
     // Records of other namespaces (--netns, --all-netns) say which.
     if !r.netns_name.is_empty() {
@@ -317,5 +320,7 @@ mod tests {
         assert!(text_line(&v6).ends_with(" poll 0 netns blue"));
         v6.record_kind = RecordKind::Closed as i32;
         assert!(text_line(&v6).ends_with(" poll 0 closed netns blue"));
+        v6.record_kind = RecordKind::Changed as i32;
+        assert!(text_line(&v6).ends_with(" poll 0 changed netns blue"));
     }
 }
