@@ -2,14 +2,12 @@
 //! there, in real ClickHouse (chdb, through `tools/clickhouse/check.py
 //! --connections`) over records landed by the DDL of docs/kafka.md.
 
-use std::process::Command;
-
 use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::SCHEMA_VERSION;
 use xtcp::proto::{Record, RecordKind};
 
-use crate::common::{can_run, Need};
+use crate::common::{can_run, clickhouse_check, Need};
 
 /// A record of the socket `cookie` at `at_ns`, as a poll (`poll_id` > 0)
 /// or a close (0) saw it.
@@ -69,25 +67,7 @@ fn one_row_per_connection_with_first_last_and_final_counters() {
         r.record_counter = counter as u64 + 1;
         r.encode_length_delimited(&mut messages).unwrap();
     }
-    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("connections-{}.bin", std::process::id()));
-    std::fs::write(&file, messages).unwrap();
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tools/clickhouse/check.py"
-        ))
-        .arg("--connections")
-        .arg(&file)
-        .output()
-        .expect("python3");
-    let _ = std::fs::remove_file(&file);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = clickhouse_check(&["--connections"], &messages);
     let rows: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -128,6 +128,14 @@ fn matched(connections: &[Closed], records: &[Record]) -> Vec<Closed> {
         .collect()
 }
 
+/// Close records among `records`.
+fn closed(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .filter(|r| r.record_kind() == RecordKind::Closed)
+        .count() as u64
+}
+
 /// Close messages [`Scene::churn`] makes: two per connection, one per
 /// listener (one per family).
 fn messages(connections: &[Closed]) -> u64 {
@@ -152,11 +160,11 @@ fn connections_closed_between_polls_arrive_with_their_final_counters() {
     let closes = |name| total(&stderr, "closes", name);
     assert_eq!(closes("messages") + closes("lost"), expected, "{stderr}");
     assert_eq!(closes("records"), closes("messages"), "{stderr}");
-    let received = records
-        .iter()
-        .filter(|r| r.record_kind() == RecordKind::Closed)
-        .count() as u64;
-    assert_eq!(received, closes("records"), "every record sent arrived");
+    assert_eq!(
+        closed(&records),
+        closes("records"),
+        "every record sent arrived"
+    );
 
     let good = matched(&connections, &records);
     eprintln!(
@@ -204,11 +212,11 @@ fn a_burst_beyond_the_close_buffer_is_counted_lost() {
     assert!(closes("lost") > 0 && closes("overruns") > 0, "{stderr}");
     assert_eq!(closes("messages") + closes("lost"), expected, "{stderr}");
     assert!(stderr.contains("warning: close messages lost"), "{stderr}");
-    let received = records
-        .iter()
-        .filter(|r| r.record_kind() == RecordKind::Closed)
-        .count() as u64;
-    assert_eq!(received, closes("records"));
+    assert_eq!(
+        closed(&records),
+        closes("records"),
+        "every record sent arrived"
+    );
 }
 
 /// Joining the close groups needs no privilege: an exporter run as nobody

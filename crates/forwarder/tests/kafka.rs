@@ -259,26 +259,9 @@ fn assert_run_whole(records: &[Record], polls: usize, farm: &BTreeSet<Key>) {
 /// (`tools/clickhouse/check.py`, chdb, which merges with `OPTIMIZE ...
 /// FINAL`) and compares what landed with the records decoded here.
 fn assert_lands_in_clickhouse(messages: &[Vec<u8>], records: &[Record]) {
-    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("kafka-messages-{}.bin", std::process::id()));
     let mut payloads = messages.concat();
     payloads.extend_from_slice(&messages[0]);
-    std::fs::write(&file, payloads).unwrap();
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tools/clickhouse/check.py"
-        ))
-        .arg(&file)
-        .output()
-        .expect("python3");
-    let _ = std::fs::remove_file(&file);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "clickhouse_check.py (pip install chdb): {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = clickhouse_check(&[], &payloads);
     let landed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let n = records.len() as u64;
     let count = |family| {

@@ -527,3 +527,29 @@ pub fn key_file(name: &str, key: &[u8]) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
+
+/// Runs `tools/clickhouse/check.py ARGS FILE` (ClickHouse, chdb) over
+/// `messages` (length-delimited records) written to FILE, and returns what
+/// it printed; a failure fails the test with its output.
+pub fn clickhouse_check(args: &[&str], messages: &[u8]) -> String {
+    let file = std::env::temp_dir().join(format!("xtcp-clickhouse-{}.bin", std::process::id()));
+    std::fs::write(&file, messages).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tools/clickhouse/check.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .arg(&file)
+        .output()
+        .expect("python3");
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tools/clickhouse/check.py (pip install chdb): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
