@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::cli::{parse_positive_duration, ranged};
 use crate::export::record::MAX_NETNS_NAME_LEN;
@@ -202,6 +202,19 @@ struct Cli {
     #[arg(long, env = "XTCP_MAX_LOOPS", default_value_t = 0)]
     max_loops: u64,
 
+    /// One poll to stdout, like `ss`: no metrics endpoint, no statsd (their
+    /// flags are ignored); exit 0 when the poll was whole, 3 when anything
+    /// was lost or skipped.
+    #[arg(long, conflicts_with_all = [
+        "max_loops", "frequency", "dest", "feed_key", "close_records", "changes_only",
+    ])]
+    once: bool,
+
+    /// How --dest stdout prints a record: json (one object per line) or
+    /// text (one ss-like line).
+    #[arg(long, env = "XTCP_FORMAT", value_enum, default_value_t = OutputFormat::Json)]
+    format: OutputFormat,
+
     /// Warn and count a long poll when one takes longer than this fraction
     /// of --frequency.
     #[arg(long, env = "XTCP_POLLING_SAFETY_BUFFER", default_value_t = 0.8, value_parser = parse_safety_buffer)]
@@ -377,6 +390,10 @@ impl Family {
 pub struct Config {
     pub frequency: Duration,
     pub max_loops: u64,
+    /// `--once`: one poll by hand; the exit status says whether it was whole.
+    pub once: bool,
+    /// How `--dest stdout` prints records.
+    pub format: OutputFormat,
     pub polling_safety_buffer: f64,
     pub netlink_timeout: Duration,
     /// Enabled families, dumped in this order.
@@ -422,6 +439,24 @@ impl NetnsSelection {
     /// Neither flag: the exporter's own namespace only.
     pub fn is_own(&self) -> bool {
         self.names.is_empty() && !self.all
+    }
+}
+
+/// How `--dest stdout` prints a record (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// One JSON object per line (proto field names).
+    Json,
+    /// One `ss`-like line (`xtcp::export::text`).
+    Text,
+}
+
+impl OutputFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "json",
+            OutputFormat::Text => "text",
+        }
     }
 }
 
@@ -498,7 +533,14 @@ impl Config {
         }
         // Blank (`XTCP_FEED_KEY=`): none.
         let feed_key = cli.feed_key.clone().filter(|p| !p.as_os_str().is_empty());
-        if feed_key.is_some() && cli.dest == Dest::Stdout {
+        let dest = if cli.once { Dest::Stdout } else { cli.dest };
+        if cli.format != OutputFormat::Json && dest != Dest::Stdout {
+            return Err(format!(
+                "--format {} is for --dest stdout; UDP carries protobuf",
+                cli.format.name()
+            ));
+        }
+        if feed_key.is_some() && dest == Dest::Stdout {
             return Err("--feed-key signs UDP datagrams, and --dest stdout sends none".into());
         }
         if cli.states == 0 {
@@ -506,7 +548,9 @@ impl Config {
         }
         Ok(Config {
             frequency: cli.frequency,
-            max_loops: cli.max_loops,
+            max_loops: if cli.once { 1 } else { cli.max_loops },
+            once: cli.once,
+            format: cli.format,
             polling_safety_buffer: cli.polling_safety_buffer,
             netlink_timeout: cli.netlink_timeout,
             families,
@@ -529,16 +573,16 @@ impl Config {
                 all: cli.all_netns,
             },
             extensions: ALL_EXTENSIONS,
-            dest: cli.dest,
+            dest,
             udp_batch_bytes: cli.udp_batch_bytes,
             feed_key,
             close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
             snapshot_every: cli.changes_only.then_some(cli.snapshot_every),
-            prom: (!cli.no_prom).then(|| PromEndpoint {
+            prom: (!cli.no_prom && !cli.once).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),
             }),
-            statsd: (!cli.no_statsd).then_some(cli.statsd_dst),
+            statsd: (!cli.no_statsd && !cli.once).then_some(cli.statsd_dst),
             verbose: cli.verbose,
         })
     }
@@ -565,6 +609,7 @@ impl Config {
         let lines: Vec<(&str, String)> = vec![
             ("FREQUENCY", dur(self.frequency)),
             ("MAX_LOOPS", self.max_loops.to_string()),
+            ("FORMAT", self.format.name().to_string()),
             (
                 "POLLING_SAFETY_BUFFER",
                 self.polling_safety_buffer.to_string(),

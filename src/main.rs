@@ -1,5 +1,6 @@
 //! The `xtcp` command: parse the command line, run the pipeline, map the
-//! outcome to an exit code (0 ok, 1 runtime error, 2 bad arguments).
+//! outcome to an exit code (0 ok, 1 runtime error, 2 bad arguments, 3 a
+//! `--once` poll that lost or skipped anything).
 
 use std::process::ExitCode;
 
@@ -31,6 +32,10 @@ fn main() -> ExitCode {
     match xtcp::pipeline::run(&config, &identity) {
         Ok(totals) => {
             eprintln!("xtcp: stopped: {identity} {totals}");
+            if config.once && totals.losses() > 0 {
+                // The warning above said what; the status says it to a script.
+                return ExitCode::from(3);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -11,4 +11,5 @@ pub mod record;
 pub mod sequence;
 pub mod sink;
 pub mod stdout;
+pub mod text;
 pub mod udp;

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::config::Dest;
+use crate::config::{Config, Dest};
 use crate::export::auth::FeedKey;
 use crate::export::stdout::StdoutSink;
 use crate::export::udp::{SendTally, UdpSink};
@@ -13,11 +13,12 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// `key` signs UDP datagrams; stdout has none to sign.
-    pub fn open(dest: Dest, udp_batch_bytes: usize, key: Option<FeedKey>) -> io::Result<Sink> {
-        Ok(match dest {
-            Dest::Udp(addr) => Sink::Udp(UdpSink::connect(addr, udp_batch_bytes, key)?),
-            Dest::Stdout => Sink::Stdout(StdoutSink::default()),
+    /// The destination of `config`; `key` signs UDP datagrams (stdout has
+    /// none to sign).
+    pub fn open(config: &Config, key: Option<FeedKey>) -> io::Result<Sink> {
+        Ok(match config.dest {
+            Dest::Udp(addr) => Sink::Udp(UdpSink::connect(addr, config.udp_batch_bytes, key)?),
+            Dest::Stdout => Sink::Stdout(StdoutSink::new(config.format)),
         })
     }
 

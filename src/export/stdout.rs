@@ -1,5 +1,6 @@
 //! `--dest stdout`: one JSON object per socket per line (proto field names,
-//! addresses as IP strings), for people and for `jq`.
+//! addresses as IP strings), for people and for `jq`; or, with `--format
+//! text`, one `ss`-like line ([`crate::export::text`]).
 //!
 //! Each inetdiager gathers the lines of one netlink buffer and writes them
 //! under the stdout lock, so lines from several threads never interleave.
@@ -10,20 +11,34 @@ use std::io::{self, Write};
 
 use prost::Message;
 
+use crate::config::OutputFormat;
+use crate::export::text::text_line;
 use crate::proto::Record;
 
-#[derive(Default)]
 pub struct StdoutSink {
+    format: OutputFormat,
     lines: Vec<u8>,
     written: u64,
     flushes: u64,
 }
 
 impl StdoutSink {
-    /// Adds one encoded `Record` as a JSON line.
+    pub fn new(format: OutputFormat) -> Self {
+        StdoutSink {
+            format,
+            lines: Vec::new(),
+            written: 0,
+            flushes: 0,
+        }
+    }
+
+    /// Adds one encoded `Record` as a line of the format.
     pub fn write(&mut self, encoded: &[u8]) -> io::Result<()> {
         let record = Record::decode(encoded).map_err(io::Error::other)?;
-        serde_json::to_writer(&mut self.lines, &record)?;
+        match self.format {
+            OutputFormat::Json => serde_json::to_writer(&mut self.lines, &record)?,
+            OutputFormat::Text => self.lines.extend_from_slice(text_line(&record).as_bytes()),
+        }
         self.lines.push(b'\n');
         Ok(())
     }

@@ -225,8 +225,9 @@ mod tests {
     use crossbeam_channel::bounded;
 
     use super::*;
-    use crate::config::{Dest, Family};
+    use crate::config::Family;
     use crate::export::udp::decode_datagram;
+    use crate::export::udp::UdpSink;
     use crate::identity::Identity;
     use crate::pipeline::dump::Dump;
     use crate::pipeline::pool::BufferPool;
@@ -295,7 +296,7 @@ mod tests {
         let inetdiager = Inetdiager {
             writer: RecordWriter::new(
                 RecordEncoder::new(Identity::new("h", 9)),
-                Sink::open(Dest::Udp(receiver.local_addr().unwrap()), 60_000, None).unwrap(),
+                Sink::Udp(UdpSink::connect(receiver.local_addr().unwrap(), 60_000, None).unwrap()),
                 Sampler::new(1),
                 TailLayout::for_release("6.1.0"),
             ),

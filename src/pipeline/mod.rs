@@ -141,7 +141,7 @@ fn run_threads(
             .map_err(setup("creating the netlinkers' epoll set"))?;
         let state = Arc::new(state);
         let sinks = (0..family.inetdiagers)
-            .map(|_| Sink::open(config.dest, config.udp_batch_bytes, feed_key.clone()))
+            .map(|_| Sink::open(config, feed_key.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(setup("opening the destination"))?;
         families.push((state, sinks));
@@ -153,8 +153,8 @@ fn run_threads(
         .map(|buffer| {
             let state = CloseState::new(config.families.clone(), buffer, shutdown.release_fd())
                 .map_err(setup("creating the closer's epoll set"))?;
-            let sink = Sink::open(config.dest, config.udp_batch_bytes, feed_key.clone())
-                .map_err(setup("opening the destination"))?;
+            let sink =
+                Sink::open(config, feed_key.clone()).map_err(setup("opening the destination"))?;
             Ok::<_, RunError>((Arc::new(state), sink))
         })
         .transpose()?;

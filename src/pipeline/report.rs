@@ -25,6 +25,19 @@ pub struct RunTotals {
 }
 
 impl RunTotals {
+    /// Everything lost or skipped for a fault over the run: what the poll
+    /// warnings name, the namespaces that could not be polled, and stale
+    /// datagrams. 0 means every poll was whole.
+    pub fn losses(&self) -> u64 {
+        let dumps: u64 = self
+            .families
+            .iter()
+            .flat_map(|(_, t)| t.problems())
+            .map(|(n, _)| n)
+            .sum();
+        dumps + self.netns_errors + self.stale_datagrams
+    }
+
     pub fn add_poll(&mut self, reports: &[DumpReport], long: bool) {
         self.polls += 1;
         self.long_polls += u64::from(long);

@@ -24,6 +24,7 @@ mod loss;
 mod malformed;
 mod namespaces;
 mod netns;
+mod once;
 mod pipeline;
 mod soak;
 mod systemd;
