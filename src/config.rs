@@ -329,6 +329,19 @@ struct Cli {
     #[arg(long, env = "XTCP_CLOSE_BUFFER", default_value_t = DEFAULT_CLOSE_BUFFER, value_parser = ranged(4096, MAX_CLOSE_BUFFER as u64))]
     close_buffer: u64,
 
+    /// Write the socket messages of every dump to FILE as received, then
+    /// NLMSG_DONE: the format `ss -D` writes and reads from TCPDIAG_FILE.
+    #[arg(long, env = "XTCP_CAPTURE", value_name = "FILE", value_parser = parse_optional_path)]
+    capture: Option<PathBuf>,
+
+    /// Decode the dump in FILE (from --capture or `ss -D`) as one poll,
+    /// instead of asking the kernel, and send its records as usual.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "netns", "all_netns", "filter", "states", "close_records", "changes_only",
+        "capture", "max_loops", "frequency",
+    ])]
+    replay: Option<PathBuf>,
+
     /// Sign every UDP datagram with the key in this file (HMAC-SHA256, a
     /// 16-byte tag at its end), for receivers given the same key.
     #[arg(long, env = "XTCP_FEED_KEY", value_name = "FILE", value_parser = parse_optional_path)]
@@ -415,6 +428,10 @@ pub struct Config {
     pub udp_batch_bytes: usize,
     /// `--feed-key`: the key file, read at start.
     pub feed_key: Option<PathBuf>,
+    /// `--capture`: where the dumps' messages are written.
+    pub capture: Option<PathBuf>,
+    /// `--replay`: the dump file decoded instead of polling.
+    pub replay: Option<PathBuf>,
     /// `--close-records`: the receive buffer of the close sockets, if on.
     pub close_buffer: Option<usize>,
     /// `--changes-only`: a full snapshot every this many polls, if on.
@@ -576,6 +593,9 @@ impl Config {
             dest,
             udp_batch_bytes: cli.udp_batch_bytes,
             feed_key,
+            // Blank (`XTCP_CAPTURE=`): none.
+            capture: cli.capture.clone().filter(|p| !p.as_os_str().is_empty()),
+            replay: cli.replay.clone(),
             close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
             snapshot_every: cli.changes_only.then_some(cli.snapshot_every),
             prom: (!cli.no_prom && !cli.once).then(|| PromEndpoint {
@@ -643,6 +663,12 @@ impl Config {
             ("ALL_NETNS", self.netns.all.to_string()),
             ("DEST", self.dest.to_string()),
             ("UDP_BATCH_BYTES", self.udp_batch_bytes.to_string()),
+            (
+                "CAPTURE",
+                self.capture
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+            ),
             ("CHANGES_ONLY", self.snapshot_every.is_some().to_string()),
             (
                 "SNAPSHOT_EVERY",

@@ -1,6 +1,6 @@
 //! The `xtcp` command: parse the command line, run the pipeline, map the
 //! outcome to an exit code (0 ok, 1 runtime error, 2 bad arguments, 3 a
-//! `--once` poll that lost or skipped anything).
+//! `--once` poll or a `--replay` that lost or skipped anything).
 
 use std::process::ExitCode;
 
@@ -29,10 +29,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match xtcp::pipeline::run(&config, &identity) {
+    let result = match &config.replay {
+        Some(file) => xtcp::pipeline::dumpfile::replay(&config, &identity, file),
+        None => xtcp::pipeline::run(&config, &identity),
+    };
+    match result {
         Ok(totals) => {
             eprintln!("xtcp: stopped: {identity} {totals}");
-            if config.once && totals.losses() > 0 {
+            let by_hand = config.once || config.replay.is_some();
+            if by_hand && totals.losses() > 0 {
                 // The warning above said what; the status says it to a script.
                 return ExitCode::from(3);
             }

@@ -13,6 +13,7 @@ use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
 use crate::pipeline::changes::ChangeTracker;
+use crate::pipeline::dumpfile::Capture;
 use crate::pipeline::netlinker::ReceivedDatagram;
 use crate::pipeline::sample::Sampler;
 use crate::pipeline::sock_diag::scan_datagram;
@@ -27,6 +28,8 @@ const SMALLEST_SOCKET_MESSAGE: usize = NLMSG_HDRLEN + INET_DIAG_MSG_LEN;
 
 pub struct Inetdiager {
     pub writer: RecordWriter,
+    /// `--capture`: where each datagram's socket messages are written too.
+    pub capture: Option<Arc<Capture>>,
 }
 
 impl Inetdiager {
@@ -45,6 +48,12 @@ impl Inetdiager {
                 self.writer.skip_datagram(datagram, dump.seq, &mut tally);
                 dump.counters.add(&tally);
                 continue;
+            }
+            if let Some(capture) = &self.capture {
+                if let Err(e) = capture.datagram(datagram) {
+                    shutdown.abort(format!("writing --capture: {e}"));
+                    return;
+                }
             }
             let mut lengths = TcpInfoLengths::default();
             // The netlinker already framed this datagram and checked its
@@ -294,6 +303,7 @@ mod tests {
         }
         drop((tx, dump));
         let inetdiager = Inetdiager {
+            capture: None,
             writer: RecordWriter::new(
                 RecordEncoder::new(Identity::new("h", 9)),
                 Sink::Udp(UdpSink::connect(receiver.local_addr().unwrap(), 60_000, None).unwrap()),

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod changes;
 pub mod closes;
 pub mod dump;
+pub mod dumpfile;
 pub mod family;
 pub mod inetdiager;
 pub mod netlinker;
@@ -49,6 +50,7 @@ use crate::shutdown::{spawn, Shutdown, SignalThread};
 use crate::wire::TailLayout;
 use changes::ChangeTracker;
 use closes::{CloseState, Closer};
+use dumpfile::Capture;
 use family::FamilyState;
 use inetdiager::{Inetdiager, RecordWriter};
 use netns::Namespaces;
@@ -180,30 +182,40 @@ fn run_threads(
         .snapshot_every
         .map(|n| Arc::new(ChangeTracker::new(n)));
     let sampler = Sampler::new(config.sampling_modulus);
-    let writer = |sink| {
+    let capture = config
+        .capture
+        .as_deref()
+        .map(Capture::create)
+        .transpose()
+        .map_err(setup("opening --capture"))?;
+    let inetdiager = |sink| {
         let mut writer = RecordWriter::new(encoder.clone(), sink, sampler, tail);
         writer.changes = changes.clone();
-        writer
+        Inetdiager {
+            writer,
+            capture: capture.clone(),
+        }
     };
-    let spawned = spawn_workers(config, shutdown, families, &writer, &mut workers).and_then(|()| {
-        if let Some((state, sink)) = closes {
-            let closer_thread = Closer {
-                state,
-                // Closes are exported as they come, changed or not.
-                writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
-                metrics: metrics.table.close_metrics(),
-                said: Vec::new(),
-            };
-            let sd = shutdown.clone();
-            closer = Some(spawn("closer".into(), shutdown, move || {
-                closer_thread.run(&sd)
-            })?);
-        }
-        if let Some(server) = prom {
-            prom_thread = Some(spawn_prom(config, shutdown, server)?);
-        }
-        Ok(())
-    });
+    let spawned =
+        spawn_workers(config, shutdown, families, &inetdiager, &mut workers).and_then(|()| {
+            if let Some((state, sink)) = closes {
+                let closer_thread = Closer {
+                    state,
+                    // Closes are exported as they come, changed or not.
+                    writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
+                    metrics: metrics.table.close_metrics(),
+                    said: Vec::new(),
+                };
+                let sd = shutdown.clone();
+                closer = Some(spawn("closer".into(), shutdown, move || {
+                    closer_thread.run(&sd)
+                })?);
+            }
+            if let Some(server) = prom {
+                prom_thread = Some(spawn_prom(config, shutdown, server)?);
+            }
+            Ok(())
+        });
     let (report_tx, report_rx) = bounded(config.families.len());
     let poller = spawned.and_then(|()| {
         let poller = Poller {
@@ -239,6 +251,11 @@ fn run_threads(
     }
     // The release that ended the netlinkers ends the closer too.
     let close_totals = closer.and_then(|c| c.join().ok());
+    if let Some(capture) = capture {
+        if let Err(e) = capture.finish() {
+            shutdown.abort(format!("writing --capture: {e}"));
+        }
+    }
     match (shutdown.failure(), totals) {
         (Some(reason), _) => Err(RunError::Aborted(reason)),
         (None, Some(mut totals)) => {
@@ -255,7 +272,7 @@ fn spawn_workers(
     config: &Config,
     shutdown: &Shutdown,
     families: Vec<(Arc<FamilyState>, Vec<Sink>)>,
-    writer: &dyn Fn(Sink) -> RecordWriter,
+    inetdiager: &dyn Fn(Sink) -> Inetdiager,
     workers: &mut Vec<JoinHandle<()>>,
 ) -> io::Result<()> {
     for (state, sinks) in families {
@@ -270,9 +287,7 @@ fn spawn_workers(
             )?);
         }
         for (i, sink) in sinks.into_iter().enumerate() {
-            let inetdiager = Inetdiager {
-                writer: writer(sink),
-            };
+            let inetdiager = inetdiager(sink);
             let (rx, sd) = (rx.clone(), shutdown.clone());
             workers.push(spawn(
                 format!("inetdiager-{name}-{i}"),

@@ -26,5 +26,6 @@ mod namespaces;
 mod netns;
 mod once;
 mod pipeline;
+mod replay;
 mod soak;
 mod systemd;

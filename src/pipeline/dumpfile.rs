@@ -1,0 +1,302 @@
+//! Dump files, the format `ss` writes with `-D FILE` and reads from the file
+//! named by `TCPDIAG_FILE`: the netlink messages of a `sock_diag` dump as
+//! the kernel sent them, each header and payload padded to 4 bytes, ended by
+//! `NLMSG_DONE`.
+//!
+//! `--capture FILE` writes the socket messages of every dump, byte for byte
+//! as received, then one `NLMSG_DONE` at exit (`ss` stops reading at the
+//! first `NLMSG_DONE`, so the families' own are left out: `ss` then reads
+//! both families). `--replay FILE` decodes such a file, or one `ss -D`
+//! wrote, instead of asking the kernel: its socket messages go through the
+//! same sampling, decoding, encoding and destination as a poll's, as one
+//! poll. It reads past every `NLMSG_DONE` (`ss -D` writes one per family).
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, Family};
+use crate::counting::{DumpTotals, TcpInfoLengths};
+use crate::export::record::PollStamp;
+use crate::export::record::RecordEncoder;
+use crate::export::sink::Sink;
+use crate::identity::Identity;
+use crate::pipeline::closes::unix_nanos;
+use crate::pipeline::inetdiager::RecordWriter;
+use crate::pipeline::report::RunTotals;
+use crate::pipeline::sample::Sampler;
+use crate::pipeline::{kernel_release, RunError};
+use crate::wire::message::{
+    messages, put_header, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
+};
+use crate::wire::request::{AF_INET, AF_INET6};
+use crate::wire::TailLayout;
+
+/// `--capture`: the file the inetdiagers append socket messages to.
+pub struct Capture {
+    file: Mutex<BufWriter<File>>,
+}
+
+impl Capture {
+    pub fn create(path: &Path) -> io::Result<Arc<Capture>> {
+        let file = File::create(path)?;
+        Ok(Arc::new(Capture {
+            file: Mutex::new(BufWriter::new(file)),
+        }))
+    }
+
+    /// Appends the socket messages of one received datagram, as received.
+    pub fn datagram(&self, datagram: &[u8]) -> io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        for msg in messages(datagram) {
+            // The netlinker framed the datagram already.
+            let Ok(msg) = msg else { break };
+            if matches!(msg.msg_type, SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK) {
+                let len = NLMSG_HDRLEN + msg.payload.len();
+                let mut header = [0u8; NLMSG_HDRLEN];
+                put_header(&mut header, len as u32, msg.msg_type, msg.flags, msg.seq);
+                file.write_all(&header)?;
+                file.write_all(msg.payload)?;
+                file.write_all(&[0; 3][..len.next_multiple_of(4) - len])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the file with `NLMSG_DONE` and writes it out.
+    pub fn finish(&self) -> io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut header = [0u8; NLMSG_HDRLEN];
+        put_header(&mut header, NLMSG_HDRLEN as u32 + 4, NLMSG_DONE, 0, 0);
+        file.write_all(&header)?;
+        // The kernel's int payload: 0, no error.
+        file.write_all(&[0; 4])?;
+        file.flush()
+    }
+}
+
+/// Socket messages handed to the writer at once, as a dump's datagram would.
+const CHUNK: usize = 32 * 1024;
+/// The longest message a replay accepts (`ss` reads up to 16 KiB).
+const MESSAGE_MAX: usize = 1 << 20;
+
+/// The messages of a dump file, one at a time.
+struct DumpFile<R> {
+    reader: R,
+    /// Bytes read so far, to say where a bad message is.
+    offset: u64,
+}
+
+/// One message of a dump file: its type, sequence number, and the whole
+/// message (header and payload, without padding).
+struct FileMessage {
+    msg_type: u16,
+    seq: u32,
+    bytes: Vec<u8>,
+}
+
+impl<R: Read> DumpFile<R> {
+    /// The next message, `None` at the end of the file.
+    fn next(&mut self) -> Result<Option<FileMessage>, String> {
+        let mut header = [0u8; NLMSG_HDRLEN];
+        let got = read_full(&mut self.reader, &mut header).map_err(|e| e.to_string())?;
+        if got == 0 {
+            return Ok(None);
+        }
+        let at = self.offset;
+        if got < NLMSG_HDRLEN {
+            return Err(format!("a message header cut short at byte {at}"));
+        }
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if !(NLMSG_HDRLEN..=MESSAGE_MAX).contains(&len) {
+            return Err(format!("a message of {len} bytes at byte {at}"));
+        }
+        let mut bytes = vec![0u8; len.next_multiple_of(4)];
+        bytes[..NLMSG_HDRLEN].copy_from_slice(&header);
+        let got =
+            read_full(&mut self.reader, &mut bytes[NLMSG_HDRLEN..]).map_err(|e| e.to_string())?;
+        // The last message may come without its padding.
+        if NLMSG_HDRLEN + got < len {
+            return Err(format!("a message of {len} bytes cut short at byte {at}"));
+        }
+        self.offset += (NLMSG_HDRLEN + got) as u64;
+        bytes.truncate(len);
+        Ok(Some(FileMessage {
+            msg_type: u16::from_ne_bytes([header[4], header[5]]),
+            seq: u32::from_ne_bytes([header[8], header[9], header[10], header[11]]),
+            bytes,
+        }))
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// `--replay FILE`: the dump in FILE as one poll, to the destination of
+/// `config`. What it did comes back as a run's totals; a file that stops
+/// short or holds a malformed message ends the replay with a warning and
+/// the message counted as `malformed`.
+pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTotals, RunError> {
+    let setup = |what: String| move |e: io::Error| RunError::Setup { what, source: e };
+    let file = File::open(path).map_err(setup(format!("--replay {}", path.display())))?;
+    let sink = Sink::open(config, None).map_err(setup("opening the destination".into()))?;
+    // The tcp_info tail is read as this kernel lays it out.
+    let tail = TailLayout::for_release(&kernel_release());
+    let mut writer = RecordWriter::new(
+        RecordEncoder::new(identity.clone()),
+        sink,
+        Sampler::new(config.sampling_modulus),
+        tail,
+    );
+    let stamp = PollStamp {
+        poll_id: 1,
+        timestamp_ns: unix_nanos(),
+        ..PollStamp::default()
+    };
+    let mut replay = Replay {
+        writer: &mut writer,
+        stamp,
+        families: Vec::new(),
+        said: Vec::new(),
+    };
+    let mut file = DumpFile {
+        reader: BufReader::new(file),
+        offset: 0,
+    };
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK);
+    // The sequence number and family of the messages in `chunk`.
+    let mut key = (0u32, 0u8);
+    loop {
+        let msg = match file.next() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!(
+                    "warning: --replay {}: {e}; the rest is not read",
+                    path.display()
+                );
+                replay.totals(key.1).malformed += 1;
+                break;
+            }
+        };
+        match msg.msg_type {
+            SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => {
+                let family = msg.bytes.get(NLMSG_HDRLEN).copied().unwrap_or(0);
+                let full = chunk.len() + msg.bytes.len() > CHUNK;
+                if !chunk.is_empty() && ((msg.seq, family) != key || full) {
+                    if !replay.chunk(&chunk, key)? {
+                        return Ok(replay.finish());
+                    }
+                    chunk.clear();
+                }
+                key = (msg.seq, family);
+                chunk.extend_from_slice(&msg.bytes);
+                chunk.resize(chunk.len().next_multiple_of(4), 0);
+            }
+            NLMSG_ERROR => {
+                let errno = msg.bytes.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4);
+                if errno.is_some_and(|e| e != [0; 4]) {
+                    replay.totals(key.1).kernel_errors += 1;
+                }
+            }
+            // The end of one family's dump; `ss -D` writes one per family.
+            NLMSG_DONE => {}
+            _ => {}
+        }
+    }
+    if !chunk.is_empty() {
+        replay.chunk(&chunk, key)?;
+    }
+    Ok(replay.finish())
+}
+
+/// A replay in progress.
+struct Replay<'a> {
+    writer: &'a mut RecordWriter,
+    stamp: PollStamp,
+    families: Vec<(Family, DumpTotals)>,
+    /// The kinds of error already said (the first of each is).
+    said: Vec<&'static str>,
+}
+
+impl Replay<'_> {
+    /// The totals of the family `af` (IPv4 for anything else).
+    fn totals(&mut self, af: u8) -> &mut DumpTotals {
+        let af = if af == AF_INET6 { AF_INET6 } else { AF_INET };
+        let i = match self.families.iter().position(|(f, _)| f.af == af) {
+            Some(i) => i,
+            None => {
+                let family = Family {
+                    af,
+                    netlinkers: 0,
+                    inetdiagers: 0,
+                };
+                self.families.push((family, DumpTotals::default()));
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].1
+    }
+
+    /// What the replay did, as one poll.
+    fn finish(self) -> RunTotals {
+        let mut families = self.families;
+        families.sort_by_key(|(f, _)| f.af);
+        RunTotals {
+            polls: 1,
+            families,
+            ..RunTotals::default()
+        }
+    }
+
+    /// Sends the records of one chunk of socket messages of dump `seq` and
+    /// family `af`. `false` when stdout was closed (`| head`): the replay
+    /// stops there, quietly.
+    fn chunk(&mut self, chunk: &[u8], (seq, af): (u32, u8)) -> Result<bool, RunError> {
+        let mut tally = DumpTotals {
+            datagrams: 1,
+            bytes: chunk.len() as u64,
+            ..DumpTotals::default()
+        };
+        for _ in messages(chunk) {
+            tally.messages += 1;
+            tally.sockets += 1;
+        }
+        let mut lengths = TcpInfoLengths::default();
+        let said = &mut self.said;
+        let written =
+            self.writer
+                .write_datagram(chunk, seq, &self.stamp, &mut tally, &mut lengths, |e| {
+                    if !said.contains(&"decode") {
+                        said.push("decode");
+                        eprintln!("warning: --replay: decode: {e}");
+                    }
+                });
+        let (flushed, send_error) = self.writer.flush(written, &mut tally);
+        if let Some(e) = send_error {
+            if !self.said.contains(&"send") {
+                self.said.push("send");
+                eprintln!("warning: --replay: send: {e}");
+            }
+        }
+        self.totals(af).add(&tally);
+        match flushed {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+            Err(e) => Err(RunError::Aborted(format!("writing records: {e}"))),
+        }
+    }
+}
