@@ -366,3 +366,58 @@ fn a_file_ss_wrote_replays_to_the_polled_sockets() {
     assert_eq!(replayed.len(), 2 * 201);
     assert_eq!(keys(&replayed), keys(&polled));
 }
+
+/// A dump file that stops short, or claims an impossible length, ends the
+/// replay where it goes wrong: what came before is exported, the rest is
+/// said in one warning and counted, and the exit status is 3. A file that
+/// is not there is a one-line error.
+#[test]
+fn a_broken_dump_file_is_said_counted_and_exit_3() {
+    let whole = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/scenario-v4.bin"
+    ))
+    .unwrap();
+    let replay = |bytes: &[u8], name: &str| {
+        let file = std::env::temp_dir().join(format!("xtcp-{name}-{}.dump", std::process::id()));
+        std::fs::write(&file, bytes).unwrap();
+        let out = Command::new(workspace_bin("xtcp"))
+            .args(["--once", "--replay"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        let records = String::from_utf8(out.stdout).unwrap().lines().count();
+        (
+            out.status.code(),
+            records,
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    assert_eq!(replay(&whole, "whole").0, Some(0));
+    assert_eq!(replay(&whole, "whole").1, 8);
+    // Cut in the middle of the third socket message.
+    let first_three: usize = xtcp::wire::message::messages(&whole)
+        .take(3)
+        .map(|m| 16 + m.unwrap().payload.len())
+        .sum();
+    let (code, records, stderr) = replay(&whole[..first_three - 10], "cut");
+    assert_eq!((code, records), (Some(3), 2), "{stderr}");
+    assert!(stderr.contains("cut short at byte"), "{stderr}");
+    assert_eq!(total(&stderr, "v4", "netlink_errors"), 1, "{stderr}");
+    // A header claiming more than a message can be.
+    let mut bogus = whole.clone();
+    bogus[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+    let (code, records, stderr) = replay(&bogus, "bogus");
+    assert_eq!((code, records), (Some(3), 0), "{stderr}");
+    assert!(
+        stderr.contains("a message of 4294967295 bytes at byte 0"),
+        "{stderr}"
+    );
+    let out = Command::new(workspace_bin("xtcp"))
+        .args(["--replay", "/nonexistent.dump", "--once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8(out.stderr).unwrap().lines().count(), 1);
+}
