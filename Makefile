@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-shipped build-all install test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-netns-scan bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install deb test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-netns-scan bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -29,6 +29,12 @@ build-shipped:
 # And the test kit's (socket farm, dump floor), for the benches.
 build-all:
 	$(CARGO) build --release --locked --workspace
+
+## deb: target/debian/xtcp_VERSION_ARCH.deb: binaries, unit, drop-ins, env file (a conffile), docs, man pages, completions (cargo-deb)
+deb: build-shipped
+	rm -rf target/deb-root
+	DESTDIR=target/deb-root PREFIX=/usr UNITDIR=/lib/systemd/system sh tools/install.sh >/dev/null
+	$(CARGO) deb --no-build --locked -p xtcp --output target/debian/
 
 ## install: binaries, systemd unit, env file (kept if present), docs under PREFIX (see tools/install.sh)
 install: build-shipped

@@ -27,6 +27,33 @@ pub fn first_line(s: &str) -> String {
         .to_string()
 }
 
+/// `--man` and `--completions SHELL`: hidden flags every program has, for
+/// its package (`make deb`): the man page (roff) or a shell's completion
+/// script, made from the program's clap definition.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Generate {
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man: bool,
+    /// Print the completion script for SHELL (bash, zsh, fish...) and exit.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
+}
+
+impl Generate {
+    /// The text asked for, if any, made from `cmd`, the program's command.
+    pub fn text(&self, mut cmd: clap::Command) -> Option<String> {
+        let mut out = Vec::new();
+        if self.man {
+            clap_mangen::Man::new(cmd).render(&mut out).ok()?;
+        } else {
+            let name = cmd.get_name().to_string();
+            clap_complete::generate(self.completions?, &mut cmd, name, &mut out);
+        }
+        String::from_utf8(out).ok()
+    }
+}
+
 /// A duration flag such as `30s`, `500ms` or `1m 30s`; zero is allowed
 /// (e.g. a linger of `0ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

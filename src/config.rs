@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 
-use crate::cli::{parse_positive_duration, ranged};
+use crate::cli::{parse_positive_duration, ranged, Generate};
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
@@ -376,6 +376,9 @@ struct Cli {
     /// Print the effective configuration as KEY=value lines and exit.
     #[arg(long)]
     print_config: bool,
+
+    #[command(flatten)]
+    generate: Generate,
 }
 
 /// One address family's dump and its thread counts.
@@ -492,6 +495,8 @@ pub enum ArgsError {
     Clap(clap::Error),
     /// `--print-config`: print this and exit 0.
     PrintConfig(String),
+    /// `--man`, `--completions SHELL`: print this and exit 0.
+    Print(String),
     /// Exit 2 with this one line.
     Invalid(String),
 }
@@ -503,6 +508,9 @@ impl Config {
         T: Into<OsString> + Clone,
     {
         let cli = Cli::try_parse_from(args).map_err(ArgsError::Clap)?;
+        if let Some(text) = cli.generate.text(Cli::command()) {
+            return Err(ArgsError::Print(text));
+        }
         let config =
             Config::validate(&cli).map_err(|e| ArgsError::Invalid(format!("error: {e}")))?;
         if cli.print_config {
@@ -724,12 +732,13 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         Config::from_args(std::iter::once("xtcp").chain(args.iter().copied())).map_err(
             |e| match e {
-                ArgsError::Invalid(line) | ArgsError::PrintConfig(line) => line,
+                ArgsError::Invalid(line)
+                | ArgsError::PrintConfig(line)
+                | ArgsError::Print(line) => line,
                 ArgsError::Clap(e) => crate::cli::first_line(&e.render().to_string()),
             },
         )

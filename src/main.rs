@@ -24,6 +24,10 @@ fn main() -> ExitCode {
             println!("{text}# this process: {identity} (every start draws a new instance)");
             return ExitCode::SUCCESS;
         }
+        Err(ArgsError::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(ArgsError::Invalid(line)) => {
             eprintln!("{line}");
             return ExitCode::from(2);

@@ -1,6 +1,7 @@
 #!/bin/sh
-# `make install`: the binaries, the systemd unit, its environment file, the
-# optional CAP_NET_ADMIN drop-in and the operator docs.
+# `make install` (and `make deb`, into a staging root): the binaries, the
+# systemd unit, its environment file, the optional drop-ins, the operator
+# docs, the man pages and the shell completions.
 #
 #   PREFIX      /usr/local   binaries in PREFIX/bin, docs in PREFIX/share/doc/xtcp
 #   SYSCONFDIR  /etc         the environment file in SYSCONFDIR/xtcp/xtcp.env
@@ -44,8 +45,19 @@ fi
 for drop_in in net-admin netns feed-key; do
     install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
 done
-for doc in operations metrics flags record filter kafka; do
+for doc in operations metrics flags record filter kafka lifecycle; do
     install -D -m 0644 "docs/$doc.md" "$DESTDIR$DOCDIR/$doc.md"
+done
+
+# Man pages and shell completions, made by each program from its flags.
+SHARE=$DESTDIR$PREFIX/share
+for bin in xtcp xtcp-forwarder xtcp-debug-server; do
+    mkdir -p "$SHARE/man/man1" "$SHARE/bash-completion/completions" \
+        "$SHARE/zsh/vendor-completions" "$SHARE/fish/vendor_completions.d"
+    "$BIN_DIR/$bin" --man | gzip -9n >"$SHARE/man/man1/$bin.1.gz"
+    "$BIN_DIR/$bin" --completions bash >"$SHARE/bash-completion/completions/$bin"
+    "$BIN_DIR/$bin" --completions zsh >"$SHARE/zsh/vendor-completions/_$bin"
+    "$BIN_DIR/$bin" --completions fish >"$SHARE/fish/vendor_completions.d/$bin.fish"
 done
 
 echo "installed xtcp under $DESTDIR$PREFIX; unit $DESTDIR$UNITDIR/xtcp.service"

@@ -6,6 +6,8 @@
 #   systemd (`systemd-analyze`), strace: the unit's checks;
 #   rustfmt, clippy: the lints;
 #   cargo-fuzz: the fuzz smoke run (built from crates.io, ~1 min);
+#   cargo-deb: `make deb`, which the package test builds and installs
+#     (from crates.io, ~2 min); tmux: the top view's test; dpkg is Debian's;
 #   tansu: a Kafka-compatible broker for the forwarder's tests (in-memory
 #     storage, the dynostore feature; ~10 minutes to build, once);
 #   chdb: ClickHouse embedded, which proves the DDL of docs/kafka.md.
@@ -17,6 +19,7 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v strace >/dev/null || missing+=(strace)
+command -v tmux >/dev/null || missing+=(tmux)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     # --no-install-recommends: promtool is all that is needed of prometheus.
@@ -26,5 +29,6 @@ fi
 # cargo install puts tools in ~/.cargo/bin; the Makefile puts it on the PATH.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
 command -v tansu >/dev/null || cargo install --locked tansu@0.6.0 --features dynostore
 python3 -c 'import chdb' 2>/dev/null || python3 -m pip install --quiet chdb==4.4.0

@@ -16,6 +16,7 @@ use xtcp_testkit::harness as common;
 mod changes;
 mod clickhouse;
 mod closes;
+mod deb;
 mod encode;
 mod faults;
 mod filter;

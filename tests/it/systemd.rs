@@ -121,6 +121,12 @@ fn installed_unit_verifies_and_is_hardened() {
         "share/doc/xtcp/operations.md",
         "share/doc/xtcp/metrics.md",
         "share/doc/xtcp/kafka.md",
+        "share/doc/xtcp/lifecycle.md",
+        "share/man/man1/xtcp.1.gz",
+        "share/man/man1/xtcp-forwarder.1.gz",
+        "share/bash-completion/completions/xtcp",
+        "share/zsh/vendor-completions/_xtcp-debug-server",
+        "share/fish/vendor_completions.d/xtcp.fish",
     ] {
         assert!(usr.join(file).is_file(), "{file} not installed");
     }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use xtcp::cli::exit_for;
+use clap::{CommandFactory, Parser, ValueEnum};
+use xtcp::cli::{exit_for, Generate};
 use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::text::text_line;
@@ -62,6 +62,9 @@ struct Cli {
     #[arg(long, env = "XTCP_DEBUG_RECV_BUFFER", default_value_t = 32 << 20)]
     recv_buffer: usize,
 
+    #[command(flatten)]
+    generate: Generate,
+
     /// Read only datagrams signed with the key in this file (as the
     /// exporter's --feed-key); given twice, either key.
     #[arg(
@@ -88,6 +91,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return exit_for(&e),
     };
+    if let Some(text) = cli.generate.text(Cli::command()) {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
     match serve(&cli) {
         Ok(totals) => {
             eprintln!(

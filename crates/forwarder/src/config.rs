@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use xtcp::cli::{parse_duration, parse_positive_duration, ranged};
+use clap::{CommandFactory, Parser, ValueEnum};
+use xtcp::cli::{parse_duration, parse_positive_duration, ranged, Generate};
 
 /// librdkafka's bound for its integer settings (a C `int`).
 const RDKAFKA_INT_MAX: u64 = i32::MAX as u64;
@@ -142,6 +142,9 @@ struct Cli {
     #[arg(long, env = "XTCP_FORWARDER_NO_PROM")]
     no_prom: bool,
 
+    #[command(flatten)]
+    generate: Generate,
+
     /// Forward only datagrams signed with the key in this file (as the
     /// exporter's --feed-key); given twice, either key (for a rotation).
     #[arg(
@@ -151,6 +154,14 @@ struct Cli {
         value_delimiter = ','
     )]
     feed_key: Vec<PathBuf>,
+}
+
+/// What a command line asks for.
+#[derive(Debug)]
+pub enum Parsed {
+    Run(ForwarderConfig),
+    /// `--man`, `--completions SHELL`: print this and exit 0.
+    Print(String),
 }
 
 /// The forwarder's validated configuration.
@@ -175,13 +186,16 @@ pub struct ForwarderConfig {
 
 impl ForwarderConfig {
     /// Parses and validates a command line (the environment included).
-    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    pub fn from_args<I, T>(args: I) -> Result<Parsed, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
         let cli = Cli::try_parse_from(args)?;
-        Ok(ForwarderConfig {
+        if let Some(text) = cli.generate.text(Cli::command()) {
+            return Ok(Parsed::Print(text));
+        }
+        Ok(Parsed::Run(ForwarderConfig {
             listen: cli.listen,
             brokers: cli.brokers,
             topic: cli.topic,
@@ -200,7 +214,7 @@ impl ForwarderConfig {
                 .into_iter()
                 .filter(|p| !p.as_os_str().is_empty())
                 .collect(),
-        })
+        }))
     }
 }
 
@@ -210,8 +224,13 @@ mod tests {
     use xtcp::cli::first_line;
 
     fn parse(args: &[&str]) -> Result<ForwarderConfig, String> {
-        ForwarderConfig::from_args(std::iter::once("xtcp-forwarder").chain(args.iter().copied()))
-            .map_err(|e| first_line(&e.render().to_string()))
+        match ForwarderConfig::from_args(
+            std::iter::once("xtcp-forwarder").chain(args.iter().copied()),
+        ) {
+            Ok(Parsed::Run(config)) => Ok(config),
+            Ok(Parsed::Print(text)) => Err(text),
+            Err(e) => Err(first_line(&e.render().to_string())),
+        }
     }
 
     #[test]

@@ -11,12 +11,16 @@ use std::process::ExitCode;
 use xtcp::cli::exit_for;
 use xtcp::shutdown::{Shutdown, SignalThread};
 
-use config::ForwarderConfig;
+use config::{ForwarderConfig, Parsed};
 use forwarder::run;
 
 fn main() -> ExitCode {
     let config = match ForwarderConfig::from_args(std::env::args_os()) {
-        Ok(config) => config,
+        Ok(Parsed::Run(config)) => config,
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => return exit_for(&e),
     };
     let shutdown = match Shutdown::new() {
