@@ -24,7 +24,7 @@ build:
 
 # Every shipped program (the forwarder adds librdkafka's C build).
 build-shipped:
-	$(CARGO) build --release --locked -p xtcp -p xtcp-debug-server -p xtcp-forwarder
+	$(CARGO) build --release --locked -p xtcp -p xtcp-debug-server -p xtcp-forwarder -p xtcp-top
 
 # And the test kit's (socket farm, dump floor), for the benches.
 build-all:

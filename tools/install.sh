@@ -22,7 +22,7 @@ DESTDIR=${DESTDIR:-}
 BIN_DIR=${BIN_DIR:-target/release}
 DOCDIR=$PREFIX/share/doc/xtcp
 
-for bin in xtcp xtcp-forwarder xtcp-debug-server; do
+for bin in xtcp xtcp-forwarder xtcp-debug-server xtcp-top; do
     install -D -m 0755 "$BIN_DIR/$bin" "$DESTDIR$PREFIX/bin/$bin"
 done
 
@@ -51,7 +51,7 @@ done
 
 # Man pages and shell completions, made by each program from its flags.
 SHARE=$DESTDIR$PREFIX/share
-for bin in xtcp xtcp-forwarder xtcp-debug-server; do
+for bin in xtcp xtcp-forwarder xtcp-debug-server xtcp-top; do
     mkdir -p "$SHARE/man/man1" "$SHARE/bash-completion/completions" \
         "$SHARE/zsh/vendor-completions" "$SHARE/fish/vendor_completions.d"
     "$BIN_DIR/$bin" --man | gzip -9n >"$SHARE/man/man1/$bin.1.gz"

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use crate::proto::{Record, RecordKind};
 use crate::wire::state;
 
-fn endpoint(addr: &[u8], port: u32) -> String {
+/// `10.0.0.1:443`, `[::1]:80`; `?:PORT` for an address of another length.
+pub fn endpoint(addr: &[u8], port: u32) -> String {
     let port = u16::try_from(port).unwrap_or(0);
     if let Ok(v4) = <[u8; 4]>::try_from(addr) {
         SocketAddr::from((v4, port)).to_string()

@@ -41,7 +41,7 @@ use std::time::Duration;
 use crate::config::{Config, Family};
 use crate::export::auth::FeedKey;
 use crate::export::record::RecordEncoder;
-use crate::export::sink::Sink;
+use crate::export::sink::{Output, Sink};
 use crate::identity::Identity;
 use crate::metrics::prom::{PromServer, PromThread};
 use crate::metrics::statsd::Statsd;
@@ -80,15 +80,18 @@ fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
 pub fn run(config: &Config, identity: &Identity) -> Result<RunTotals, RunError> {
     let shutdown = Shutdown::new().map_err(setup("creating the shutdown eventfd"))?;
     let signals = SignalThread::start(&shutdown).map_err(setup("installing signal handlers"))?;
-    let result = run_threads(config, identity, &shutdown);
+    let result = run_with(config, identity, &Output::Configured, &shutdown);
     signals.close();
     result
 }
 
-/// Opens what the threads need, runs them until the poller ends, joins them.
-fn run_threads(
+/// [`run`] with records going to `output`, until `shutdown` stops it (a
+/// program embedding the pipeline, such as `xtcp-top`, stops it itself):
+/// opens what the threads need, runs them until the poller ends, joins them.
+pub fn run_with(
     config: &Config,
     identity: &Identity,
+    output: &Output,
     shutdown: &Shutdown,
 ) -> Result<RunTotals, RunError> {
     // Everything that can fail is opened before the first thread starts.
@@ -143,7 +146,7 @@ fn run_threads(
             .map_err(setup("creating the netlinkers' epoll set"))?;
         let state = Arc::new(state);
         let sinks = (0..family.inetdiagers)
-            .map(|_| Sink::open(config, feed_key.clone()))
+            .map(|_| Sink::for_output(output, config, feed_key.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(setup("opening the destination"))?;
         families.push((state, sinks));
@@ -155,8 +158,8 @@ fn run_threads(
         .map(|buffer| {
             let state = CloseState::new(config.families.clone(), buffer, shutdown.release_fd())
                 .map_err(setup("creating the closer's epoll set"))?;
-            let sink =
-                Sink::open(config, feed_key.clone()).map_err(setup("opening the destination"))?;
+            let sink = Sink::for_output(output, config, feed_key.clone())
+                .map_err(setup("opening the destination"))?;
             Ok::<_, RunError>((Arc::new(state), sink))
         })
         .transpose()?;

@@ -77,6 +77,7 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         "/usr/bin/xtcp",
         "/usr/bin/xtcp-forwarder",
         "/usr/bin/xtcp-debug-server",
+        "/usr/bin/xtcp-top",
         "/lib/systemd/system/xtcp.service",
         ENV_FILE,
         "/usr/share/doc/xtcp/netns.conf",

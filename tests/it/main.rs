@@ -30,3 +30,4 @@ mod pipeline;
 mod replay;
 mod soak;
 mod systemd;
+mod top;

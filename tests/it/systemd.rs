@@ -113,6 +113,7 @@ fn installed_unit_verifies_and_is_hardened() {
         "bin/xtcp",
         "bin/xtcp-forwarder",
         "bin/xtcp-debug-server",
+        "bin/xtcp-top",
         "lib/systemd/system/xtcp.service",
         "share/doc/xtcp/net-admin.conf",
         "share/doc/xtcp/netns.conf",

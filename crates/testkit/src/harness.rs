@@ -106,7 +106,7 @@ pub fn can_run_in_netns(more: &[Need]) -> bool {
 }
 
 /// The path of a program of the workspace (`xtcp`, `xtcp-forwarder`,
-/// `xtcp-debug-server`, `xtcp-socket-farm`): cargo gives a test only its own
+/// `xtcp-debug-server`, `xtcp-top`, `xtcp-socket-farm`): cargo gives a test only its own
 /// package's, so the first call builds them all, with the profile of this
 /// test binary, and they sit beside it in the target dir.
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -129,6 +129,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             "xtcp-forwarder",
             "-p",
             "xtcp-debug-server",
+            "-p",
+            "xtcp-top",
             "-p",
             "xtcp-testkit",
             "--bins",

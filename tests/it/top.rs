@@ -1,0 +1,152 @@
+//! `xtcp-top` through a real terminal: tmux runs it inside a farm's
+//! namespace where one connection of 5000 carries traffic; the captured
+//! pane shows that connection on top, sorted by rate and then by bytes, and
+//! `q` ends it. Needs root (the namespace) and tmux.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// A tmux session, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let name = format!("xtcp-top-{}", std::process::id());
+        let started = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "200",
+                "-y",
+                "40",
+                command,
+            ])
+            .status()
+            .expect("tmux");
+        assert!(started.success());
+        Tmux(name)
+    }
+
+    fn keys(&self, keys: &str) {
+        let sent = Command::new("tmux")
+            .args(["send-keys", "-t", &self.0, keys])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// The screen's lines, or `None` once the session is gone.
+    fn screen(&self) -> Option<Vec<String>> {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .unwrap();
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+    }
+
+    /// The first row under the header once the view is sorted by `sort`
+    /// and shows poll `min_poll` or a later one, waiting at most 10 s; the
+    /// whole screen on failure.
+    fn first_row(&self, sort: &str, min_poll: u64) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut screen = Vec::new();
+        while Instant::now() < deadline {
+            screen = self.screen().unwrap_or_default();
+            let poll = screen.first().and_then(|head| {
+                let after = head.split(", poll ").nth(1)?;
+                after.split(',').next()?.parse::<u64>().ok()
+            });
+            let sorted = screen
+                .first()
+                .is_some_and(|head| head.contains(&format!("sorted by {sort},")));
+            let row = screen.iter().skip_while(|l| !l.starts_with("NETNS")).nth(1);
+            if let (true, Some(true), Some(row)) = (sorted, poll.map(|p| p >= min_poll), row) {
+                return Ok(row.clone());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(screen)
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn the_busiest_connection_is_on_top() {
+    let Some(farm) = Farm::needing("top", &[Need::Tool("tmux")]) else {
+        return;
+    };
+    // One connection of the farm carries traffic, client to server: one
+    // from the middle, so that no tie-break puts it on top.
+    let client = farm.pairs[0].streams[2000].try_clone().unwrap();
+    let server = farm.pairs[0].streams[2001].try_clone().unwrap();
+    let port = client.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let (mut client, stop) = (client, Arc::clone(&stop));
+        move || {
+            let chunk = vec![7u8; 64 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                if client.write_all(&chunk).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    let reader = std::thread::spawn(move || {
+        let mut server = server;
+        let mut buf = vec![0u8; 64 << 10];
+        while server.read(&mut buf).is_ok_and(|n| n > 0) {}
+    });
+
+    let top = Tmux::start(&format!(
+        "ip netns exec {} {} --frequency 300ms",
+        farm.ns.name(),
+        workspace_bin("xtcp-top").display()
+    ));
+    // From the third poll, rates are between two polls with traffic.
+    let by_rate = top.first_row("rate", 3);
+    top.keys("b");
+    let by_bytes = top.first_row("bytes", 3);
+    top.keys("q");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while top.screen().is_some() {
+        assert!(Instant::now() < deadline, "q did not end xtcp-top");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    drop(farm);
+    reader.join().unwrap();
+
+    let busy = format!(":{port} ");
+    for (sort, row) in [("rate", by_rate), ("bytes", by_bytes)] {
+        let row = row.unwrap_or_else(|s| panic!("no view sorted by {sort}:\n{}", s.join("\n")));
+        assert!(
+            row.contains(&busy) && row.contains("ESTAB"),
+            "sorted by {sort}: {row}"
+        );
+        let rate: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{row}");
+    }
+}
