@@ -54,6 +54,21 @@ impl Generate {
     }
 }
 
+/// Parses this process's command line into `C`, or ends the program at
+/// once: `--help` and `--version`, a bad flag (one line, exit 2), and
+/// `--man` and `--completions` of its `Generate` (found by `generate`),
+/// printed.
+pub fn parse_or_exit<C: clap::Parser + clap::CommandFactory>(
+    generate: impl Fn(&C) -> &Generate,
+) -> Result<C, ExitCode> {
+    let cli = C::try_parse().map_err(|e| exit_for(&e))?;
+    if let Some(text) = generate(&cli).text(C::command()) {
+        print!("{text}");
+        return Err(ExitCode::SUCCESS);
+    }
+    Ok(cli)
+}
+
 /// A duration flag such as `30s`, `500ms` or `1m 30s`; zero is allowed
 /// (e.g. a linger of `0ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

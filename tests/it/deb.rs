@@ -18,16 +18,6 @@ fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("{program}: {e}"))
 }
 
-fn ok(out: Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what}: {text}");
-    text
-}
-
 /// Purges the package whatever happens to the test.
 struct Installed;
 
@@ -54,7 +44,7 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         .current_dir(repo)
         .output()
         .unwrap();
-    let said = ok(made, "make deb");
+    let said = succeeded(made, "make deb");
     let deb: PathBuf = said
         .lines()
         .rev()
@@ -67,8 +57,8 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
     );
 
     let _installed = Installed;
-    ok(run("dpkg", &["-i", deb.to_str().unwrap()]), "dpkg -i");
-    let files: Vec<String> = ok(run("dpkg", &["-L", "xtcp"]), "dpkg -L")
+    succeeded(run("dpkg", &["-i", deb.to_str().unwrap()]), "dpkg -i");
+    let files: Vec<String> = succeeded(run("dpkg", &["-L", "xtcp"]), "dpkg -L")
         .lines()
         .filter(|l| !Path::new(l).is_dir())
         .map(str::to_string)
@@ -86,19 +76,19 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
     ] {
         assert!(files.iter().any(|f| f == file), "{file} not in {files:?}");
     }
-    let conffiles = ok(
+    let conffiles = succeeded(
         run("dpkg-query", &["-W", "-f=${Conffiles}", "xtcp"]),
         "conffiles",
     );
     assert!(conffiles.contains(ENV_FILE), "{conffiles}");
-    ok(
+    succeeded(
         run(
             "systemd-analyze",
             &["verify", "/lib/systemd/system/xtcp.service"],
         ),
         "systemd-analyze verify",
     );
-    let version = ok(run("/usr/bin/xtcp", &["--version"]), "xtcp --version");
+    let version = succeeded(run("/usr/bin/xtcp", &["--version"]), "xtcp --version");
     assert_eq!(
         version.trim(),
         format!("xtcp {}", env!("CARGO_PKG_VERSION"))
@@ -114,7 +104,7 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         "{}",
         String::from_utf8_lossy(&once.stderr)
     );
-    let man = ok(run("man", &["-w", "xtcp-forwarder"]), "man -w");
+    let man = succeeded(run("man", &["-w", "xtcp-forwarder"]), "man -w");
     assert_eq!(man.trim(), "/usr/share/man/man1/xtcp-forwarder.1.gz");
 
     // An upgrade (here the same version again) keeps an edited env file.
@@ -123,18 +113,18 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         std::fs::read_to_string(ENV_FILE).unwrap()
     );
     std::fs::write(ENV_FILE, &edited).unwrap();
-    ok(
+    succeeded(
         run("dpkg", &["-i", "--force-confold", deb.to_str().unwrap()]),
         "dpkg -i again",
     );
     assert_eq!(std::fs::read_to_string(ENV_FILE).unwrap(), edited);
 
     // Removed: the programs go, the edited conffile stays.
-    ok(run("dpkg", &["-r", "xtcp"]), "dpkg -r");
+    succeeded(run("dpkg", &["-r", "xtcp"]), "dpkg -r");
     assert!(!Path::new("/usr/bin/xtcp").exists());
     assert_eq!(std::fs::read_to_string(ENV_FILE).unwrap(), edited);
     // Purged: nothing of the package stays.
-    ok(run("dpkg", &["--purge", "xtcp"]), "dpkg --purge");
+    succeeded(run("dpkg", &["--purge", "xtcp"]), "dpkg --purge");
     let left: Vec<&String> = files.iter().filter(|f| Path::new(f).exists()).collect();
     assert!(left.is_empty(), "left after purge: {left:?}");
     assert!(!Path::new("/etc/xtcp").exists());

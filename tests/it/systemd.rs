@@ -6,7 +6,7 @@
 //! the start's check of the buffers against the memory limit (a real
 //! control group).
 
-use crate::common::{can_run, workspace_bin, Need};
+use crate::common::{can_run, succeeded, workspace_bin, Need};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -16,16 +16,6 @@ const MAX_EXPOSURE: f64 = 2.0;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ok(out: Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what}: {:?}\n{text}", out.status);
-    text
 }
 
 /// A fresh directory under the target dir, removed on drop.
@@ -51,7 +41,7 @@ impl Drop for Scratch {
 fn install(root: &Path) -> String {
     let xtcp = workspace_bin("xtcp");
     let bin_dir = xtcp.parent().unwrap();
-    ok(
+    succeeded(
         Command::new(repo().join("tools/install.sh"))
             .env("PREFIX", root.join("usr"))
             .env("SYSCONFDIR", root.join("etc"))
@@ -64,7 +54,7 @@ fn install(root: &Path) -> String {
 
 /// `systemd-analyze security --offline=true`'s overall exposure for `unit`.
 fn exposure(unit: &Path) -> (f64, String) {
-    let text = ok(
+    let text = succeeded(
         Command::new("systemd-analyze")
             .args(["security", "--offline=true", "--no-pager"])
             .arg(unit)
@@ -91,7 +81,7 @@ fn verify(unit: &Path) {
         .arg(unit)
         .output()
         .unwrap();
-    let text = ok(out, "systemd-analyze verify");
+    let text = succeeded(out, "systemd-analyze verify");
     // verify exits 0 on some warnings; the unit must draw none.
     let unit_name = unit.file_name().unwrap().to_str().unwrap();
     assert!(
@@ -199,7 +189,7 @@ fn env_file_is_read_back_by_the_exporter() {
         .envs(vars.iter().copied())
         .output()
         .unwrap();
-    let printed = ok(out, "xtcp --print-config");
+    let printed = succeeded(out, "xtcp --print-config");
     for (key, value) in &vars {
         assert!(
             printed.lines().any(|l| l == format!("{key}={value}")),
@@ -214,7 +204,7 @@ fn syscall_set(name: &str, seen: &mut BTreeSet<String>) -> BTreeSet<String> {
         .args(["syscall-filter", "--no-pager", name])
         .output()
         .unwrap();
-    let text = ok(out, "systemd-analyze syscall-filter");
+    let text = succeeded(out, "systemd-analyze syscall-filter");
     let mut names = BTreeSet::new();
     for entry in text.lines().skip(1).map(str::trim) {
         if entry.is_empty() || entry.starts_with('#') {

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, ValueEnum};
-use xtcp::cli::{exit_for, Generate};
+use clap::{Parser, ValueEnum};
+use xtcp::cli::{parse_or_exit, Generate};
 use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::text::text_line;
@@ -87,14 +87,10 @@ struct Totals {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_or_exit::<Cli>(|c| &c.generate) {
         Ok(cli) => cli,
-        Err(e) => return exit_for(&e),
+        Err(code) => return code,
     };
-    if let Some(text) = cli.generate.text(Cli::command()) {
-        print!("{text}");
-        return ExitCode::SUCCESS;
-    }
     match serve(&cli) {
         Ok(totals) => {
             eprintln!(

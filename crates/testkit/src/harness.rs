@@ -555,3 +555,15 @@ pub fn clickhouse_check(args: &[&str], messages: &[u8]) -> String {
     );
     stdout
 }
+
+/// A finished command's stdout and stderr together; its failure fails the
+/// test with them, naming `what`.
+pub fn succeeded(out: Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what}: {:?}\n{text}", out.status);
+    text
+}

@@ -11,11 +11,11 @@ use std::io;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use crossbeam_channel::{bounded, Receiver};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::DefaultTerminal;
-use xtcp::cli::{exit_for, parse_positive_duration, Generate};
+use xtcp::cli::{exit_for, parse_or_exit, parse_positive_duration, Generate};
 use xtcp::config::{ArgsError, Config};
 use xtcp::export::sink::Output;
 use xtcp::identity::Identity;
@@ -81,14 +81,10 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_or_exit::<Cli>(|c| &c.generate) {
         Ok(cli) => cli,
-        Err(e) => return exit_for(&e),
+        Err(code) => return code,
     };
-    if let Some(text) = cli.generate.text(Cli::command()) {
-        print!("{text}");
-        return ExitCode::SUCCESS;
-    }
     let config = match cli.config() {
         Ok(config) => config,
         Err(ArgsError::Clap(e)) => return exit_for(&e),
