@@ -97,7 +97,7 @@ bench-changes: build-all
 bench-netns-scan:
 	$(CARGO) bench --locked --bench netns_scan
 
-## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k and 200k sockets (root; SIZES, REPS)
+## bench-e2e: one xtcp poll against the kernel's floor and ss at 10k, 100k, 200k, 500k and 1M sockets, with the farm's kernel memory and the receiver's loss (root; SIZES, REPS)
 bench-e2e: build-all
 	python3 tools/bench/bench_e2e.py
 

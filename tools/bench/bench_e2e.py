@@ -31,8 +31,12 @@ Needs GNU time (Debian package time) and nsenter (util-linux). Prints
 Markdown tables of medians, the ratios, and records received against
 sockets.
 
-SIZES (sockets, default "10000 100000 200000") and REPS (default 5) change
-the run.
+The summary also gives the kernel memory the farm's sockets take (the
+growth of `Slab` in /proc/meminfo while the farm is up) and the records the
+receiver did not get (sockets - records received, the most of any run).
+
+SIZES (sockets, default "10000 100000 200000 500000 1000000") and REPS
+(default 5) change the run.
 """
 import os
 import signal
@@ -44,7 +48,7 @@ import time
 
 from benchlib import BIN, start_farm, start_receiver, stop_farm
 
-SIZES = [int(s) for s in os.environ.get("SIZES", "10000 100000 200000").split()]
+SIZES = [int(s) for s in os.environ.get("SIZES", "10000 100000 200000 500000 1000000").split()]
 REPS = int(os.environ.get("REPS", "5"))
 PORT = 13000
 LAYOUTS = {
@@ -81,9 +85,17 @@ def xtcp_poll(ns, flags=()):
     return result, int(words[words.index("records") + 1])
 
 
+def slab_kib():
+    """The kernel's slab memory now (/proc/meminfo `Slab`), KiB."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Slab:"))
+
+
 def one_size(target):
+    before = slab_kib()
     # 2 sockets per connection, 2 families.
     farm, ns, sockets = start_farm("e2e", target // 4)
+    kernel_mib = (slab_kib() - before) / 1024
     received = []
     floor = f"{BIN}/xtcp-dump-floor"
     commands = {
@@ -107,7 +119,7 @@ def one_size(target):
                 runs[name].append(result)
     finally:
         stop_farm(farm)
-    return sockets, baseline, runs, received
+    return sockets, baseline, runs, received, kernel_mib
 
 
 def main():
@@ -115,7 +127,7 @@ def main():
           f"Linux {os.uname().release}\n")
     summary = []
     for target in SIZES:
-        sockets, baseline, runs, received = one_size(target)
+        sockets, baseline, runs, received, kernel_mib = one_size(target)
         med = {name: [statistics.median(r[i] for r in rs) for i in range(3)]
                for name, rs in runs.items()}
         print(f"### {sockets} sockets\n")
@@ -125,19 +137,22 @@ def main():
             name = f"floor, {name}" if name in LAYOUTS else name
             print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
         print()
-        summary.append((sockets, med, received))
+        summary.append((sockets, med, received, kernel_mib))
     print("| sockets | xtcp/floor wall | xtcp/floor CPU | ss/xtcp wall | xtcp CPU us/socket "
-          "| records received / sockets |")
-    print("|---|---|---|---|---|---|")
-    for sockets, med, received in summary:
+          "| xtcp peak RSS MiB | records received / sockets | receiver lost (most) "
+          "| kernel memory of the farm MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sockets, med, received, kernel_mib in summary:
         x, f, s = med["xtcp"], med["floor"], med["ss"]
         got = ", ".join(str(r) for r in sorted(set(received)))
+        lost = max(sockets - r for r in received)
         print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
-              f"| {x[1] / sockets * 1e6:.2f} | {got} / {sockets} |")
+              f"| {x[1] / sockets * 1e6:.2f} | {x[2]:.1f} | {got} / {sockets} | {max(lost, 0)} "
+              f"| {kernel_mib:.0f} |")
     print("\nThe kernel's work laid out differently, against the floor (wall, CPU):\n")
     print("| sockets | " + " | ".join(LAYOUTS) + " | ss/sequential wall |")
     print("|---|" + "---|" * (len(LAYOUTS) + 1))
-    for sockets, med, _ in summary:
+    for sockets, med, _, _ in summary:
         f = med["floor"]
         cells = [f"{med[n][0] / f[0]:.2f}, {med[n][1] / f[1]:.2f}" for n in LAYOUTS]
         ss_seq = med["ss"][0] / med["sequential"][0]
