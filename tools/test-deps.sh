@@ -7,7 +7,9 @@
 #   rustfmt, clippy: the lints;
 #   cargo-fuzz: the fuzz smoke run (built from crates.io, ~1 min);
 #   cargo-deb: `make deb`, which the package test builds and installs
-#     (from crates.io, ~2 min); tmux: the top view's test; dpkg is Debian's;
+#     (from crates.io, ~2 min), with dpkg-dev (dpkg-shlibdeps, for the
+#     package's dependencies) and man-db (`man -w` finds the installed page);
+#   tmux: the top view's test;
 #   tansu: a Kafka-compatible broker for the forwarder's tests (in-memory
 #     storage, the dynostore feature; ~10 minutes to build, once);
 #   chdb: ClickHouse embedded, which proves the DDL of docs/kafka.md.
@@ -20,6 +22,8 @@ command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v strace >/dev/null || missing+=(strace)
 command -v tmux >/dev/null || missing+=(tmux)
+command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+command -v man >/dev/null || missing+=(man-db)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     # --no-install-recommends: promtool is all that is needed of prometheus.

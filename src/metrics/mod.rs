@@ -208,34 +208,6 @@ metrics_table! {
         "Always 1: the hostname and instance this run stamps on its records.";
 }
 
-/// The closer's metrics: clones of the table's, sharing their values.
-#[derive(Clone)]
-pub struct CloseMetrics {
-    pub messages: IntCounter,
-    pub records: IntCounter,
-    pub skipped: IntCounterVec,
-    pub lost: IntCounter,
-    pub overruns: IntCounter,
-    pub buffer: IntGauge,
-    pub send_errors: IntCounter,
-    pub records_lost: IntCounter,
-}
-
-impl Table {
-    pub fn close_metrics(&self) -> CloseMetrics {
-        CloseMetrics {
-            messages: self.close_messages.clone(),
-            records: self.close_records.clone(),
-            skipped: self.close_skipped.clone(),
-            lost: self.close_lost.clone(),
-            overruns: self.close_overruns.clone(),
-            buffer: self.close_buffer.clone(),
-            send_errors: self.close_send_errors.clone(),
-            records_lost: self.close_records_lost.clone(),
-        }
-    }
-}
-
 /// A family's receive buffers as the poller sees them after a poll.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolState {

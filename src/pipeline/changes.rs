@@ -84,19 +84,13 @@ impl ChangeTracker {
 
     /// After poll `poll_id`: forgets the sockets it did not see (closed, or
     /// in a namespace that could not be dumped: seen again, they are new).
-    pub fn sweep(&self, poll_id: u64) {
-        for shard in &self.shards {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            shard.retain(|_, seen| seen.poll == poll_id);
-        }
-    }
-
-    /// Sockets tracked, and the bytes the table takes for them (its
-    /// allocated slots: key, value and one control byte each).
-    pub fn size(&self) -> (usize, usize) {
+    /// Returns the sockets still tracked, and the bytes the table takes for
+    /// them (its allocated slots: key, value and one control byte each).
+    pub fn sweep(&self, poll_id: u64) -> (usize, usize) {
         let slot = std::mem::size_of::<(Key, Seen)>() + 1;
         self.shards.iter().fold((0, 0), |(n, bytes), shard| {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|_, seen| seen.poll == poll_id);
             (n + shard.len(), bytes + shard.capacity() * slot)
         })
     }
@@ -170,8 +164,7 @@ mod tests {
         // Poll 3: socket 1 moved; socket 2 is gone.
         let acked = message(1, 0, 0, 6000);
         assert_eq!(classify(&t, &acked, 3), Some(RecordKind::Changed));
-        t.sweep(3);
-        assert_eq!(t.size().0, 1, "socket 2 forgotten");
+        assert_eq!(t.sweep(3).0, 1, "socket 2 forgotten");
         assert_eq!(
             classify(&t, &message(1, 1, 0, 6000), 4),
             Some(RecordKind::Snapshot)

@@ -36,9 +36,10 @@ use crate::config::{Family, MAX_CLOSE_BUFFER};
 use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::PollStamp;
 use crate::export::udp::socket_drops;
-use crate::metrics::CloseMetrics;
+use crate::metrics::Metrics;
 use crate::pipeline::family::RELEASE_TOKEN;
 use crate::pipeline::inetdiager::RecordWriter;
+use crate::pipeline::report::FirstOfEach;
 use crate::proto::RecordKind;
 use crate::shutdown::Shutdown;
 use crate::wire::request::{AF_INET, AF_INET6};
@@ -225,16 +226,19 @@ impl CloseTotals {
 pub struct Closer {
     pub state: Arc<CloseState>,
     pub writer: RecordWriter,
-    pub metrics: CloseMetrics,
-    /// The kinds of error already said on stderr (the first of each is).
-    pub said: Vec<&'static str>,
+    pub metrics: Arc<Metrics>,
+    /// The first error of each kind is said on stderr.
+    pub said: FirstOfEach,
 }
 
 impl Closer {
     pub fn run(mut self, shutdown: &Shutdown) -> CloseTotals {
         let mut totals = CloseTotals::default();
         if let Some(w) = self.state.sockets().values().next() {
-            self.metrics.buffer.set(w.socket.buffer() as i64);
+            self.metrics
+                .table
+                .close_buffer
+                .set(w.socket.buffer() as i64);
         }
         let mut buf = vec![0u8; MESSAGE_MAX];
         let mut events = [EpollEvent::empty(); 16];
@@ -322,7 +326,7 @@ impl Closer {
             written =
                 self.writer
                     .write_datagram(datagram, 0, &stamp, &mut tally, &mut lengths, |e| {
-                        say_once(&mut self.said, "decode", &e)
+                        self.said.say("decode", &e)
                     });
         }
         // Drops while the queue stayed full raise no new ENOBUFS: the
@@ -330,7 +334,7 @@ impl Closer {
         self.note_drops(inode, &socket, totals);
         let (flushed, send_error) = self.writer.flush(written, &mut tally);
         if let Some(e) = send_error {
-            say_once(&mut self.said, "send", &e);
+            self.said.say("send", &e);
         }
         self.count(&tally, totals);
         match flushed {
@@ -358,8 +362,8 @@ impl Closer {
         }
         let now = socket.buffer();
         totals.overruns += 1;
-        self.metrics.overruns.inc();
-        self.metrics.buffer.set(now as i64);
+        self.metrics.table.close_overruns.inc();
+        self.metrics.table.close_buffer.set(now as i64);
         eprintln!(
             "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
              ({was} bytes); receive buffer now {now} bytes",
@@ -377,7 +381,7 @@ impl Closer {
             u64::from(lost)
         });
         totals.lost += lost;
-        self.metrics.lost.inc_by(lost);
+        self.metrics.table.close_lost.inc_by(lost);
     }
 
     fn count(&self, tally: &DumpTotals, totals: &mut CloseTotals) {
@@ -387,27 +391,19 @@ impl Closer {
             tally.unsampled + tally.decode_errors + tally.encode_errors + tally.output_closed;
         totals.send_errors += tally.send_errors;
         totals.records_lost += tally.records_lost;
-        let m = &self.metrics;
-        m.messages.inc_by(tally.sampled + tally.unsampled);
-        m.records.inc_by(tally.records);
+        let m = &self.metrics.table;
+        m.close_messages.inc_by(tally.sampled + tally.unsampled);
+        m.close_records.inc_by(tally.records);
         for (reason, n) in [
             ("sampling", tally.unsampled),
             ("undecodable", tally.decode_errors),
             ("too_long", tally.encode_errors),
             ("output_closed", tally.output_closed),
         ] {
-            m.skipped.with_label_values(&[reason]).inc_by(n);
+            m.close_skipped.with_label_values(&[reason]).inc_by(n);
         }
-        m.send_errors.inc_by(tally.send_errors);
-        m.records_lost.inc_by(tally.records_lost);
-    }
-}
-
-/// Says the first error of each `kind` on stderr (all are counted).
-fn say_once(said: &mut Vec<&'static str>, kind: &'static str, e: &dyn std::fmt::Display) {
-    if !said.contains(&kind) {
-        said.push(kind);
-        eprintln!("xtcp: warning: close records: {kind}: {e}");
+        m.close_send_errors.inc_by(tally.send_errors);
+        m.close_records_lost.inc_by(tally.records_lost);
     }
 }
 

@@ -24,9 +24,10 @@ use crate::export::sink::Sink;
 use crate::identity::Identity;
 use crate::pipeline::closes::unix_nanos;
 use crate::pipeline::inetdiager::RecordWriter;
+use crate::pipeline::report::FirstOfEach;
 use crate::pipeline::report::RunTotals;
 use crate::pipeline::sample::Sampler;
-use crate::pipeline::{kernel_release, RunError};
+use crate::pipeline::{kernel_release, setup, RunError};
 use crate::wire::message::{
     messages, put_header, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, SOCK_DIAG_BY_FAMILY,
     TCPDIAG_GETSOCK,
@@ -47,19 +48,22 @@ impl Capture {
         }))
     }
 
-    /// Appends the socket messages of one received datagram, as received.
+    /// Appends the socket messages of one received datagram, byte for byte
+    /// as received (a last message without its padding gets it).
     pub fn datagram(&self, datagram: &[u8]) -> io::Result<()> {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         for msg in messages(datagram) {
             // The netlinker framed the datagram already.
             let Ok(msg) = msg else { break };
             if matches!(msg.msg_type, SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK) {
+                // The payload lies in `datagram`, right after its header.
+                let start =
+                    msg.payload.as_ptr() as usize - datagram.as_ptr() as usize - NLMSG_HDRLEN;
                 let len = NLMSG_HDRLEN + msg.payload.len();
-                let mut header = [0u8; NLMSG_HDRLEN];
-                put_header(&mut header, len as u32, msg.msg_type, msg.flags, msg.seq);
-                file.write_all(&header)?;
-                file.write_all(msg.payload)?;
-                file.write_all(&[0; 3][..len.next_multiple_of(4) - len])?;
+                let padded = len.next_multiple_of(4);
+                let end = (start + padded).min(datagram.len());
+                file.write_all(&datagram[start..end])?;
+                file.write_all(&[0; 3][..start + padded - end])?;
             }
         }
         Ok(())
@@ -150,9 +154,8 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// short or holds a malformed message ends the replay with a warning and
 /// the message counted as `malformed`.
 pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTotals, RunError> {
-    let setup = |what: String| move |e: io::Error| RunError::Setup { what, source: e };
     let file = File::open(path).map_err(setup(format!("--replay {}", path.display())))?;
-    let sink = Sink::open(config, None).map_err(setup("opening the destination".into()))?;
+    let sink = Sink::open(config, None).map_err(setup("opening the destination"))?;
     // The tcp_info tail is read as this kernel lays it out.
     let tail = TailLayout::for_release(&kernel_release());
     let mut writer = RecordWriter::new(
@@ -170,15 +173,17 @@ pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTo
         writer: &mut writer,
         stamp,
         families: Vec::new(),
-        said: Vec::new(),
+        said: FirstOfEach::new("warning: --replay"),
     };
     let mut file = DumpFile {
         reader: BufReader::new(file),
         offset: 0,
     };
-    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK);
-    // The sequence number and family of the messages in `chunk`.
-    let mut key = (0u32, 0u8);
+    let mut chunk = Chunk {
+        bytes: Vec::with_capacity(CHUNK),
+        messages: 0,
+        key: (0, 0),
+    };
     loop {
         let msg = match file.next() {
             Ok(Some(msg)) => msg,
@@ -188,28 +193,30 @@ pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTo
                     "warning: --replay {}: {e}; the rest is not read",
                     path.display()
                 );
-                replay.totals(key.1).malformed += 1;
+                replay.totals(chunk.key.1).malformed += 1;
                 break;
             }
         };
         match msg.msg_type {
             SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => {
-                let family = msg.bytes.get(NLMSG_HDRLEN).copied().unwrap_or(0);
-                let full = chunk.len() + msg.bytes.len() > CHUNK;
-                if !chunk.is_empty() && ((msg.seq, family) != key || full) {
-                    if !replay.chunk(&chunk, key)? {
+                let key = (msg.seq, msg.bytes.get(NLMSG_HDRLEN).copied().unwrap_or(0));
+                let full = chunk.bytes.len() + msg.bytes.len() > CHUNK;
+                if chunk.messages > 0 && (key != chunk.key || full) {
+                    if !replay.chunk(&chunk)? {
                         return Ok(replay.finish());
                     }
-                    chunk.clear();
+                    chunk.bytes.clear();
+                    chunk.messages = 0;
                 }
-                key = (msg.seq, family);
-                chunk.extend_from_slice(&msg.bytes);
-                chunk.resize(chunk.len().next_multiple_of(4), 0);
+                chunk.key = key;
+                chunk.messages += 1;
+                chunk.bytes.extend_from_slice(&msg.bytes);
+                chunk.bytes.resize(chunk.bytes.len().next_multiple_of(4), 0);
             }
             NLMSG_ERROR => {
                 let errno = msg.bytes.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4);
                 if errno.is_some_and(|e| e != [0; 4]) {
-                    replay.totals(key.1).kernel_errors += 1;
+                    replay.totals(chunk.key.1).kernel_errors += 1;
                 }
             }
             // The end of one family's dump; `ss -D` writes one per family.
@@ -217,10 +224,19 @@ pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTo
             _ => {}
         }
     }
-    if !chunk.is_empty() {
-        replay.chunk(&chunk, key)?;
+    if chunk.messages > 0 {
+        replay.chunk(&chunk)?;
     }
     Ok(replay.finish())
+}
+
+/// Socket messages of one dump and family, handed to the writer together
+/// as a dump's datagram would be.
+struct Chunk {
+    bytes: Vec<u8>,
+    messages: u64,
+    /// The sequence number and family of the messages.
+    key: (u32, u8),
 }
 
 /// A replay in progress.
@@ -228,8 +244,7 @@ struct Replay<'a> {
     writer: &'a mut RecordWriter,
     stamp: PollStamp,
     families: Vec<(Family, DumpTotals)>,
-    /// The kinds of error already said (the first of each is).
-    said: Vec<&'static str>,
+    said: FirstOfEach,
 }
 
 impl Replay<'_> {
@@ -262,35 +277,30 @@ impl Replay<'_> {
         }
     }
 
-    /// Sends the records of one chunk of socket messages of dump `seq` and
-    /// family `af`. `false` when stdout was closed (`| head`): the replay
-    /// stops there, quietly.
-    fn chunk(&mut self, chunk: &[u8], (seq, af): (u32, u8)) -> Result<bool, RunError> {
+    /// Sends the records of one chunk. `false` when stdout was closed
+    /// (`| head`): the replay stops there, quietly.
+    fn chunk(&mut self, chunk: &Chunk) -> Result<bool, RunError> {
+        let (seq, af) = chunk.key;
         let mut tally = DumpTotals {
             datagrams: 1,
-            bytes: chunk.len() as u64,
+            bytes: chunk.bytes.len() as u64,
+            messages: chunk.messages,
+            sockets: chunk.messages,
             ..DumpTotals::default()
         };
-        for _ in messages(chunk) {
-            tally.messages += 1;
-            tally.sockets += 1;
-        }
         let mut lengths = TcpInfoLengths::default();
         let said = &mut self.said;
-        let written =
-            self.writer
-                .write_datagram(chunk, seq, &self.stamp, &mut tally, &mut lengths, |e| {
-                    if !said.contains(&"decode") {
-                        said.push("decode");
-                        eprintln!("warning: --replay: decode: {e}");
-                    }
-                });
+        let written = self.writer.write_datagram(
+            &chunk.bytes,
+            seq,
+            &self.stamp,
+            &mut tally,
+            &mut lengths,
+            |e| said.say("decode", &e),
+        );
         let (flushed, send_error) = self.writer.flush(written, &mut tally);
         if let Some(e) = send_error {
-            if !self.said.contains(&"send") {
-                self.said.push("send");
-                eprintln!("warning: --replay: send: {e}");
-            }
+            self.said.say("send", &e);
         }
         self.totals(af).add(&tally);
         match flushed {

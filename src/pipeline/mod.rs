@@ -56,7 +56,7 @@ use inetdiager::{Inetdiager, RecordWriter};
 use netns::Namespaces;
 use poller::Poller;
 use pool::BufferPool;
-use report::RunTotals;
+use report::{FirstOfEach, RunTotals};
 use sample::Sampler;
 
 /// Why the exporter could not start or had to stop.
@@ -68,7 +68,7 @@ pub enum RunError {
     Aborted(String),
 }
 
-fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+pub(crate) fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
     move |source| RunError::Setup {
         what: what.into(),
         source,
@@ -206,8 +206,8 @@ pub fn run_with(
                     state,
                     // Closes are exported as they come, changed or not.
                     writer: RecordWriter::new(encoder.clone(), sink, sampler, tail),
-                    metrics: metrics.table.close_metrics(),
-                    said: Vec::new(),
+                    metrics: Arc::clone(&metrics),
+                    said: FirstOfEach::new("xtcp: warning: close records"),
                 };
                 let sd = shutdown.clone();
                 closer = Some(spawn("closer".into(), shutdown, move || {

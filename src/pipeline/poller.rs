@@ -82,8 +82,7 @@ impl Poller {
                 self.namespaces.reopen(inode, &self.families);
             }
             if let Some(changes) = &self.changes {
-                changes.sweep(poll_id);
-                let (sockets, bytes) = changes.size();
+                let (sockets, bytes) = changes.sweep(poll_id);
                 self.metrics.table.changes_tracked.set(sockets as i64);
                 self.metrics.table.changes_bytes.set(bytes as i64);
             }

@@ -75,6 +75,30 @@ impl fmt::Display for RunTotals {
     }
 }
 
+/// Says on stderr the first error of each kind, behind `prefix`; the rest
+/// are only counted, so a storm of them is one line each.
+#[derive(Debug)]
+pub struct FirstOfEach {
+    prefix: &'static str,
+    said: Vec<&'static str>,
+}
+
+impl FirstOfEach {
+    pub fn new(prefix: &'static str) -> Self {
+        FirstOfEach {
+            prefix,
+            said: Vec::new(),
+        }
+    }
+
+    pub fn say(&mut self, kind: &'static str, e: &dyn fmt::Display) {
+        if !self.said.contains(&kind) {
+            self.said.push(kind);
+            eprintln!("{}: {kind}: {e}", self.prefix);
+        }
+    }
+}
+
 /// The `--verbose` line of one poll; `buffers` are the receive buffers each
 /// family has allocated so far.
 pub fn poll_line(

@@ -2,7 +2,8 @@
 //! `dpkg -i`, its unit checked by `systemd-analyze verify`, its programs run
 //! from where it put them, reinstalled over an edited environment file
 //! (kept), removed (the environment file stays, a conffile) and purged
-//! (nothing of it stays). Needs root, dpkg, cargo-deb and systemd-analyze.
+//! (nothing of it stays). Needs root, dpkg, dpkg-dev, cargo-deb, man and
+//! systemd-analyze.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,6 +34,8 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         Need::Root,
         Need::Tool("dpkg"),
         Need::Tool("cargo-deb"),
+        Need::Tool("dpkg-shlibdeps"),
+        Need::Tool("man"),
         Need::Tool("systemd-analyze"),
     ]) {
         return;
