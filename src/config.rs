@@ -17,7 +17,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use crate::cli::{parse_positive_duration, ranged, Generate};
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
-use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES, DEFAULT_STATES};
 use crate::wire::state;
 
 /// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
@@ -87,13 +87,14 @@ impl fmt::Display for Dest {
     }
 }
 
-/// `all` or a comma-separated list of state names -> `1 << state` bits.
+/// A comma-separated list of state names, `all` standing for every state
+/// but bound-inactive -> `1 << state` bits.
 fn parse_states(s: &str) -> Result<u32, String> {
-    if s == "all" {
-        return Ok(ALL_STATES);
-    }
     s.split(',').try_fold(0u32, |mask, name| {
         let name = name.trim();
+        if name == "all" {
+            return Ok(mask | DEFAULT_STATES);
+        }
         state::by_name(name).map(|n| mask | 1 << n).ok_or_else(|| {
             let known: Vec<_> = state::names(ALL_STATES).collect();
             format!(
@@ -105,8 +106,12 @@ fn parse_states(s: &str) -> Result<u32, String> {
 }
 
 fn states_to_string(mask: u32) -> String {
-    if mask == ALL_STATES {
-        return "all".into();
+    if mask & DEFAULT_STATES == DEFAULT_STATES {
+        let rest = state::names(mask & !DEFAULT_STATES);
+        return std::iter::once("all")
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(",");
     }
     state::names(mask).collect::<Vec<_>>().join(",")
 }
@@ -272,8 +277,9 @@ struct Cli {
     #[arg(long, env = "XTCP_NO6")]
     no6: bool,
 
-    /// TCP states to dump: all, or a comma-separated list such as
-    /// established,time-wait (names as in `ss state`).
+    /// TCP states to dump: a comma-separated list such as
+    /// established,time-wait (names as in `ss state`); all is every state
+    /// but bound-inactive, which makes each dump walk the bind table too.
     #[arg(long, env = "XTCP_STATES", default_value = "all", value_parser = parse_states)]
     states: u32,
 
@@ -732,6 +738,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::request::BOUND_INACTIVE;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         Config::from_args(std::iter::once("xtcp").chain(args.iter().copied())).map_err(
@@ -756,7 +763,12 @@ mod tests {
         assert_eq!(c.frequency, Duration::from_secs(30));
         assert_eq!(c.max_loops, 0);
         assert_eq!(c.dest, Dest::Udp("127.0.0.1:13000".parse().unwrap()));
-        assert_eq!(c.states, ALL_STATES);
+        assert_eq!(c.states, DEFAULT_STATES);
+        assert_eq!(
+            c.states & BOUND_INACTIVE,
+            0,
+            "bound-inactive only when named"
+        );
         assert_eq!(c.sampling_modulus, 1);
         assert_eq!(c.polling_safety_buffer, 0.8);
         let prom = c.prom.clone().unwrap();
@@ -819,6 +831,10 @@ mod tests {
         let c = parse(&["--dest", "udp:[::1]:9", "--states", "established,time-wait"]).unwrap();
         assert_eq!(c.dest, Dest::Udp("[::1]:9".parse().unwrap()));
         assert_eq!(c.states, 1 << 1 | 1 << 6);
+        let every = parse(&["--states", "all,bound-inactive"]).unwrap();
+        assert_eq!(every.states, ALL_STATES);
+        assert_eq!(states_to_string(every.states), "all,bound-inactive");
+        assert_eq!(states_to_string(1 << 1 | 1 << 6), "established,time-wait");
         assert_eq!(parse(&["--dest", "stdout"]).unwrap().dest, Dest::Stdout);
     }
 

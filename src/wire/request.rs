@@ -14,6 +14,16 @@ pub const AF_INET6: u8 = libc::AF_INET6 as u8;
 /// Every TCP state, ESTABLISHED (1) to BOUND_INACTIVE (13), as `1 << state` bits.
 pub const ALL_STATES: u32 = ((1 << 14) - 1) & !1;
 
+/// BOUND_INACTIVE (13): sockets bound to a port but neither listening nor
+/// connecting, which the kernel reports as CLOSE. Not a state of the
+/// connection tables: asking for it makes every dump walk the whole bind
+/// table too (`inet_diag_dump_icsk`), one bucket lock at a time, which costs
+/// as much as a sixth of a poll however few such sockets there are.
+pub const BOUND_INACTIVE: u32 = 1 << 13;
+
+/// What `--states all` asks for: every state of the connection tables.
+pub const DEFAULT_STATES: u32 = ALL_STATES & !BOUND_INACTIVE;
+
 /// Extension bits (`1 << (INET_DIAG_X - 1)`) asking for every attribute a TCP
 /// socket can carry: MEMINFO, INFO, VEGASINFO, CONG, TOS, TCLASS, SKMEMINFO.
 /// VEGASINFO must be set or the kernel sends neither BBRINFO nor DCTCPINFO

@@ -5,6 +5,7 @@
 //! Needs root.
 
 use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use crate::common::*;
@@ -86,6 +87,49 @@ fn states_are_selected_in_the_request() {
     );
     let clients: BTreeSet<Key> = farm.keys.iter().copied().filter(|k| k.2 == 40001).collect();
     assert_eq!(got, clients);
+}
+
+/// A socket bound to a port but neither listening nor connecting is in the
+/// bind table only: `all` leaves it out (asking for it walks that table on
+/// every dump), naming the state brings it, reported as CLOSE (7).
+#[test]
+fn bound_inactive_sockets_only_when_named() {
+    let Some(farm) = Farm::new("bound") else {
+        return;
+    };
+    let bound = in_ns(&farm.ns, || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 40999)).into())?;
+        Ok::<_, std::io::Error>(socket)
+    })
+    .unwrap();
+    let inactive: Key = (V4, 40999, 0);
+    let (got, _) = poll(&farm, &[]);
+    assert_eq!(
+        got, farm.keys,
+        "the default is every socket of the connection tables"
+    );
+    let (got, _) = poll(&farm, &["--states", "all,bound-inactive"]);
+    let mut want = farm.keys.clone();
+    want.insert(inactive);
+    assert_eq!(got, want);
+    let receiver = Receiver::start(&farm.ns);
+    let dest = format!("udp:127.0.0.1:{PORT}");
+    run(farm.xtcp(&[
+        "--max-loops",
+        "1",
+        "--dest",
+        &dest,
+        "--states",
+        "bound-inactive",
+    ]));
+    let records = receiver.finish().records;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        (key(&records[0]), records[0].inet_diag_msg_state),
+        (inactive, 7)
+    );
+    drop(bound);
 }
 
 #[test]

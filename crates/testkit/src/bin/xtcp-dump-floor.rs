@@ -1,7 +1,7 @@
 //! `xtcp-dump-floor`: the kernel's own cost of what one xtcp poll asks for,
 //! the floor `make bench-e2e` compares the exporter with.
 //!
-//! By default sends the exporter's dump request (every state, every
+//! By default sends the exporter's dump request (`--states all`, every
 //! extension) for IPv4 and IPv6 at once, one netlink socket and one thread
 //! per family as the exporter does, and only drains the replies into a
 //! 32 KiB buffer, walking message headers to find `NLMSG_DONE`: no decoding,
@@ -29,7 +29,9 @@ use clap::{Parser, ValueEnum};
 use xtcp::filter::Filter;
 use xtcp::pipeline::sock_diag::{DumpError, SockDiagSocket, DUMP_DATAGRAM_MAX};
 use xtcp::wire::bytecode::{compile, Expr, Side};
-use xtcp::wire::request::{filtered_dump_request, AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES};
+use xtcp::wire::request::{
+    filtered_dump_request, AF_INET, AF_INET6, ALL_EXTENSIONS, DEFAULT_STATES,
+};
 use xtcp_testkit::all_families_dump_request;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,9 +81,9 @@ struct Drained {
 fn request(dump: &Dump, seq: u32) -> Vec<u8> {
     match dump.family {
         Some(family) => {
-            filtered_dump_request(family, ALL_STATES, ALL_EXTENSIONS, &dump.program, seq)
+            filtered_dump_request(family, DEFAULT_STATES, ALL_EXTENSIONS, &dump.program, seq)
         }
-        None => all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec(),
+        None => all_families_dump_request(DEFAULT_STATES, ALL_EXTENSIONS, seq).to_vec(),
     }
 }
 
