@@ -17,7 +17,9 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use crate::cli::{parse_positive_duration, ranged, Generate};
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
-use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES, DEFAULT_STATES};
+use crate::wire::request::{
+    AF_INET, AF_INET6, AF_UNSPEC, ALL_EXTENSIONS, ALL_STATES, DEFAULT_STATES,
+};
 use crate::wire::state;
 
 /// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
@@ -30,7 +32,7 @@ pub const DEFAULT_CLOSE_BUFFER: u64 = 4 << 20;
 /// memory is the kernel's, not the process's; 64 MiB hold ~160k messages.
 pub const MAX_CLOSE_BUFFER: usize = 64 << 20;
 /// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
-pub const DEFAULT_UDP_BATCH_BYTES: usize = 16_384;
+pub const DEFAULT_UDP_BATCH_BYTES: usize = MAX_UDP_PAYLOAD;
 const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
 const DEFAULT_PROM_PATH: &str = "/metrics";
 const DEFAULT_STATSD_DST: &str = "127.0.0.1:8125";
@@ -230,6 +232,13 @@ struct Cli {
     #[arg(long, env = "XTCP_NETLINK_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     netlink_timeout: Duration,
 
+    /// With both families polled: one dump of both (combined: one walk of
+    /// the kernel's socket tables, read by the larger of the two netlinker
+    /// counts and decoded by both inetdiager counts together), or one dump
+    /// per family read in parallel (per-family: each table walked twice).
+    #[arg(long, env = "XTCP_DUMP_LAYOUT", value_enum, default_value_t = DumpLayout::Combined)]
+    dump_layout: DumpLayout,
+
     /// Threads reading the IPv4 netlink socket.
     #[arg(long, env = "XTCP_NETLINKERS4", default_value_t = 1, value_parser = ranged(1, 64))]
     netlinkers4: u64,
@@ -397,12 +406,31 @@ pub struct Family {
 }
 
 impl Family {
-    /// "v4" / "v6", for thread names and messages.
+    /// "v4" / "v6" ("all" for the combined dump), for thread names,
+    /// messages and the metrics' `family` label.
     pub fn name(&self) -> &'static str {
-        if self.af == AF_INET6 {
-            "v6"
-        } else {
-            "v4"
+        match self.af {
+            AF_INET6 => "v6",
+            AF_UNSPEC => "all",
+            _ => "v4",
+        }
+    }
+}
+
+/// `--dump-layout`: how the dumps of two families are asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpLayout {
+    /// One `TCPDIAG_GETSOCK` dump of both families: one walk of the tables.
+    Combined,
+    /// One `SOCK_DIAG_BY_FAMILY` dump per family, read in parallel.
+    PerFamily,
+}
+
+impl DumpLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            DumpLayout::Combined => "combined",
+            DumpLayout::PerFamily => "per-family",
         }
     }
 }
@@ -418,8 +446,10 @@ pub struct Config {
     pub format: OutputFormat,
     pub polling_safety_buffer: f64,
     pub netlink_timeout: Duration,
-    /// Enabled families, dumped in this order.
+    /// Enabled families, in this order.
     pub families: Vec<Family>,
+    /// `--dump-layout`; [`Config::dumps`] applies it.
+    pub dump_layout: DumpLayout,
     pub single: bool,
     /// `--packet-size` with 0 resolved to the page size.
     pub packet_size: usize,
@@ -585,6 +615,7 @@ impl Config {
             polling_safety_buffer: cli.polling_safety_buffer,
             netlink_timeout: cli.netlink_timeout,
             families,
+            dump_layout: cli.dump_layout,
             single: cli.single,
             packet_size,
             packet_size_mply: mply,
@@ -626,6 +657,26 @@ impl Config {
         self.packet_size * self.packet_size_mply
     }
 
+    /// What each poll asks the kernel for, one entry per dump of a
+    /// namespace: the enabled families, or with both and the combined
+    /// layout, one dump of both (`AF_UNSPEC`) with the larger netlinker
+    /// count (one socket is read by one thread at a time) and the
+    /// inetdiagers of both (`--single`: one).
+    pub fn dumps(&self) -> Vec<Family> {
+        match (self.dump_layout, &self.families[..]) {
+            (DumpLayout::Combined, [a, b]) => vec![Family {
+                af: AF_UNSPEC,
+                netlinkers: a.netlinkers.max(b.netlinkers),
+                inetdiagers: if self.single {
+                    1
+                } else {
+                    a.inetdiagers + b.inetdiagers
+                },
+            }],
+            _ => self.families.clone(),
+        }
+    }
+
     fn family(&self, af: u8) -> Option<&Family> {
         self.families.iter().find(|f| f.af == af)
     }
@@ -649,6 +700,7 @@ impl Config {
                 self.polling_safety_buffer.to_string(),
             ),
             ("NETLINK_TIMEOUT", dur(self.netlink_timeout)),
+            ("DUMP_LAYOUT", self.dump_layout.name().to_string()),
             ("NETLINKERS4", v4.unwrap_or(&default).netlinkers.to_string()),
             ("NETLINKERS6", v6.unwrap_or(&default).netlinkers.to_string()),
             (
@@ -760,6 +812,12 @@ mod tests {
             inetdiagers: 1,
         };
         assert_eq!(c.families, vec![fam(AF_INET), fam(AF_INET6)]);
+        let both = Family {
+            af: AF_UNSPEC,
+            netlinkers: 1,
+            inetdiagers: 2,
+        };
+        assert_eq!(c.dumps(), vec![both], "one walk of both families");
         assert_eq!(c.frequency, Duration::from_secs(30));
         assert_eq!(c.max_loops, 0);
         assert_eq!(c.dest, Dest::Udp("127.0.0.1:13000".parse().unwrap()));
@@ -785,6 +843,27 @@ mod tests {
                 crate::pipeline::sock_diag::DUMP_DATAGRAM_MAX
             );
         }
+    }
+
+    #[test]
+    fn dump_layouts() {
+        let c = parse(&["--dump-layout", "per-family", "--inetdiagers6", "3"]).unwrap();
+        assert_eq!(c.dumps(), c.families);
+        let c = parse(&["--netlinkers6", "2", "--inetdiagers6", "3"]).unwrap();
+        assert_eq!(
+            c.dumps(),
+            vec![Family {
+                af: AF_UNSPEC,
+                netlinkers: 2,
+                inetdiagers: 4
+            }]
+        );
+        assert_eq!(c.dumps()[0].name(), "all");
+        let single = parse(&["--single", "--inetdiagers6", "3"]).unwrap();
+        assert_eq!(single.dumps()[0].inetdiagers, 1);
+        // One family has nothing to combine.
+        let v6 = parse(&["--no4"]).unwrap();
+        assert_eq!(v6.dumps(), v6.families);
     }
 
     #[test]

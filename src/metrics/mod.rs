@@ -168,7 +168,7 @@ metrics_table! {
     stale: IntCounterVec "xtcp_netlink_stale_datagrams_total" ["family"]
         "Datagrams of no current dump (the tail of an abandoned one), dropped.";
     pool_capacity: IntGaugeVec "xtcp_buffer_pool_capacity_buffers" ["family"]
-        "Receive buffers the family may allocate (--channel-size + netlinkers + inetdiagers).";
+        "Receive buffers the dump may allocate ((ceil(--channel-size / 8) + netlinkers + inetdiagers) x 8).";
     pool_allocated: IntGaugeVec "xtcp_buffer_pool_allocated_bytes" ["family"]
         "Memory of the receive buffers allocated so far (they are kept for reuse).";
     pool_peak: IntGaugeVec "xtcp_buffer_pool_peak_in_use_buffers" ["family"]

@@ -6,23 +6,23 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::pipeline::netlinker::pool_capacity;
 
 /// Room left for everything but the buffers: code, stacks, metrics, the
 /// allocator's slack. The process takes 5 to 9 MiB at any socket count
 /// (docs/performance.md), so twice the most.
 pub const HEADROOM: u64 = 16 << 20;
 
-/// What the buffers of `config` may take at most: each family's receive
-/// buffers (a pool of `--channel-size` + its threads, each of the buffer
-/// size), each inetdiager's UDP batch, and the closer's.
+/// What the buffers of `config` may take at most: each dump's receive
+/// buffers (its pool's capacity, each of the buffer size), each
+/// inetdiager's UDP batch, and the closer's.
 pub fn buffer_bound(config: &Config) -> u64 {
     let closer = config.close_buffer.map_or(0, |_| config.udp_batch_bytes) as u64;
     let families: u64 = config
-        .families
+        .dumps()
         .iter()
         .map(|f| {
-            let buffers = config.channel_size + f.netlinkers + f.inetdiagers;
-            let pool = buffers as u64 * config.recv_buffer_len() as u64;
+            let pool = pool_capacity(config, f) as u64 * config.recv_buffer_len() as u64;
             pool + (f.inetdiagers * config.udp_batch_bytes) as u64
         })
         .sum();
@@ -42,7 +42,7 @@ pub fn check_fits(config: &Config) -> Result<(), String> {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     Err(format!(
         "the buffers may take {:.1} MiB (--channel-size {} and the threads' buffers of {} bytes, \
-         per family) and the process {:.0} MiB more, over the {:.1} MiB memory limit of its \
+         per dump) and the process {:.0} MiB more, over the {:.1} MiB memory limit of its \
          control group (MemoryMax=): lower --channel-size or --packet-size, or raise the limit",
         mib(bound),
         config.channel_size,

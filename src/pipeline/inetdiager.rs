@@ -14,7 +14,7 @@ use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
 use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::dumpfile::Capture;
-use crate::pipeline::netlinker::ReceivedDatagram;
+use crate::pipeline::netlinker::{Batch, ReceivedDatagram};
 use crate::pipeline::sample::Sampler;
 use crate::pipeline::sock_diag::scan_datagram;
 use crate::shutdown::Shutdown;
@@ -33,32 +33,55 @@ pub struct Inetdiager {
 }
 
 impl Inetdiager {
-    pub fn run(mut self, rx: Receiver<ReceivedDatagram>, shutdown: &Shutdown) {
+    pub fn run(mut self, rx: Receiver<Batch>, shutdown: &Shutdown) {
         // After stdout closed (`xtcp --dest stdout | head`) records are dropped.
         let mut output_closed = false;
-        for received in rx.iter() {
-            if shutdown.is_aborted() {
-                return;
+        for batch in rx.iter() {
+            // The datagrams of one dump in a row: written, then sent at once.
+            for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.dump, &b.dump)) {
+                if shutdown.is_aborted() {
+                    return;
+                }
+                match self.write_run(run, output_closed) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                        output_closed = true;
+                        shutdown.stop();
+                    }
+                    Err(e) => {
+                        shutdown.abort(format!("{e}"));
+                        return;
+                    }
+                }
             }
-            let dump = &received.dump;
-            let mut tally = DumpTotals::default();
+        }
+    }
+
+    /// Writes and sends the records of datagrams of one dump, counting into
+    /// it; skips them when the output is closed. Fails with the output's
+    /// error (stdout) or a `--capture` write's.
+    fn write_run(&mut self, run: &[ReceivedDatagram], output_closed: bool) -> io::Result<()> {
+        let Some(dump) = run.first().map(|r| &r.dump) else {
+            return Ok(());
+        };
+        let mut tally = DumpTotals::default();
+        let mut lengths = TcpInfoLengths::default();
+        let mut written = Ok(());
+        for received in run {
             let datagram = &received.buf[..received.len];
-            if output_closed {
+            if output_closed || written.is_err() {
                 // Dropped: the buffer goes back to the pool.
                 self.writer.skip_datagram(datagram, dump.seq, &mut tally);
-                dump.counters.add(&tally);
                 continue;
             }
             if let Some(capture) = &self.capture {
-                if let Err(e) = capture.datagram(datagram) {
-                    shutdown.abort(format!("writing --capture: {e}"));
-                    return;
-                }
+                capture
+                    .datagram(datagram)
+                    .map_err(|e| io::Error::new(e.kind(), format!("writing --capture: {e}")))?;
             }
-            let mut lengths = TcpInfoLengths::default();
             // The netlinker already framed this datagram and checked its
             // sequence number, so neither can fail here.
-            let written = self.writer.write_datagram(
+            let result = self.writer.write_datagram(
                 datagram,
                 dump.seq,
                 &dump.stamp,
@@ -66,22 +89,18 @@ impl Inetdiager {
                 &mut lengths,
                 |e| dump.note_error("decode", e),
             );
-            let (flushed, send_error) = self.writer.flush(written, &mut tally);
-            if let Some(e) = send_error {
-                dump.note_error("send", e);
-            }
-            if let Err(e) = flushed {
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    output_closed = true;
-                    shutdown.stop();
-                } else {
-                    shutdown.abort(format!("writing records: {e}"));
-                    return;
-                }
-            }
-            dump.counters.add(&tally);
-            dump.add_tcp_info_lengths(&lengths);
+            written = written.and(result);
         }
+        let (flushed, send_error) = self.writer.flush(written, &mut tally);
+        if let Some(e) = send_error {
+            dump.note_error("send", e);
+        }
+        dump.counters.add(&tally);
+        dump.add_tcp_info_lengths(&lengths);
+        flushed.map_err(|e| match e.kind() {
+            io::ErrorKind::BrokenPipe => e,
+            kind => io::Error::new(kind, format!("writing records: {e}")),
+        })
     }
 }
 
@@ -299,7 +318,7 @@ mod tests {
             buf[..datagram.len()].copy_from_slice(&datagram);
             let dump = Arc::clone(&dump);
             let len = datagram.len();
-            tx.send(ReceivedDatagram { buf, len, dump }).unwrap();
+            tx.send(vec![ReceivedDatagram { buf, len, dump }]).unwrap();
         }
         drop((tx, dump));
         let inetdiager = Inetdiager {

@@ -100,11 +100,9 @@ pub fn run_with(
     let kernel = kernel_release();
     let tail = TailLayout::for_release(&kernel);
     let encoder = RecordEncoder::new(identity.clone());
-    // Each netlinker holds at most one buffer, the channel holds
-    // `channel_size`, each inetdiager works on one: a netlinker waits on the
-    // channel, never on the pool.
-    let pool_capacity = |f: &Family| config.channel_size + f.netlinkers + f.inetdiagers;
-    let metrics = Metrics::new(&config.families, pool_capacity, &kernel, identity)
+    let pool_capacity = |f: &Family| netlinker::pool_capacity(config, f);
+    let dumps = config.dumps();
+    let metrics = Metrics::new(&dumps, pool_capacity, &kernel, identity)
         .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new("poll completed"));
@@ -140,7 +138,7 @@ pub fn run_with(
         .transpose()
         .map_err(|e| setup("--feed-key")(io::Error::other(e)))?;
     let mut families = Vec::new();
-    for &family in &config.families {
+    for &family in &dumps {
         let pool = BufferPool::new(pool_capacity(&family), config.recv_buffer_len());
         let state = FamilyState::new(family, pool, shutdown.release_fd())
             .map_err(setup("creating the netlinkers' epoll set"))?;
@@ -219,7 +217,7 @@ pub fn run_with(
             }
             Ok(())
         });
-    let (report_tx, report_rx) = bounded(config.families.len());
+    let (report_tx, report_rx) = bounded(dumps.len());
     let poller = spawned.and_then(|()| {
         let poller = Poller {
             families: states,
@@ -280,7 +278,7 @@ fn spawn_workers(
 ) -> io::Result<()> {
     for (state, sinks) in families {
         let name = state.family.name();
-        let (tx, rx) = bounded(config.channel_size);
+        let (tx, rx) = bounded(netlinker::channel_batches(config));
         for i in 0..state.family.netlinkers {
             let (state, tx, sd) = (Arc::clone(&state), tx.clone(), shutdown.clone());
             workers.push(spawn(

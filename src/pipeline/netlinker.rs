@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{select, Sender, TrySendError};
+
+use crate::config::{Config, Family};
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 
@@ -35,11 +37,45 @@ pub struct ReceivedDatagram {
     pub dump: Arc<Dump>,
 }
 
-pub fn run(family: &FamilyState, tx: Sender<ReceivedDatagram>, shutdown: &Shutdown) {
+/// Datagrams handed to an inetdiager at once. The kernel builds each next
+/// datagram inside `recv`, so a dump's datagrams come back to back, and the
+/// inetdiager, faster than the kernel, would otherwise sleep and be woken
+/// for every one of them (`docs/performance.md`).
+pub const HANDOFF_BATCH: usize = 8;
+
+/// What goes down the channel: up to [`HANDOFF_BATCH`] datagrams.
+pub type Batch = Vec<ReceivedDatagram>;
+
+/// Batches the channel of a dump's netlinkers and inetdiagers holds:
+/// `--channel-size` receive buffers.
+pub fn channel_batches(config: &Config) -> usize {
+    config.channel_size.div_ceil(HANDOFF_BATCH)
+}
+
+/// Receive buffers a dump's pool may allocate: a full batch in the
+/// channel's every slot, in each netlinker's hands and in each inetdiager's,
+/// so that a netlinker waits on the channel, never on the pool.
+pub fn pool_capacity(config: &Config, family: &Family) -> usize {
+    (channel_batches(config) + family.netlinkers + family.inetdiagers) * HANDOFF_BATCH
+}
+
+pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
+    let mut batch = Batch::with_capacity(HANDOFF_BATCH);
     loop {
-        let socket = match wait_readable(family) {
-            Ok(Some(socket)) => socket,
-            Ok(None) => return,
+        // A batch is handed over when full, and before the netlinker would
+        // sleep: held, it would keep its dump from finishing.
+        let socket = match wait_readable(family, !batch.is_empty()) {
+            Ok(Ready::Socket(socket)) => socket,
+            Ok(Ready::Released) => {
+                hand_over(&tx, &mut batch, shutdown);
+                return;
+            }
+            Ok(Ready::Nothing) => {
+                if !hand_over(&tx, &mut batch, shutdown) {
+                    return;
+                }
+                continue;
+            }
             Err(e) => {
                 shutdown.abort(format!(
                     "netlinker {}: epoll_wait(2) failed: {e}",
@@ -114,65 +150,90 @@ pub fn run(family: &FamilyState, tx: Sender<ReceivedDatagram>, shutdown: &Shutdo
             dump.mark_done();
             family.retire(&dump);
         }
+        dump.counters.add(&tally);
         if scan.sockets > 0 {
-            let received = ReceivedDatagram {
-                buf,
-                len,
-                dump: Arc::clone(&dump),
-            };
-            if !hand_over(&tx, received, &dump, &mut tally, shutdown) {
-                dump.counters.add(&tally);
+            batch.push(ReceivedDatagram { buf, len, dump });
+            if batch.len() == HANDOFF_BATCH && !hand_over(&tx, &mut batch, shutdown) {
                 return;
             }
         }
-        dump.counters.add(&tally);
     }
 }
 
-/// Waits until one of the family's sockets has a datagram and returns it,
-/// or `None` once the netlinkers are released. Level-triggered: a socket
-/// another netlinker drains first makes `recv` say `WouldBlock`.
-fn wait_readable(family: &FamilyState) -> Result<Option<Arc<SockDiagSocket>>, Errno> {
+/// What [`wait_readable`] found.
+enum Ready {
+    /// A socket with a datagram.
+    Socket(Arc<SockDiagSocket>),
+    /// Nothing yet, and the caller asked not to wait.
+    Nothing,
+    /// The netlinkers are released: exit.
+    Released,
+}
+
+/// Waits until one of the family's sockets has a datagram and returns it
+/// (with `poll_only`, returns at once); level-triggered: a socket another
+/// netlinker drains first makes `recv` say `WouldBlock`.
+fn wait_readable(family: &FamilyState, poll_only: bool) -> Result<Ready, Errno> {
     let mut events = [EpollEvent::empty(); 4];
+    let timeout = if poll_only {
+        EpollTimeout::ZERO
+    } else {
+        EpollTimeout::NONE
+    };
     loop {
-        let n = match family.epoll.wait(&mut events, EpollTimeout::NONE) {
+        let n = match family.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
         };
         let ready = &events[..n];
         if ready.iter().any(|e| e.data() == RELEASE_TOKEN) {
-            return Ok(None);
+            return Ok(Ready::Released);
         }
         // A socket removed since the event (its namespace went) is skipped.
         if let Some(socket) = ready.iter().find_map(|e| family.socket(e.data())) {
-            return Ok(Some(socket));
+            return Ok(Ready::Socket(socket));
+        }
+        if poll_only {
+            return Ok(Ready::Nothing);
         }
     }
 }
 
-/// Sends `received`, waiting (counted, and with `dump`'s timeout clock
-/// stopped: the output is slow, not the kernel) while the channel is full.
-/// `false` when the pipeline is aborting or the inetdiagers are gone.
-fn hand_over(
-    tx: &Sender<ReceivedDatagram>,
-    received: ReceivedDatagram,
-    dump: &Dump,
-    tally: &mut DumpTotals,
-    shutdown: &Shutdown,
-) -> bool {
-    let received = match tx.try_send(received) {
+/// Sends the batch (leaving it empty), waiting while the channel is full:
+/// counted, with the timeout clock of each dump in it stopped (the output is
+/// slow, not the kernel). `false` when the pipeline is aborting or the
+/// inetdiagers are gone.
+fn hand_over(tx: &Sender<Batch>, batch: &mut Batch, shutdown: &Shutdown) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let full = std::mem::replace(batch, Batch::with_capacity(HANDOFF_BATCH));
+    let full = match tx.try_send(full) {
         Ok(()) => return true,
         Err(TrySendError::Disconnected(_)) => return false,
-        Err(TrySendError::Full(received)) => received,
+        Err(TrySendError::Full(full)) => full,
     };
-    tally.channel_full += 1;
-    let _blocked = dump.blocked_on_output();
+    // Usually one dump, at most two (the end of one and the next).
+    let mut dumps: Vec<Arc<Dump>> = Vec::new();
+    for received in &full {
+        if !dumps.iter().any(|d| Arc::ptr_eq(d, &received.dump)) {
+            dumps.push(Arc::clone(&received.dump));
+        }
+    }
+    let _blocked: Vec<_> = dumps.iter().map(|d| d.blocked_on_output()).collect();
     let started = Instant::now();
     let sent = select! {
-        send(tx, received) -> r => r.is_ok(),
+        send(tx, full) -> r => r.is_ok(),
         recv(shutdown.abort_signal()) -> _ => false,
     };
-    tally.channel_blocked_ns += started.elapsed().as_nanos() as u64;
+    let blocked_ns = started.elapsed().as_nanos() as u64;
+    for dump in &dumps {
+        dump.counters.add(&DumpTotals {
+            channel_full: 1,
+            channel_blocked_ns: blocked_ns,
+            ..DumpTotals::default()
+        });
+    }
     sent
 }

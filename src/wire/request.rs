@@ -1,7 +1,10 @@
-//! The `SOCK_DIAG_BY_FAMILY` dump request: `nlmsghdr` + `struct inet_diag_req_v2`
-//! (`include/uapi/linux/inet_diag.h`).
+//! The dump requests (`include/uapi/linux/inet_diag.h`): for one family,
+//! `SOCK_DIAG_BY_FAMILY` with `struct inet_diag_req_v2`; for both at once,
+//! the older `TCPDIAG_GETSOCK` with `struct inet_diag_req`.
 
-use super::message::{put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
+use super::message::{
+    put_header, NLMSG_HDRLEN, NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK,
+};
 
 /// Size of `struct inet_diag_req_v2`.
 pub const INET_DIAG_REQ_V2_LEN: usize = 56;
@@ -10,6 +13,13 @@ pub const DUMP_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
 
 pub const AF_INET: u8 = libc::AF_INET as u8;
 pub const AF_INET6: u8 = libc::AF_INET6 as u8;
+/// Both families: a request for it is a [`both_families_request`].
+pub const AF_UNSPEC: u8 = libc::AF_UNSPEC as u8;
+
+/// Size of the old `struct inet_diag_req`.
+pub const INET_DIAG_REQ_LEN: usize = 60;
+/// Size of the whole old-style request datagram.
+pub const BOTH_FAMILIES_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
 
 /// Every TCP state, ESTABLISHED (1) to BOUND_INACTIVE (13), as `1 << state` bits.
 pub const ALL_STATES: u32 = ((1 << 14) - 1) & !1;
@@ -58,13 +68,33 @@ pub fn dump_request(family: u8, states: u32, extensions: u8, seq: u32) -> [u8; D
     out
 }
 
+/// Builds a dump request for IPv4 and IPv6 sockets at once. The old
+/// `inet_diag_req` has no family field the kernel honours: its dump runs
+/// with `AF_UNSPEC` (`inet_diag_dump_compat`), so one walk of the socket
+/// tables returns both families, where two `SOCK_DIAG_BY_FAMILY` dumps walk
+/// them twice. Replies carry the request's type, `TCPDIAG_GETSOCK`, and the
+/// same messages. Same states and extension bits as [`dump_request`].
+pub fn both_families_request(
+    states: u32,
+    extensions: u8,
+    seq: u32,
+) -> [u8; BOTH_FAMILIES_REQUEST_LEN] {
+    let mut out = [0u8; BOTH_FAMILIES_REQUEST_LEN];
+    let req = dump_header(&mut out, TCPDIAG_GETSOCK, seq);
+    req[3] = extensions; // idiag_ext, after family and the two address lengths
+                         // req[4..52]: inet_diag_sockid left zero = match every socket.
+    req[52..56].copy_from_slice(&states.to_ne_bytes()); // idiag_states
+    out
+}
+
 /// `INET_DIAG_REQ_BYTECODE`: the attribute carrying a filter program.
 pub const INET_DIAG_REQ_BYTECODE: u16 = 1;
 
-/// [`dump_request`] followed by an `INET_DIAG_REQ_BYTECODE` attribute: the
-/// kernel runs `bytecode` (see [`super::bytecode`]) on each socket and
-/// builds messages only for those it accepts. An empty program accepts
-/// every socket, and is left out: the kernel refuses an empty attribute.
+/// The dump request of `family` ([`AF_UNSPEC`]: both, one walk), followed
+/// by an `INET_DIAG_REQ_BYTECODE` attribute: the kernel runs `bytecode`
+/// (see [`super::bytecode`]) on each socket and builds messages only for
+/// those it accepts. An empty program accepts every socket, and is left
+/// out: the kernel refuses an empty attribute.
 pub fn filtered_dump_request(
     family: u8,
     states: u32,
@@ -72,13 +102,16 @@ pub fn filtered_dump_request(
     bytecode: &[u8],
     seq: u32,
 ) -> Vec<u8> {
+    let mut out = match family {
+        AF_UNSPEC => both_families_request(states, extensions, seq).to_vec(),
+        _ => dump_request(family, states, extensions, seq).to_vec(),
+    };
     if bytecode.is_empty() {
-        return dump_request(family, states, extensions, seq).to_vec();
+        return out;
     }
     let attr_len = 4 + bytecode.len();
-    let total = DUMP_REQUEST_LEN + attr_len;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&dump_request(family, states, extensions, seq));
+    let total = out.len() + attr_len;
+    out.reserve(attr_len);
     out[..4].copy_from_slice(&(total as u32).to_ne_bytes());
     out.extend_from_slice(&(attr_len as u16).to_ne_bytes());
     out.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
@@ -129,6 +162,26 @@ mod tests {
         assert_eq!(
             unfiltered,
             dump_request(AF_INET, ALL_STATES, ALL_EXTENSIONS, 9)
+        );
+    }
+
+    #[test]
+    fn both_families_request_layout() {
+        let program = [1, 2, 3, 4];
+        let r = filtered_dump_request(AF_UNSPEC, ALL_STATES, ALL_EXTENSIONS, &program, 7);
+        assert_eq!(r.len(), BOTH_FAMILIES_REQUEST_LEN + 8);
+        let m = messages(&r).next().unwrap().unwrap();
+        assert_eq!(m.msg_type, TCPDIAG_GETSOCK);
+        assert_eq!((m.flags, m.seq), (NLM_F_REQUEST | NLM_F_DUMP, 7));
+        let (req, attr) = m.payload.split_at(INET_DIAG_REQ_LEN);
+        // Family and address lengths zero, then the extensions.
+        assert_eq!(&req[..4], &[0, 0, 0, 0x7f]);
+        assert_eq!(u32::from_ne_bytes(req[52..56].try_into().unwrap()), 0x3ffe);
+        assert!(req[4..52].iter().chain(&req[56..]).all(|&b| b == 0));
+        assert_eq!(attr, &[8, 0, 1, 0, 1, 2, 3, 4]);
+        assert_eq!(
+            filtered_dump_request(AF_UNSPEC, ALL_STATES, ALL_EXTENSIONS, &[], 7),
+            both_families_request(ALL_STATES, ALL_EXTENSIONS, 7)
         );
     }
 }

@@ -17,12 +17,11 @@ use xtcp::pipeline::sock_diag::{SockDiagSocket, DUMP_DATAGRAM_MAX};
 use xtcp::proto::Record;
 use xtcp::wire::bytecode::{compile, Expr, Side};
 use xtcp::wire::request::{
-    dump_request, filtered_dump_request, AF_INET, AF_INET6, ALL_EXTENSIONS, ALL_STATES,
+    both_families_request, dump_request, filtered_dump_request, AF_INET, AF_INET6, AF_UNSPEC,
+    ALL_EXTENSIONS, ALL_STATES,
 };
 use xtcp::wire::{decode_socket, TailLayout};
-use xtcp_testkit::{
-    all_families_dump_request, ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT,
-};
+use xtcp_testkit::{ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT};
 
 type Key = (u32, u32, u16, u16);
 
@@ -201,11 +200,12 @@ fn library_dump_sees_exactly_the_opened_sockets() {
 
 #[test]
 fn one_old_style_dump_returns_both_families_whole() {
-    // xtcp-dump-floor's `--layout all-families`: a single TCPDIAG_GETSOCK
-    // dump carries every socket of both families with every attribute.
+    // The exporter's combined layout (and xtcp-dump-floor's `--layout
+    // all-families`): a single TCPDIAG_GETSOCK dump carries every socket of
+    // both families with every attribute.
     with_scenario("all", &[], |_, expected| {
         let records = library_dump_of(&[|seq| {
-            all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec()
+            both_families_request(ALL_STATES, ALL_EXTENSIONS, seq).to_vec()
         }]);
         assert_exactly(&records, expected);
     });
@@ -214,7 +214,9 @@ fn one_old_style_dump_returns_both_families_whole() {
 #[test]
 fn source_port_filters_return_exactly_their_range() {
     // xtcp-dump-floor's `--split-at`: disjoint bytecode filters that cover
-    // every port split a dump without losing or repeating a socket.
+    // every port split a dump without losing or repeating a socket; the
+    // one-walk dump of both families runs the same programs (`--filter` in
+    // the combined layout).
     with_scenario("bc", &[], |_, expected| {
         let mut ports: Vec<u16> = expected.iter().map(|e| e.source_port).collect();
         ports.sort_unstable();
@@ -237,6 +239,7 @@ fn source_port_filters_return_exactly_their_range() {
                 .collect();
             assert!(!inside.is_empty() && inside.len() < expected.len());
             assert_exactly(&records, &inside);
+            assert_exactly(&library_dump_of(&[filtered(AF_UNSPEC)]), &inside);
             union.extend(records);
         }
         assert_exactly(&union, expected);

@@ -432,9 +432,10 @@ impl Drop for MemoryCgroup {
     }
 }
 
-/// Under a 64 MiB limit, buffers that may take 250.2 MiB (2 families x
-/// (4000 + 2) x 32 KiB, and two 16 KiB UDP batches) stop the start with
-/// one line; the default flags (6.5 MiB of buffers) poll.
+/// Under a 64 MiB limit, buffers that may take 125.9 MiB (the one dump's
+/// (500 batches + 1 netlinker + 2 inetdiagers) x 8 x 32 KiB, and two 64 KiB
+/// UDP batches) stop the start with one line; the default flags (4.1 MiB
+/// of buffers) poll.
 #[test]
 fn buffers_that_cannot_fit_the_memory_limit_do_not_start() {
     if !can_run(&[Need::Root]) {
@@ -446,7 +447,7 @@ fn buffers_that_cannot_fit_the_memory_limit_do_not_start() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("250.2 MiB") && stderr.contains("over the 64.0 MiB memory limit"),
+        stderr.contains("125.9 MiB") && stderr.contains("over the 64.0 MiB memory limit"),
         "{stderr}"
     );
     let out = cgroup.xtcp(&[]);

@@ -10,7 +10,10 @@ private namespace; then, REPS times and in rotated order, inside it:
          one thread per family as the exporter reads them;
 - ss:    `ss -tinmH > /dev/null`, what a user would run instead;
 - xtcp:  `xtcp --max-loops 1`, every record sent over UDP to a counting
-         receiver (`xtcp-debug-server --format count`);
+         receiver (`xtcp-debug-server --format count`): the default
+         layout, one dump of both families;
+- xtcp per-family: the same with `--dump-layout per-family`, one dump per
+         family read in parallel;
 
 and the same kernel work laid out differently (`xtcp-dump-floor` options),
 for the "beyond the floor" question:
@@ -31,9 +34,15 @@ Needs GNU time (Debian package time) and nsenter (util-linux). Prints
 Markdown tables of medians, the ratios, and records received against
 sockets.
 
+The floor, the all-families floor and both xtcp layouts also run 3 times
+in one process (`xtcp-dump-floor --repeat 3`, `xtcp --max-loops 3
+--frequency 1ms`): (3 runs - 1 run) / 2 is what one poll of the running
+daemon costs, without the start.
+
 The summary also gives the kernel memory the farm's sockets take (the
 growth of `Slab` in /proc/meminfo while the farm is up) and the records the
-receiver did not get (sockets - records received, the most of any run).
+receiver did not get (sockets x polls - records received, the most of any
+run).
 
 SIZES (sockets, default "10000 100000 200000 500000 1000000") and REPS
 (default 5) change the run.
@@ -51,6 +60,7 @@ from benchlib import BIN, start_farm, start_receiver, stop_farm
 SIZES = [int(s) for s in os.environ.get("SIZES", "10000 100000 200000 500000 1000000").split()]
 REPS = int(os.environ.get("REPS", "5"))
 PORT = 13000
+POLLS = 3
 LAYOUTS = {
     "sequential": ["--layout", "sequential"],
     "all-families": ["--layout", "all-families"],
@@ -73,12 +83,12 @@ def measure(ns, argv):
         return wall, usage.ru_utime + usage.ru_stime, int(rss.read().split()[-1]) / 1024
 
 
-def xtcp_poll(ns, flags=()):
-    """measure() of one poll with these extra flags, and the records the
-    receiver counted."""
+def xtcp_poll(ns, flags=(), polls=1):
+    """measure() of `polls` polls back to back with these extra flags, and
+    the records the receiver counted."""
     receiver = start_receiver(ns, PORT, "count")
-    result = measure(ns, [f"{BIN}/xtcp", "--max-loops", "1", "--no-prom", "--no-statsd",
-                          "--dest", f"udp:127.0.0.1:{PORT}", *flags])
+    result = measure(ns, [f"{BIN}/xtcp", "--max-loops", str(polls), "--frequency", "1ms",
+                          "--no-prom", "--no-statsd", "--dest", f"udp:127.0.0.1:{PORT}", *flags])
     receiver.send_signal(signal.SIGTERM)
     _, err = receiver.communicate()
     words = err.split()
@@ -98,11 +108,28 @@ def one_size(target):
     kernel_mib = (slab_kib() - before) / 1024
     received = []
     floor = f"{BIN}/xtcp-dump-floor"
+    per_family = ["--dump-layout", "per-family"]
+
+    def xtcp(flags, polls=1):
+        def run():
+            result, records = xtcp_poll(ns, flags, polls)
+            received.append(sockets * polls - records)
+            return result
+        return run
+
     commands = {
         "floor": lambda: measure(ns, [floor]),
         "ss": lambda: measure(ns, ["ss", "-tinmH"]),
-        "xtcp": None,
+        "xtcp": xtcp([]),
+        "xtcp per-family": xtcp(per_family),
         **{name: (lambda args=args: measure(ns, [floor, *args])) for name, args in LAYOUTS.items()},
+        # The same, POLLS times in one process: their difference is what a
+        # poll of the running daemon costs, without the start.
+        f"floor x{POLLS}": lambda: measure(ns, [floor, "--repeat", str(POLLS)]),
+        f"all-families x{POLLS}": lambda: measure(
+            ns, [floor, *LAYOUTS["all-families"], "--repeat", str(POLLS)]),
+        f"xtcp x{POLLS}": xtcp([], POLLS),
+        f"xtcp per-family x{POLLS}": xtcp(per_family, POLLS),
     }
     runs = {name: [] for name in commands}
     try:
@@ -111,12 +138,7 @@ def one_size(target):
         for rep in range(REPS):
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
-                if name == "xtcp":
-                    result, records = xtcp_poll(ns)
-                    received.append(records)
-                else:
-                    result = commands[name]()
-                runs[name].append(result)
+                runs[name].append(commands[name]())
     finally:
         stop_farm(farm)
     return sockets, baseline, runs, received, kernel_mib
@@ -138,17 +160,34 @@ def main():
             print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
         print()
         summary.append((sockets, med, received, kernel_mib))
+    print("One run (one poll, the start included):\n")
     print("| sockets | xtcp/floor wall | xtcp/floor CPU | ss/xtcp wall | xtcp CPU us/socket "
-          "| xtcp peak RSS MiB | records received / sockets | receiver lost (most) "
+          "| own CPU us/socket | per-family/floor wall, CPU "
+          "| xtcp peak RSS MiB | records lost (most of any run) "
           "| kernel memory of the farm MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for sockets, med, received, kernel_mib in summary:
-        x, f, s = med["xtcp"], med["floor"], med["ss"]
-        got = ", ".join(str(r) for r in sorted(set(received)))
-        lost = max(sockets - r for r in received)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for sockets, med, lost, kernel_mib in summary:
+        x, f, s, p = med["xtcp"], med["floor"], med["ss"], med["xtcp per-family"]
+        # The exporter's own work: its CPU less that of the dump it asks
+        # for, drained (one dump of both families).
+        own = (x[1] - med["all-families"][1]) / sockets * 1e6
         print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
-              f"| {x[1] / sockets * 1e6:.2f} | {x[2]:.1f} | {got} / {sockets} | {max(lost, 0)} "
-              f"| {kernel_mib:.0f} |")
+              f"| {x[1] / sockets * 1e6:.2f} | {own:.2f} | {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} "
+              f"| {x[2]:.1f} | {max(lost)} | {kernel_mib:.0f} |")
+    print(f"\nA poll of the running daemon: ({POLLS} polls - 1 poll) / {POLLS - 1}, "
+          "of the medians:\n")
+    print("| sockets | floor wall, CPU ms | xtcp wall, CPU ms | xtcp/floor wall | xtcp/floor CPU "
+          "| xtcp CPU us/socket | own CPU us/socket | per-family/floor wall, CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sockets, med, _, _ in summary:
+        def poll(name):
+            many, one = med[f"{name} x{POLLS}"], med[name]
+            return [(many[i] - one[i]) / (POLLS - 1) for i in range(2)]
+        f, x, a, p = poll("floor"), poll("xtcp"), poll("all-families"), poll("xtcp per-family")
+        own = (x[1] - a[1]) / sockets * 1e6
+        print(f"| {sockets} | {f[0] * 1e3:.1f}, {f[1] * 1e3:.1f} | {x[0] * 1e3:.1f}, {x[1] * 1e3:.1f} "
+              f"| {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {x[1] / sockets * 1e6:.2f} | {own:.2f} "
+              f"| {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} |")
     print("\nThe kernel's work laid out differently, against the floor (wall, CPU):\n")
     print("| sockets | " + " | ".join(LAYOUTS) + " | ss/sequential wall |")
     print("|---|" + "---|" * (len(LAYOUTS) + 1))

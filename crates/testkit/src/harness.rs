@@ -256,6 +256,16 @@ pub fn total(stderr: &str, family: &str, name: &str) -> u64 {
     stopped_value(stderr, "xtcp", family, name)
 }
 
+/// The sum of `name` over every dump's section of the totals line: the one
+/// dump of both families (`all`), or each family's.
+pub fn dumps_total(stderr: &str, name: &str) -> u64 {
+    ["all", "v4", "v6"]
+        .iter()
+        .filter(|family| stderr.contains(&format!(" | {family} ")))
+        .map(|family| total(stderr, family, name))
+        .sum()
+}
+
 /// The value after `name` in `program`'s exit line (`PROGRAM: stopped: ...`),
 /// within the ` | `-separated section that starts with `section` ("" = the
 /// first).

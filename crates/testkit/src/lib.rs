@@ -20,8 +20,6 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
     bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
 };
-use xtcp::wire::message::{NLMSG_HDRLEN, TCPDIAG_GETSOCK};
-use xtcp::wire::request::dump_header;
 
 /// A network namespace made with `ip netns add`, deleted on drop.
 pub struct Netns {
@@ -388,55 +386,4 @@ pub fn closed_connections(
         }
     }
     Ok(done)
-}
-
-/// Size of the old `struct inet_diag_req`.
-pub const INET_DIAG_REQ_LEN: usize = 60;
-/// Size of the whole old-style request datagram.
-pub const ALL_FAMILIES_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
-
-/// Builds a dump request for IPv4 and IPv6 sockets at once. The old
-/// `inet_diag_req` has no family field the kernel honours: its dump runs
-/// with `AF_UNSPEC` (`inet_diag_dump_compat`), so one walk of the socket
-/// tables returns both families, where two `SOCK_DIAG_BY_FAMILY` dumps walk
-/// them twice. Same states and extension bits as
-/// [`dump_request`](xtcp::wire::request::dump_request). `xtcp-dump-floor
-/// --layout all-families` measures it.
-pub fn all_families_dump_request(
-    states: u32,
-    extensions: u8,
-    seq: u32,
-) -> [u8; ALL_FAMILIES_REQUEST_LEN] {
-    let mut out = [0u8; ALL_FAMILIES_REQUEST_LEN];
-    let req = dump_header(&mut out, TCPDIAG_GETSOCK, seq);
-    req[3] = extensions; // idiag_ext, after family and the two address lengths
-                         // req[4..52]: inet_diag_sockid left zero = match every socket.
-    req[52..56].copy_from_slice(&states.to_ne_bytes()); // idiag_states
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use xtcp::wire::message::{messages, NLM_F_DUMP, NLM_F_REQUEST};
-    use xtcp::wire::request::{ALL_EXTENSIONS, ALL_STATES};
-
-    #[test]
-    fn all_families_request_layout() {
-        let r = all_families_dump_request(ALL_STATES, ALL_EXTENSIONS, 7);
-        let m = messages(&r).next().unwrap().unwrap();
-        assert_eq!(m.msg_type, TCPDIAG_GETSOCK);
-        assert_eq!((m.flags, m.seq), (NLM_F_REQUEST | NLM_F_DUMP, 7));
-        assert_eq!(m.payload.len(), INET_DIAG_REQ_LEN);
-        // Family and address lengths zero, then the extensions.
-        assert_eq!(&m.payload[..4], &[0, 0, 0, 0x7f]);
-        assert_eq!(
-            u32::from_ne_bytes(m.payload[52..56].try_into().unwrap()),
-            0x3ffe
-        );
-        assert!(m.payload[4..52]
-            .iter()
-            .chain(&m.payload[56..])
-            .all(|&b| b == 0));
-    }
 }

@@ -19,6 +19,8 @@
 //! `--filter EXPR` sends xtcp's `--filter` program with every dump (with
 //! `--split-at`, together with each range's).
 //!
+//! `--repeat N` does it all N times, one round after the other.
+//!
 //! Prints one line per dump: `floor <dump> sockets N datagrams N bytes N`.
 
 use std::process::ExitCode;
@@ -30,9 +32,8 @@ use xtcp::filter::Filter;
 use xtcp::pipeline::sock_diag::{DumpError, SockDiagSocket, DUMP_DATAGRAM_MAX};
 use xtcp::wire::bytecode::{compile, Expr, Side};
 use xtcp::wire::request::{
-    filtered_dump_request, AF_INET, AF_INET6, ALL_EXTENSIONS, DEFAULT_STATES,
+    filtered_dump_request, AF_INET, AF_INET6, AF_UNSPEC, ALL_EXTENSIONS, DEFAULT_STATES,
 };
-use xtcp_testkit::all_families_dump_request;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Layout {
@@ -59,13 +60,17 @@ struct Args {
     /// Only the sockets this xtcp `--filter` expression selects.
     #[arg(long, value_name = "EXPR")]
     filter: Option<Filter>,
+    /// Do it all this many times, one round after the other (as the
+    /// exporter polls), so that a poll's cost can be told from the start's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
 }
 
 /// One dump to drain: what it asks for and its name in the output.
 struct Dump {
     name: String,
-    /// `None` for both families at once.
-    family: Option<u8>,
+    /// `AF_UNSPEC` for both families at once.
+    family: u8,
     /// `INET_DIAG_REQ_BYTECODE`; empty: every socket.
     program: Vec<u8>,
 }
@@ -79,12 +84,13 @@ struct Drained {
 }
 
 fn request(dump: &Dump, seq: u32) -> Vec<u8> {
-    match dump.family {
-        Some(family) => {
-            filtered_dump_request(family, DEFAULT_STATES, ALL_EXTENSIONS, &dump.program, seq)
-        }
-        None => all_families_dump_request(DEFAULT_STATES, ALL_EXTENSIONS, seq).to_vec(),
-    }
+    filtered_dump_request(
+        dump.family,
+        DEFAULT_STATES,
+        ALL_EXTENSIONS,
+        &dump.program,
+        seq,
+    )
 }
 
 fn drain(dump: &Dump) -> Result<Drained, DumpError> {
@@ -102,18 +108,15 @@ fn drain(dump: &Dump) -> Result<Drained, DumpError> {
 
 /// The dumps of `args`, grouped by the thread that reads them in turn.
 fn plan(args: &Args) -> Result<Vec<Vec<Dump>>, String> {
-    let families: Vec<(String, Option<u8>)> = match args.layout {
-        Layout::AllFamilies => vec![("all".into(), None)],
-        _ => vec![("v4".into(), Some(AF_INET)), ("v6".into(), Some(AF_INET6))],
+    let families: Vec<(String, u8)> = match args.layout {
+        Layout::AllFamilies => vec![("all".into(), AF_UNSPEC)],
+        _ => vec![("v4".into(), AF_INET), ("v6".into(), AF_INET6)],
     };
     let mut starts = args.split_at.clone();
     starts.sort_unstable();
     starts.dedup();
     if args.layout != Layout::Families && !starts.is_empty() {
         return Err("--split-at needs --layout families".into());
-    }
-    if args.layout == Layout::AllFamilies && args.filter.is_some() {
-        return Err("--filter needs --layout families or sequential".into());
     }
     if starts.first() == Some(&0) {
         return Err("--split-at ports start ranges after port 0: give ports > 0".into());
@@ -165,6 +168,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut whole = true;
+    for _ in 0..args.repeat {
+        whole &= round(&threads);
+    }
+    if whole {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Drains every dump once, each thread its own in parallel, and prints
+/// them; `false` if a dump failed.
+fn round(threads: &[Vec<Dump>]) -> bool {
     let results: Vec<(String, Result<Drained, String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = threads
             .iter()
@@ -189,7 +206,7 @@ fn main() -> ExitCode {
             })
             .collect()
     });
-    let mut status = ExitCode::SUCCESS;
+    let mut whole = true;
     for (name, result) in results {
         match result {
             Ok(d) => println!(
@@ -198,9 +215,9 @@ fn main() -> ExitCode {
             ),
             Err(e) => {
                 eprintln!("error: {name} dump: {e}");
-                status = ExitCode::FAILURE;
+                whole = false;
             }
         }
     }
-    status
+    whole
 }
