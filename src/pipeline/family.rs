@@ -1,7 +1,7 @@
-//! One address family's part of the pipeline, shared by the poller and the
-//! family's netlinkers: its netlink sockets (one per namespace polled), the
-//! epoll set the netlinkers wait on, its receive buffers and its current
-//! dump.
+//! One dump's part of the pipeline (both families, or one family with
+//! `--dump-layout per-family`), shared by the poller and the dump's
+//! netlinkers: its netlink sockets (one per namespace polled), the epoll
+//! set the netlinkers wait on, its receive buffers and its current dump.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,8 +16,9 @@ use crate::pipeline::dump::Dump;
 use crate::pipeline::pool::BufferPool;
 use crate::pipeline::sock_diag::SockDiagSocket;
 
-/// One family's sockets (one per namespace), buffers and current dump,
-/// shared by the poller and the family's netlinkers.
+/// One dump's sockets (one per namespace), buffers and current dump, shared
+/// by the poller and the dump's netlinkers; `family.af` is `AF_UNSPEC` for
+/// the one dump of both families.
 pub struct FamilyState {
     pub family: Family,
     /// Every socket of the family, and the release fd: what the netlinkers

@@ -1,8 +1,9 @@
-//! Inetdiager threads (`--inetdiagers4/6` per family): walk the socket
-//! messages of each received buffer, sample, decode, encode each record into
-//! a reused buffer and hand it to the destination; then flush and return the
-//! buffer to its pool. They exit when every netlinker of their family is gone
-//! and the channel is drained, so nothing received is left unsent.
+//! Inetdiager threads (per dump, `Config::dumps`): walk the socket messages
+//! of each received batch of buffers, sample, decode, encode each record
+//! into a reused buffer and hand it to the destination; then flush and
+//! return the buffers to their pool. They exit when every netlinker of their
+//! dump is gone and the channel is drained, so nothing received is left
+//! unsent.
 
 use std::io;
 use std::sync::Arc;

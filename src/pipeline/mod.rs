@@ -1,9 +1,9 @@
 //! The exporter's threads and how they are wired.
 //!
 //! ```text
-//! poller (1)  --request-->  netlink socket per family
-//! netlinkers (per family)   recv into pooled buffers --bounded channel-->
-//! inetdiagers (per family)  sample, decode, encode, send --> destination
+//! poller (1)  --request-->  netlink socket per dump (both families, or one each)
+//! netlinkers (per dump)     recv into pooled buffers --bounded channel-->
+//! inetdiagers (per dump)    sample, decode, encode, send --> destination
 //! ```
 //!
 //! - [`sock_diag`]: the `NETLINK_SOCK_DIAG` socket and datagram scanning.

@@ -1,8 +1,9 @@
-//! Netlinker threads (`--netlinkers4/6` per family): receive the reply
-//! datagrams of their family's netlink sockets (one per namespace polled)
-//! into pooled buffers and hand whole buffers to the inetdiagers.
+//! Netlinker threads (per dump, `Config::dumps`): receive the reply
+//! datagrams of their dump's netlink sockets (one per namespace polled)
+//! into pooled buffers and hand whole buffers to the inetdiagers, a batch
+//! at a time.
 //!
-//! A netlinker sleeps in `epoll_wait(2)` on the family's sockets and the
+//! A netlinker sleeps in `epoll_wait(2)` on the dump's sockets and the
 //! shutdown release fd, so it costs nothing between polls and exits at once
 //! when released. The kernel builds each next datagram inside `recv`, in the
 //! calling thread. Several netlinkers on one socket take datagrams in turn
