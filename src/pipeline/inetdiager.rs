@@ -38,37 +38,33 @@ impl Inetdiager {
         // After stdout closed (`xtcp --dest stdout | head`) records are dropped.
         let mut output_closed = false;
         for batch in rx.iter() {
-            // The datagrams of one dump in a row: written, then sent at once.
-            for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.dump, &b.dump)) {
-                if shutdown.is_aborted() {
-                    return;
+            if shutdown.is_aborted() {
+                return;
+            }
+            match self.write_batch(&batch, output_closed) {
+                Ok(()) => {}
+                Err(Stop::OutputClosed) => {
+                    output_closed = true;
+                    shutdown.stop();
                 }
-                match self.write_run(run, output_closed) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                        output_closed = true;
-                        shutdown.stop();
-                    }
-                    Err(e) => {
-                        shutdown.abort(format!("{e}"));
-                        return;
-                    }
+                Err(Stop::Abort(reason)) => {
+                    shutdown.abort(reason);
+                    return;
                 }
             }
         }
     }
 
-    /// Writes and sends the records of datagrams of one dump, counting into
-    /// it; skips them when the output is closed. Fails with the output's
-    /// error (stdout) or a `--capture` write's.
-    fn write_run(&mut self, run: &[ReceivedDatagram], output_closed: bool) -> io::Result<()> {
-        let Some(dump) = run.first().map(|r| &r.dump) else {
+    /// Writes the records of a batch (datagrams of one dump), sends them at
+    /// once and counts into the dump; skips them when the output is closed.
+    fn write_batch(&mut self, batch: &[ReceivedDatagram], output_closed: bool) -> Result<(), Stop> {
+        let Some(dump) = batch.first().map(|r| &r.dump) else {
             return Ok(());
         };
         let mut tally = DumpTotals::default();
         let mut lengths = TcpInfoLengths::default();
         let mut written = Ok(());
-        for received in run {
+        for received in batch {
             let datagram = &received.buf[..received.len];
             if output_closed || written.is_err() {
                 // Dropped: the buffer goes back to the pool.
@@ -78,7 +74,7 @@ impl Inetdiager {
             if let Some(capture) = &self.capture {
                 capture
                     .datagram(datagram)
-                    .map_err(|e| io::Error::new(e.kind(), format!("writing --capture: {e}")))?;
+                    .map_err(|e| Stop::Abort(format!("writing --capture: {e}")))?;
             }
             // The netlinker already framed this datagram and checked its
             // sequence number, so neither can fail here.
@@ -99,10 +95,18 @@ impl Inetdiager {
         dump.counters.add(&tally);
         dump.add_tcp_info_lengths(&lengths);
         flushed.map_err(|e| match e.kind() {
-            io::ErrorKind::BrokenPipe => e,
-            kind => io::Error::new(kind, format!("writing records: {e}")),
+            io::ErrorKind::BrokenPipe => Stop::OutputClosed,
+            _ => Stop::Abort(format!("writing records: {e}")),
         })
     }
+}
+
+/// Why an inetdiager stops writing.
+enum Stop {
+    /// Stdout was closed (`| head`): the rest is dropped, counted.
+    OutputClosed,
+    /// A write that must not fail did: the pipeline aborts with this.
+    Abort(String),
 }
 
 /// Turns the socket messages of netlink datagrams into records at the

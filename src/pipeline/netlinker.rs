@@ -18,11 +18,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{select, Sender, TrySendError};
-
-use crate::config::{Config, Family};
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 
+use crate::config::{Config, Family};
 use crate::counting::DumpTotals;
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::{FamilyState, RELEASE_TOKEN};
@@ -44,7 +43,8 @@ pub struct ReceivedDatagram {
 /// for every one of them (`docs/performance.md`).
 pub const HANDOFF_BATCH: usize = 8;
 
-/// What goes down the channel: up to [`HANDOFF_BATCH`] datagrams.
+/// What goes down the channel: up to [`HANDOFF_BATCH`] datagrams, all of
+/// one dump.
 pub type Batch = Vec<ReceivedDatagram>;
 
 /// Batches the channel of a dump's netlinkers and inetdiagers holds:
@@ -153,6 +153,11 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         }
         dump.counters.add(&tally);
         if scan.sockets > 0 {
+            // A batch holds one dump: the tail of the last one goes first.
+            let other = batch.first().is_some_and(|r| !Arc::ptr_eq(&r.dump, &dump));
+            if other && !hand_over(&tx, &mut batch, shutdown) {
+                return;
+            }
             batch.push(ReceivedDatagram { buf, len, dump });
             if batch.len() == HANDOFF_BATCH && !hand_over(&tx, &mut batch, shutdown) {
                 return;
@@ -202,39 +207,29 @@ fn wait_readable(family: &FamilyState, poll_only: bool) -> Result<Ready, Errno> 
 }
 
 /// Sends the batch (leaving it empty), waiting while the channel is full:
-/// counted, with the timeout clock of each dump in it stopped (the output is
-/// slow, not the kernel). `false` when the pipeline is aborting or the
-/// inetdiagers are gone.
+/// counted, with its dump's timeout clock stopped (the output is slow, not
+/// the kernel). `false` when the pipeline is aborting or the inetdiagers
+/// are gone.
 fn hand_over(tx: &Sender<Batch>, batch: &mut Batch, shutdown: &Shutdown) -> bool {
-    if batch.is_empty() {
+    let Some(dump) = batch.first().map(|r| Arc::clone(&r.dump)) else {
         return true;
-    }
+    };
     let full = std::mem::replace(batch, Batch::with_capacity(HANDOFF_BATCH));
     let full = match tx.try_send(full) {
         Ok(()) => return true,
         Err(TrySendError::Disconnected(_)) => return false,
         Err(TrySendError::Full(full)) => full,
     };
-    // Usually one dump, at most two (the end of one and the next).
-    let mut dumps: Vec<Arc<Dump>> = Vec::new();
-    for received in &full {
-        if !dumps.iter().any(|d| Arc::ptr_eq(d, &received.dump)) {
-            dumps.push(Arc::clone(&received.dump));
-        }
-    }
-    let _blocked: Vec<_> = dumps.iter().map(|d| d.blocked_on_output()).collect();
+    let _blocked = dump.blocked_on_output();
     let started = Instant::now();
     let sent = select! {
         send(tx, full) -> r => r.is_ok(),
         recv(shutdown.abort_signal()) -> _ => false,
     };
-    let blocked_ns = started.elapsed().as_nanos() as u64;
-    for dump in &dumps {
-        dump.counters.add(&DumpTotals {
-            channel_full: 1,
-            channel_blocked_ns: blocked_ns,
-            ..DumpTotals::default()
-        });
-    }
+    dump.counters.add(&DumpTotals {
+        channel_full: 1,
+        channel_blocked_ns: started.elapsed().as_nanos() as u64,
+        ..DumpTotals::default()
+    });
     sent
 }

@@ -31,8 +31,7 @@ including the two small launchers; peak RSS is GNU time's (the program's,
 after nsenter's exec; a fork of this Python script would count its own
 13 MiB). The same figures for `true` are printed as the launchers' share.
 Needs GNU time (Debian package time) and nsenter (util-linux). Prints
-Markdown tables of medians, the ratios, and records received against
-sockets.
+Markdown tables of medians and the ratios.
 
 The floor, the all-families floor and both xtcp layouts also run 3 times
 in one process (`xtcp-dump-floor --repeat 3`, `xtcp --max-loops 3
@@ -95,6 +94,12 @@ def xtcp_poll(ns, flags=(), polls=1):
     return result, int(words[words.index("records") + 1])
 
 
+def own_us(xtcp_cpu, all_families_cpu, sockets):
+    """The exporter's own work per socket, us: its CPU less that of the
+    dump it asks for, drained (one dump of both families)."""
+    return (xtcp_cpu - all_families_cpu) / sockets * 1e6
+
+
 def slab_kib():
     """The kernel's slab memory now (/proc/meminfo `Slab`), KiB."""
     with open("/proc/meminfo") as f:
@@ -106,14 +111,15 @@ def one_size(target):
     # 2 sockets per connection, 2 families.
     farm, ns, sockets = start_farm("e2e", target // 4)
     kernel_mib = (slab_kib() - before) / 1024
-    received = []
+    # Records the receiver did not get, per xtcp run.
+    lost = []
     floor = f"{BIN}/xtcp-dump-floor"
     per_family = ["--dump-layout", "per-family"]
 
     def xtcp(flags, polls=1):
         def run():
             result, records = xtcp_poll(ns, flags, polls)
-            received.append(sockets * polls - records)
+            lost.append(sockets * polls - records)
             return result
         return run
 
@@ -141,7 +147,7 @@ def one_size(target):
                 runs[name].append(commands[name]())
     finally:
         stop_farm(farm)
-    return sockets, baseline, runs, received, kernel_mib
+    return sockets, baseline, runs, lost, kernel_mib
 
 
 def main():
@@ -149,7 +155,7 @@ def main():
           f"Linux {os.uname().release}\n")
     summary = []
     for target in SIZES:
-        sockets, baseline, runs, received, kernel_mib = one_size(target)
+        sockets, baseline, runs, lost, kernel_mib = one_size(target)
         med = {name: [statistics.median(r[i] for r in rs) for i in range(3)]
                for name, rs in runs.items()}
         print(f"### {sockets} sockets\n")
@@ -159,7 +165,7 @@ def main():
             name = f"floor, {name}" if name in LAYOUTS else name
             print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
         print()
-        summary.append((sockets, med, received, kernel_mib))
+        summary.append((sockets, med, lost, kernel_mib))
     print("One run (one poll, the start included):\n")
     print("| sockets | xtcp/floor wall | xtcp/floor CPU | ss/xtcp wall | xtcp CPU us/socket "
           "| own CPU us/socket | per-family/floor wall, CPU "
@@ -168,9 +174,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for sockets, med, lost, kernel_mib in summary:
         x, f, s, p = med["xtcp"], med["floor"], med["ss"], med["xtcp per-family"]
-        # The exporter's own work: its CPU less that of the dump it asks
-        # for, drained (one dump of both families).
-        own = (x[1] - med["all-families"][1]) / sockets * 1e6
+        own = own_us(x[1], med["all-families"][1], sockets)
         print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
               f"| {x[1] / sockets * 1e6:.2f} | {own:.2f} | {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} "
               f"| {x[2]:.1f} | {max(lost)} | {kernel_mib:.0f} |")
@@ -184,7 +188,7 @@ def main():
             many, one = med[f"{name} x{POLLS}"], med[name]
             return [(many[i] - one[i]) / (POLLS - 1) for i in range(2)]
         f, x, a, p = poll("floor"), poll("xtcp"), poll("all-families"), poll("xtcp per-family")
-        own = (x[1] - a[1]) / sockets * 1e6
+        own = own_us(x[1], a[1], sockets)
         print(f"| {sockets} | {f[0] * 1e3:.1f}, {f[1] * 1e3:.1f} | {x[0] * 1e3:.1f}, {x[1] * 1e3:.1f} "
               f"| {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {x[1] / sockets * 1e6:.2f} | {own:.2f} "
               f"| {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} |")
