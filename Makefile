@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-shipped build-all install deb test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-closes bench-changes bench-netns-scan bench-e2e bench-filter soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install deb test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-forwarder bench-closes bench-changes bench-netns-scan bench-e2e bench-filter soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -84,6 +84,10 @@ bench:
 ## bench-udp: exporter and receiver CPU per poll for each --udp-batch-bytes, and the cost of --feed-key per datagram (root; 16k sockets in a namespace)
 bench-udp: build-all
 	python3 tools/bench/bench_udp.py
+
+## bench-forwarder: the forwarder's CPU per record into a tansu broker at 100k-socket polls, every record delivered (root, tansu; PAIRS, POLLS, REPS, BASE=DIR of another build side by side, PERF=FILE)
+bench-forwarder: build-all
+	python3 tools/bench/bench_forwarder.py
 
 ## bench-closes: exporter CPU per 10k closes/s and close messages lost at 10k, 50k, 100k closes/s (root; RATES, SECONDS, REPS)
 bench-closes: build-all

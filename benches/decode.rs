@@ -12,8 +12,12 @@
 //!   owned values, tcp_info copied as bytes);
 //! - `forwarder_to_delimited`: the forwarder's per-datagram work on the
 //!   records of those sockets, sent as the exporter sends them (envelopes of
-//!   at most `--udp-batch-bytes`): every record decoded and checked, then
-//!   copied length-delimited into the Kafka message.
+//!   at most `--udp-batch-bytes`): every record checked by a walk of its
+//!   wire format, then copied length-delimited into the Kafka message;
+//! - `record_check`: that walk alone (`export::check::check_record`), record
+//!   by record;
+//! - `record_prost_decode`: the same records decoded with prost into a
+//!   reused `Record` instead, as the forwarder checked them before.
 //!
 //! One iteration = the whole buffer; throughput is in sockets.
 //! `make bench` runs this and prints ns/socket and ratios (tools/bench/bench_report.py).
@@ -24,10 +28,13 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use netlink_packet_core::NetlinkMessage;
 use netlink_packet_sock_diag::SockDiagMessage;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::Message;
 use xtcp::config::DEFAULT_UDP_BATCH_BYTES;
+use xtcp::export::check::check_record;
 use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::export::udp::to_delimited;
 use xtcp::identity::Identity;
+use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, DiagSocket, TailLayout};
 
@@ -105,7 +112,37 @@ fn decode(c: &mut Criterion) {
             }
         })
     });
+    let records = records();
+    g.bench_function("record_check", |b| {
+        b.iter(|| {
+            for record in &records {
+                black_box(check_record(black_box(record)).unwrap());
+            }
+        })
+    });
+    g.bench_function("record_prost_decode", |b| {
+        let mut decoded = Record::default();
+        b.iter(|| {
+            for record in &records {
+                decoded.clear();
+                decoded.merge(black_box(&record[..])).unwrap();
+                black_box(&decoded);
+            }
+        })
+    });
     g.finish();
+}
+
+/// The record of each socket of the dump, as the exporter encodes it.
+fn records() -> Vec<Vec<u8>> {
+    let (mut encoder, stamp) = encoder();
+    let mut record = vec![0u8; encoder.max_record_len()];
+    let mut records = Vec::new();
+    for_each_socket(DUMP, |s| {
+        let len = encoder.encode(s, &stamp, &mut record).unwrap();
+        records.push(record[..len].to_vec());
+    });
+    records
 }
 
 /// The exporter's encoder and a poll's stamp, as one poll has them.
@@ -127,11 +164,9 @@ fn encoder() -> (RecordEncoder, PollStamp) {
 /// The records of the dump in envelopes of at most the default
 /// `--udp-batch-bytes`, as the exporter's UDP sink packs them.
 fn envelopes() -> Vec<Vec<u8>> {
-    let (mut encoder, stamp) = encoder();
-    let mut record = vec![0u8; encoder.max_record_len()];
     let mut datagrams = vec![Vec::new()];
-    for_each_socket(DUMP, |s| {
-        let len = encoder.encode(s, &stamp, &mut record).unwrap();
+    for record in records() {
+        let len = record.len();
         let framed = 1 + encoded_len_varint(len as u64) + len;
         let last = datagrams.last_mut().unwrap();
         if last.len() + framed > DEFAULT_UDP_BATCH_BYTES {
@@ -140,8 +175,8 @@ fn envelopes() -> Vec<Vec<u8>> {
         let last = datagrams.last_mut().unwrap();
         encode_key(1, WireType::LengthDelimited, last);
         encode_varint(len as u64, last);
-        last.extend_from_slice(&record[..len]);
-    });
+        last.extend_from_slice(&record);
+    }
     datagrams
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// only, without clap's usage block, so a log holds one line (exit 2).
 pub fn exit_for(e: &clap::Error) -> ExitCode {
     if e.use_stderr() {
-        eprintln!("{}", first_line(&e.render().to_string()));
+        crate::say!("{}", first_line(&e.render().to_string()));
         ExitCode::from(2)
     } else {
         let _ = e.print();

@@ -13,6 +13,7 @@
 //! - [`config`]: command line -> validated configuration; [`cli`]: what
 //!   every xtcp program does with its command line.
 //! - [`shutdown`]: signals, stop and abort, named threads with a panic guard.
+//! - [`say`]: stderr lines, each in one write.
 //! - [`identity`]: the hostname and instance every record carries.
 
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod filter;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
+pub mod say;
 pub mod shutdown;
 pub mod wire;
 

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let identity = match Identity::draw() {
         Ok(identity) => identity,
         Err(e) => {
-            eprintln!("error: drawing the instance id: {e}");
+            xtcp::say!("error: drawing the instance id: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(ArgsError::Invalid(line)) => {
-            eprintln!("{line}");
+            xtcp::say!("{line}");
             return ExitCode::from(2);
         }
     };
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(totals) => {
-            eprintln!("xtcp: stopped: {identity} {totals}");
+            xtcp::say!("xtcp: stopped: {identity} {totals}");
             let by_hand = config.once || config.replay.is_some();
             if by_hand && totals.losses() > 0 {
                 // The warning above said what; the status says it to a script.
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -203,7 +203,7 @@ fn exit_after_grace(shutdown: &Shutdown) {
         .spawn(move || {
             thread::sleep(ABORT_GRACE);
             let reason = shutdown.failure().unwrap_or_default();
-            eprintln!("error: {reason} (a thread was still blocked after {ABORT_GRACE:?})");
+            crate::say!("error: {reason} (a thread was still blocked after {ABORT_GRACE:?})");
             std::process::exit(1);
         });
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond the Rust toolchain, installed only when
 # missing (run as root: apt-get). A fresh Debian machine gets:
-#   iproute2 (`ip netns`), util-linux (`setpriv`): the namespace tests;
+#   iproute2 (`ip netns`), util-linux (`setpriv`), procps (`sysctl`): the
+#     namespace tests;
 #   prometheus (`promtool check metrics`): the metrics test;
 #   systemd (`systemd-analyze`), strace: the unit's checks;
 #   rustfmt, clippy: the lints;
@@ -18,6 +19,7 @@ set -euo pipefail
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v sysctl >/dev/null || missing+=(procps)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v strace >/dev/null || missing+=(strace)

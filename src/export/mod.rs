@@ -1,10 +1,12 @@
 //! From a decoded socket to bytes at a destination: [`record`] encodes the
 //! protobuf `Record` with the [`encode`] writer; [`sink`] sends records to the
 //! configured destination, [`udp`] (protobuf datagrams, and their decoding
-//! for receivers) or [`stdout`] (JSON lines via [`json`]); [`sequence`] is how
-//! receivers tell what never arrived.
+//! for receivers) or [`stdout`] (JSON lines via [`json`]); [`check`] is how
+//! receivers check a record without building it, [`sequence`] how they tell
+//! what never arrived.
 
 pub mod auth;
+pub mod check;
 pub mod encode;
 pub mod json;
 pub mod record;

@@ -81,6 +81,12 @@ impl RecordEncoder {
         self.next - 1
     }
 
+    /// The highest number any clone of this encoder has reserved (0 before
+    /// the first): where a watermark stands.
+    pub fn numbered(&self) -> u64 {
+        self.counter.load(Ordering::Relaxed)
+    }
+
     /// A buffer this long always holds one record of any socket the decoder
     /// accepts (addresses are 4 or 16 bytes, names shorter than
     /// `TCP_CA_NAME_MAX`; the fuzz target checks the bound).

@@ -10,6 +10,17 @@
 //! that fills a hole is *reordered*; one that arrives again, or after its
 //! hole was counted lost, is *duplicated*.
 //!
+//! A later number shows a hole only when it arrives, so the last records of
+//! a poll would wait for the next poll to be missed, and those of a run's
+//! last poll forever. The exporter closes that gap with *watermarks*: after
+//! every poll, and when it stops, it sends the number it has reached, and a
+//! watermark opens a hole up to its number just as a record would. It also
+//! says the run's poll interval: a run heard from neither by a record nor by
+//! a watermark for three of its intervals (at least [`GRACE`]) without having
+//! said it stopped is *silent* (killed, its host gone, or the feed cut), and
+//! is counted once each time it falls silent. A stopped run leaves the
+//! table once its holes are settled; a silent one after [`FORGET_SILENT`].
+//!
 //! Memory is bounded: at most `run_limit` runs (the one heard from longest
 //! ago is evicted, its holes counted lost) and [`HOLE_LIMIT`] holes per run
 //! (the oldest is counted lost early). A run is a handful of words plus its
@@ -20,7 +31,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use crate::export::udp::socket_drops;
-use crate::proto::Record;
+use crate::proto::{Record, Watermark};
 
 /// How long a number may be missing after a later one arrived before it
 /// counts as lost. Reordering on a host or a LAN takes microseconds; this
@@ -32,6 +43,13 @@ pub const HOLE_LIMIT: usize = 1024;
 
 /// Runs tracked by default: plenty for the exporters one receiver serves.
 pub const DEFAULT_RUN_LIMIT: usize = 4096;
+
+/// A run is silent after this many of its poll intervals without a word.
+pub const SILENT_INTERVALS: u32 = 3;
+
+/// How long a silent run is kept (should it come back) before it is
+/// dropped from the table; it stays counted in `runs_silent`.
+pub const FORGET_SILENT: Duration = Duration::from_secs(3600);
 
 /// What the tracked numbers showed, since the receiver started.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -48,17 +66,29 @@ pub struct SequenceTotals {
     /// Runs dropped from the table to make room; their holes were counted
     /// lost then.
     pub runs_evicted: u64,
+    /// Runs heard from for the first time (again after being dropped).
+    pub runs_heard: u64,
+    /// Runs whose stop watermark arrived.
+    pub runs_stopped: u64,
+    /// Times a run fell silent (see the module's rules).
+    pub runs_silent: u64,
+    /// Watermarks received.
+    pub watermarks: u64,
 }
 
 impl SequenceTotals {
     /// `lost N duplicated N ...`: the words of the receivers' exit lines.
-    pub fn exit_fields(&self) -> [(&'static str, u64); 5] {
+    pub fn exit_fields(&self) -> [(&'static str, u64); 9] {
         [
             ("lost", self.lost),
             ("duplicated", self.duplicated),
             ("reordered", self.reordered),
             ("untracked", self.untracked),
             ("runs_evicted", self.runs_evicted),
+            ("runs_heard", self.runs_heard),
+            ("runs_stopped", self.runs_stopped),
+            ("runs_silent", self.runs_silent),
+            ("watermarks", self.watermarks),
         ]
     }
 }
@@ -91,77 +121,73 @@ struct Hole {
 
 #[derive(Debug)]
 struct Run {
-    /// The highest number received.
+    /// The highest number received, or reached by a watermark.
     top: u64,
     /// Ascending and disjoint, all below `top`. New holes open above every
     /// other, so they are also in the order they opened.
     holes: Vec<Hole>,
     last_heard: Instant,
+    /// How long it may go unheard before it is silent: from its
+    /// watermarks, `None` before the first (an exporter that sends none).
+    quiet_limit: Option<Duration>,
+    silent: bool,
+    /// When its stop watermark arrived.
+    stopped: Option<Instant>,
+    /// Its host, from its watermarks (records are read for their numbers
+    /// only).
+    hostname: String,
 }
 
-/// Tracks the numbers of every run a receiver hears from.
-#[derive(Debug)]
-pub struct SequenceTracker {
-    runs: HashMap<u64, Run>,
-    run_limit: usize,
-    totals: SequenceTotals,
-}
-
-impl SequenceTracker {
-    pub fn new(run_limit: usize) -> Self {
-        SequenceTracker {
-            runs: HashMap::new(),
-            run_limit: run_limit.max(1),
-            totals: SequenceTotals::default(),
-        }
-    }
-
-    pub fn totals(&self) -> SequenceTotals {
-        self.totals
-    }
-
-    /// Runs in the table.
-    pub fn runs(&self) -> usize {
-        self.runs.len()
-    }
-
-    /// Notes one record received at `now`: its run's `instance`, its
-    /// `poll_id` and its `record_counter`.
-    pub fn record(&mut self, instance: u64, poll_id: u64, counter: u64, now: Instant) {
-        if instance == 0 || counter == 0 {
-            self.totals.untracked += 1;
-            return;
-        }
-        if !self.runs.contains_key(&instance) && self.runs.len() >= self.run_limit {
-            self.evict_oldest();
-        }
-        let totals = &mut self.totals;
-        let run = self.runs.entry(instance).or_insert_with(|| Run {
-            // A run first heard in its first poll started while we listened:
-            // what it numbered before is missing. Later, we joined midway
-            // and know nothing of the numbers before this one.
-            top: if poll_id == 1 { 0 } else { counter - 1 },
+impl Run {
+    /// A run first heard now, at `counter` of poll `poll_id`: one heard in
+    /// its first poll (or before it ended one) started while we listened,
+    /// and what it numbered before is missing; one heard later was joined
+    /// midway, and nothing before `counter` is known.
+    fn new(poll_id: u64, counter: u64, now: Instant) -> Run {
+        Run {
+            top: if poll_id <= 1 { 0 } else { counter },
             holes: Vec::new(),
             last_heard: now,
-        });
-        run.last_heard = now;
-        if counter > run.top {
-            if counter > run.top + 1 {
-                run.holes.push(Hole {
-                    start: run.top + 1,
-                    end: counter,
-                    since: now,
-                });
-                if run.holes.len() > HOLE_LIMIT {
-                    let oldest = run.holes.remove(0);
-                    totals.lost += oldest.end - oldest.start;
-                }
-            }
-            run.top = counter;
+            quiet_limit: None,
+            silent: false,
+            stopped: None,
+            hostname: String::new(),
+        }
+    }
+
+    /// Raises `top` to `to`, the numbers between becoming a hole.
+    fn reach(&mut self, to: u64, now: Instant, totals: &mut SequenceTotals) {
+        if to <= self.top {
             return;
         }
-        let i = run.holes.partition_point(|h| h.end <= counter);
-        match run.holes.get_mut(i) {
+        if to > self.top + 1 {
+            self.holes.push(Hole {
+                start: self.top + 1,
+                end: to,
+                since: now,
+            });
+            if self.holes.len() > HOLE_LIMIT {
+                let oldest = self.holes.remove(0);
+                totals.lost += oldest.end - oldest.start;
+            }
+        }
+        self.top = to;
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.silent = false;
+    }
+
+    /// Notes number `counter` received: above the top it may open a hole,
+    /// below it fills one (reordered) or came before (duplicated).
+    fn note(&mut self, counter: u64, now: Instant, totals: &mut SequenceTotals) {
+        if counter > self.top {
+            self.reach(counter, now, totals);
+            return;
+        }
+        let i = self.holes.partition_point(|h| h.end <= counter);
+        match self.holes.get_mut(i) {
             Some(hole) if hole.start <= counter => {
                 totals.reordered += 1;
                 if hole.start == counter {
@@ -175,26 +201,174 @@ impl SequenceTracker {
                         since: hole.since,
                     };
                     hole.end = counter;
-                    run.holes.insert(i + 1, upper);
+                    self.holes.insert(i + 1, upper);
                 }
-                if run.holes[i].start == run.holes[i].end {
-                    run.holes.remove(i);
+                if self.holes[i].start == self.holes[i].end {
+                    self.holes.remove(i);
                 }
             }
             _ => totals.duplicated += 1,
         }
     }
+}
 
-    /// Counts as lost every hole missing for [`GRACE`] or more at `now`.
+/// A run that fell silent, for the receiver to say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FellSilent {
+    pub instance: u64,
+    pub hostname: String,
+    /// How long it had been unheard.
+    pub quiet: Duration,
+}
+
+/// Tracks the numbers of every run a receiver hears from.
+#[derive(Debug)]
+pub struct SequenceTracker {
+    runs: HashMap<u64, Run>,
+    run_limit: usize,
+    totals: SequenceTotals,
+    /// Runs that fell silent since the last [`Self::take_fell_silent`].
+    fell_silent: Vec<FellSilent>,
+}
+
+impl SequenceTracker {
+    pub fn new(run_limit: usize) -> Self {
+        SequenceTracker {
+            runs: HashMap::new(),
+            run_limit: run_limit.max(1),
+            totals: SequenceTotals::default(),
+            fell_silent: Vec::new(),
+        }
+    }
+
+    /// The runs that fell silent since the last call.
+    pub fn take_fell_silent(&mut self) -> Vec<FellSilent> {
+        std::mem::take(&mut self.fell_silent)
+    }
+
+    pub fn totals(&self) -> SequenceTotals {
+        self.totals
+    }
+
+    /// Runs in the table.
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Runs in the table that are silent now.
+    pub fn silent_runs(&self) -> usize {
+        self.runs.values().filter(|r| r.silent).count()
+    }
+
+    /// Adds the run of `instance` if it is new (making room), heard now.
+    fn admit(&mut self, instance: u64, poll_id: u64, counter: u64, now: Instant) {
+        if !self.runs.contains_key(&instance) {
+            if self.runs.len() >= self.run_limit {
+                self.evict_oldest();
+            }
+            self.totals.runs_heard += 1;
+            self.runs.insert(instance, Run::new(poll_id, counter, now));
+        }
+    }
+
+    /// Notes one record received at `now`: its run's `instance`, its
+    /// `poll_id` and its `record_counter`.
+    pub fn record(&mut self, instance: u64, poll_id: u64, counter: u64, now: Instant) {
+        self.records(
+            &[RecordId {
+                instance,
+                poll_id,
+                record_counter: counter,
+            }],
+            now,
+        );
+    }
+
+    /// Notes records received at `now`, looking their run up once for each
+    /// stretch of records of one run (a datagram's records are one run's).
+    pub fn records(&mut self, ids: &[RecordId], now: Instant) {
+        for same in ids.chunk_by(|a, b| a.instance == b.instance) {
+            let tracked = |id: &&RecordId| id.instance != 0 && id.record_counter != 0;
+            let Some(first) = same.iter().find(tracked) else {
+                self.totals.untracked += same.len() as u64;
+                continue;
+            };
+            // Joined midway, the record itself is the first number known.
+            self.admit(first.instance, first.poll_id, first.record_counter - 1, now);
+            let (Some(run), totals) = (self.runs.get_mut(&first.instance), &mut self.totals) else {
+                continue;
+            };
+            run.heard(now);
+            for id in same {
+                match id.record_counter {
+                    0 => totals.untracked += 1,
+                    counter => run.note(counter, now, totals),
+                }
+            }
+        }
+    }
+
+    /// Notes a watermark received at `now`: every number of the run up to
+    /// its `record_counter` was sent, so those missing are a hole; a run
+    /// that stopped will send nothing more.
+    pub fn watermark(&mut self, mark: &Watermark, now: Instant) {
+        self.totals.watermarks += 1;
+        if mark.instance == 0 {
+            return;
+        }
+        self.admit(mark.instance, mark.poll_id, mark.record_counter, now);
+        let (Some(run), totals) = (self.runs.get_mut(&mark.instance), &mut self.totals) else {
+            return;
+        };
+        run.heard(now);
+        if mark.record_counter > run.top {
+            // The hole takes in the watermark's number too: it was sent.
+            run.reach(mark.record_counter + 1, now, totals);
+            run.top = mark.record_counter;
+        }
+        if run.hostname != mark.hostname {
+            run.hostname.clone_from(&mark.hostname);
+        }
+        let interval = Duration::from_millis(mark.poll_interval_ms);
+        run.quiet_limit = Some((interval * SILENT_INTERVALS).max(GRACE));
+        if mark.stopped && run.stopped.is_none() {
+            run.stopped = Some(now);
+            totals.runs_stopped += 1;
+        }
+    }
+
+    /// Counts as lost every hole missing for [`GRACE`] or more at `now`;
+    /// counts runs that fell silent; forgets stopped runs whose holes are
+    /// settled, and runs silent for [`FORGET_SILENT`].
     pub fn settle(&mut self, now: Instant) {
-        for run in self.runs.values_mut() {
+        let (totals, fell_silent) = (&mut self.totals, &mut self.fell_silent);
+        self.runs.retain(|&instance, run| {
             let expired = run
                 .holes
                 .partition_point(|h| now.saturating_duration_since(h.since) >= GRACE);
             for hole in run.holes.drain(..expired) {
-                self.totals.lost += hole.end - hole.start;
+                totals.lost += hole.end - hole.start;
             }
-        }
+            let quiet = now.saturating_duration_since(run.last_heard);
+            match (run.stopped, run.quiet_limit) {
+                (Some(stopped), _) => {
+                    !run.holes.is_empty() || now.saturating_duration_since(stopped) < GRACE
+                }
+                (None, Some(limit)) if quiet >= limit => {
+                    if !run.silent {
+                        run.silent = true;
+                        totals.runs_silent += 1;
+                        fell_silent.push(FellSilent {
+                            instance,
+                            hostname: run.hostname.clone(),
+                            quiet,
+                        });
+                    }
+                    quiet < FORGET_SILENT
+                }
+                _ => true,
+            }
+        });
     }
 
     /// At a stop: every hole still open is lost.
@@ -271,21 +445,36 @@ impl LossWatch {
     }
 
     /// Notes the records of one datagram, received now.
-    pub fn records(&mut self, records: impl IntoIterator<Item = RecordId>) {
-        let now = Instant::now();
-        for r in records {
-            self.tracker
-                .record(r.instance, r.poll_id, r.record_counter, now);
-        }
+    pub fn records(&mut self, ids: &[RecordId]) {
+        self.tracker.records(ids, Instant::now());
     }
 
-    /// Notes `n` records received but not read (so not tracked).
-    pub fn unread(&mut self, n: u64) {
-        self.tracker.totals.untracked += n;
+    /// Notes a watermark, received now.
+    pub fn watermark(&mut self, mark: &Watermark) {
+        self.tracker.watermark(mark, Instant::now());
     }
 
     pub fn runs(&self) -> usize {
         self.tracker.runs()
+    }
+
+    pub fn silent_runs(&self) -> usize {
+        self.tracker.silent_runs()
+    }
+
+    /// Says on stderr, behind `program`, each run that fell silent since
+    /// the last call.
+    pub fn say_fell_silent(&mut self, program: &str) {
+        for run in self.tracker.take_fell_silent() {
+            crate::say!(
+                "{program}: warning: run {} of {} fell silent: nothing from it for {:.1} s, \
+                 and it did not say it stopped; what it sent after its last number heard \
+                 is not counted",
+                run.instance,
+                run.hostname,
+                run.quiet.as_secs_f64()
+            );
+        }
     }
 
     /// Settles old holes and reads the drop counter, if a period passed.
@@ -343,9 +532,95 @@ mod tests {
             t.totals(),
             SequenceTotals {
                 reordered: 3,
+                runs_heard: 1,
                 ..Default::default()
             }
         );
+    }
+
+    fn mark(instance: u64, poll_id: u64, record_counter: u64, stopped: bool) -> Watermark {
+        Watermark {
+            schema_version: 5,
+            instance,
+            poll_id,
+            record_counter,
+            stopped,
+            poll_interval_ms: 10_000,
+            ..Default::default()
+        }
+    }
+
+    /// The last records of a poll, and of a run, are lost with no later
+    /// number to show it: the watermark shows it, within the grace.
+    #[test]
+    fn a_watermark_shows_a_lost_tail() {
+        let mut t = SequenceTracker::new(8);
+        let now = Instant::now();
+        feed(&mut t, 7, &[1, 2, 3], now);
+        // Poll 1 ended at 5: 4 and 5 are missing; 4 comes late.
+        t.watermark(&mark(7, 1, 5, false), now);
+        t.record(7, 1, 4, now);
+        t.settle(now + GRACE);
+        assert_eq!((t.totals().lost, t.totals().reordered), (1, 1));
+        // A repeated or older watermark changes nothing.
+        t.watermark(&mark(7, 1, 5, false), now + GRACE);
+        t.watermark(&mark(7, 1, 2, false), now + GRACE);
+        // Poll 2 numbered 6..=9, of which only 6 arrived; then the stop.
+        t.record(7, 2, 6, now + GRACE);
+        t.watermark(&mark(7, 2, 9, true), now + GRACE);
+        t.settle(now + GRACE * 3 / 2);
+        assert_eq!(t.totals().lost, 1, "within the grace");
+        assert_eq!(t.runs(), 1);
+        t.settle(now + GRACE * 2);
+        let totals = t.totals();
+        assert_eq!((totals.lost, totals.runs_stopped), (4, 1));
+        assert_eq!((totals.watermarks, totals.runs_heard), (4, 1));
+        assert_eq!(t.runs(), 0, "a stopped run is forgotten once settled");
+        assert_eq!(totals.runs_silent, 0);
+    }
+
+    /// A run first heard by a watermark of its first poll lost everything
+    /// before it; one of a later poll was joined midway.
+    #[test]
+    fn a_run_first_heard_by_its_watermark() {
+        let mut t = SequenceTracker::new(8);
+        let now = Instant::now();
+        t.watermark(&mark(1, 1, 4, false), now);
+        t.watermark(&mark(2, 3, 400, false), now);
+        t.finish();
+        assert_eq!((t.totals().lost, t.totals().runs_heard), (4, 2));
+    }
+
+    /// A run unheard for three poll intervals (at least the grace) without
+    /// a stop is silent, counted once; heard again it is live; after
+    /// FORGET_SILENT it leaves the table. A run that never sent a
+    /// watermark (an older exporter) is never called silent.
+    #[test]
+    fn a_run_that_stops_talking_is_silent() {
+        let mut t = SequenceTracker::new(8);
+        let now = Instant::now();
+        t.record(7, 1, 1, now);
+        t.watermark(&mark(7, 1, 1, false), now);
+        t.record(8, 1, 1, now);
+        t.settle(now + Duration::from_secs(29));
+        assert_eq!((t.totals().runs_silent, t.silent_runs()), (0, 0));
+        t.settle(now + Duration::from_secs(30));
+        t.settle(now + Duration::from_secs(31));
+        assert_eq!((t.totals().runs_silent, t.silent_runs()), (1, 1));
+        let said = t.take_fell_silent();
+        assert_eq!(said.len(), 1, "once: {said:?}");
+        assert_eq!(
+            (said[0].instance, said[0].quiet),
+            (7, Duration::from_secs(30))
+        );
+        assert!(t.take_fell_silent().is_empty());
+        t.record(7, 2, 2, now + Duration::from_secs(32));
+        assert_eq!(t.silent_runs(), 0);
+        t.settle(now + Duration::from_secs(62));
+        assert_eq!((t.totals().runs_silent, t.silent_runs()), (2, 1));
+        t.settle(now + FORGET_SILENT + Duration::from_secs(32));
+        assert_eq!(t.runs(), 1, "run 8, which never said its interval");
+        assert_eq!(t.totals().lost, 0);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `--dest udp:HOST:PORT`: protobuf records in UDP datagrams.
 //!
-//! Two datagram layouts, told apart by their first byte:
+//! Three datagram layouts, told apart by their first byte:
 //! - one bare `xtcp.v1.Record` (`--udp-batch-bytes 0`); a record always starts
 //!   with field 1 `schema_version` as a varint, key byte `0x08`;
 //! - a batch: an `xtcp.v1.Envelope`, i.e. records each written as key `0x0A`
 //!   (field 1, length-delimited), a varint length and the record bytes,
 //!   packed up to the batch limit. Any protobuf library reads it as one
-//!   `Envelope`; ClickHouse reads it as `ProtobufList`.
+//!   `Envelope`; ClickHouse reads it as `ProtobufList`;
+//! - a watermark: an `Envelope` holding only its field 2, a `Watermark`
+//!   (key `0x12`), which the poller sends after each poll and at the stop
+//!   so receivers can count a lost tail (`export::sequence`).
 //!
 //! Send errors (nobody listening: `ECONNREFUSED` from the ICMP error of an
 //! earlier datagram) are counted with the records they carried and never stop
@@ -22,12 +25,15 @@ use prost::Message;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::export::auth::{FeedKey, TAG_LEN};
+use crate::export::check::check_record;
 use crate::export::sequence::RecordId;
-use crate::proto::Record;
+use crate::proto::{Envelope, Record, Watermark};
 use crate::wire::inet_diag::SkMemInfo;
 
 /// First byte of a batch datagram: `Envelope.records` (1) length-delimited.
 const ENVELOPE_KEY: u8 = 0x0a;
+/// First byte of a watermark datagram: `Envelope.watermark` (2).
+const WATERMARK_KEY: u8 = 0x12;
 
 /// What the sends since the last [`UdpSink::take_tally`] did.
 #[derive(Debug, Default)]
@@ -102,7 +108,7 @@ pub fn bind_receiver(
     let socket = UdpSocket::from(socket);
     let granted = recv_buffer_len(&socket)?;
     if granted < wanted {
-        eprintln!(
+        crate::say!(
             "{program}: warning: UDP receive buffer is {granted} bytes, not the {wanted} asked \
              for (net.core.rmem_max; CAP_NET_ADMIN lifts it): bursts may be dropped"
         );
@@ -207,6 +213,34 @@ impl UdpSink {
     pub fn take_tally(&mut self) -> SendTally {
         std::mem::take(&mut self.tally)
     }
+
+    /// Sends `watermark` in a datagram of its own (signed like the
+    /// records), after what is pending. Its failure is the caller's to
+    /// count: it is not a record.
+    pub fn watermark(&mut self, watermark: &Watermark) -> io::Result<()> {
+        self.flush();
+        let envelope = Envelope {
+            records: Vec::new(),
+            watermark: Some(watermark.clone()),
+        };
+        envelope.encode(&mut self.batch).map_err(io::Error::other)?;
+        if let Some(key) = &self.key {
+            key.sign(&mut self.batch);
+        }
+        let sent = self.socket.send(&self.batch);
+        self.batch.clear();
+        sent.map(drop)
+    }
+}
+
+/// What one datagram of the feed carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Datagram<R> {
+    /// Records: one bare record, or an envelope of them (`R` is the records
+    /// or how many).
+    Records(R),
+    /// A run's watermark, alone in its datagram (an envelope's field 2).
+    Watermark(Watermark),
 }
 
 /// Why a received datagram could not be read.
@@ -216,18 +250,17 @@ pub enum DatagramError {
     Empty,
     #[error("not an xtcp Envelope ({len} bytes): bad framing at byte {offset}")]
     Framing { len: usize, offset: usize },
-    #[error("record {index} of {len} bytes does not decode as an xtcp Record: {source}")]
-    Undecodable {
-        index: u64,
-        len: usize,
-        source: prost::DecodeError,
-    },
+    #[error("record {index} of {len} bytes does not decode as an xtcp Record: {why}")]
+    Undecodable { index: u64, len: usize, why: String },
     #[error("record {index} has no schema_version: not an xtcp record")]
     NoSchema { index: u64 },
+    #[error("not an xtcp watermark: {why}")]
+    Watermark { why: String },
 }
 
 /// Every [`DatagramError::reason`], for metric labels.
-pub const DATAGRAM_ERROR_REASONS: [&str; 4] = ["empty", "framing", "undecodable", "no_schema"];
+pub const DATAGRAM_ERROR_REASONS: [&str; 5] =
+    ["empty", "framing", "undecodable", "no_schema", "watermark"];
 
 impl DatagramError {
     /// A short name of what was wrong, for counting.
@@ -237,104 +270,136 @@ impl DatagramError {
             DatagramError::Framing { .. } => "framing",
             DatagramError::Undecodable { .. } => "undecodable",
             DatagramError::NoSchema { .. } => "no_schema",
+            DatagramError::Watermark { .. } => "watermark",
         }
     }
 }
 
-/// Record `index` of a datagram (0 for a bare one), decoded into `record`
-/// and checked as what an exporter writes: it decodes, and carries the
+/// Record `index` of a datagram (0 for a bare one), decoded with prost and
+/// checked as what an exporter writes: it decodes, and carries the
 /// `schema_version` every exporter sets (protobuf decodes any bytes of valid
-/// wire format, even none, into some `Record`). Decoding into the same
-/// `record` again reuses its strings and bytes.
-fn check_record(bytes: &[u8], index: u64, record: &mut Record) -> Result<(), DatagramError> {
-    record.clear();
-    record
-        .merge(bytes)
-        .map_err(|source| DatagramError::Undecodable {
-            index,
-            len: bytes.len(),
-            source,
-        })?;
+/// wire format, even none, into some `Record`).
+fn decode_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
+    let record = Record::decode(bytes).map_err(|e| DatagramError::Undecodable {
+        index,
+        len: bytes.len(),
+        why: e.to_string(),
+    })?;
     if record.schema_version == 0 {
         return Err(DatagramError::NoSchema { index });
     }
-    Ok(())
+    Ok(record)
 }
 
-/// A checked record of its own.
-fn decode_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
-    let mut record = Record::default();
-    check_record(bytes, index, &mut record).map(|()| record)
+/// [`decode_record`]'s check without building the record
+/// ([`check_record`]): the run and number it carries.
+fn check_one(bytes: &[u8], index: u64) -> Result<RecordId, DatagramError> {
+    let checked = check_record(bytes).map_err(|e| DatagramError::Undecodable {
+        index,
+        len: bytes.len(),
+        why: e.to_string(),
+    })?;
+    if checked.schema_version == 0 {
+        return Err(DatagramError::NoSchema { index });
+    }
+    Ok(RecordId {
+        instance: checked.instance,
+        poll_id: checked.poll_id,
+        record_counter: checked.record_counter,
+    })
 }
 
-/// The records of one datagram, in either layout, each checked.
-pub fn decode_datagram(datagram: &[u8]) -> Result<Vec<Record>, DatagramError> {
-    match datagram.first() {
-        None => Err(DatagramError::Empty),
-        Some(&ENVELOPE_KEY) => envelope_entries(datagram)
-            .zip(0..)
-            .map(|(entry, index)| decode_record(entry?.1, index))
-            .collect(),
-        Some(_) => decode_record(datagram, 0).map(|r| vec![r]),
+/// A watermark datagram's watermark: an `Envelope` holding a `Watermark`
+/// with a schema and a run, and no record.
+fn read_watermark(datagram: &[u8]) -> Result<Watermark, DatagramError> {
+    let bad = |why: &str| DatagramError::Watermark { why: why.into() };
+    let envelope = Envelope::decode(datagram).map_err(|e| bad(&e.to_string()))?;
+    match envelope.watermark {
+        _ if !envelope.records.is_empty() => Err(bad("records beside it")),
+        Some(w) if w.schema_version == 0 => Err(bad("no schema_version")),
+        Some(w) if w.instance == 0 => Err(bad("no instance")),
+        Some(w) => Ok(w),
+        None => Err(bad("empty")),
     }
 }
 
-/// One datagram as length-delimited records (each record preceded by its
-/// length as a varint: what ClickHouse's `Protobuf` format, Java's
-/// `parseDelimitedFrom` and Go's `protodelim` read), written into `out`;
-/// returns how many records, whose run and number are in `ids`. Every
-/// record is decoded and checked first, so nothing that is not an
-/// exporter's record is passed on: a datagram with one bad record is
-/// refused whole.
+/// Every record of one datagram, in either layout, decoded with prost and
+/// checked; or its watermark. What a reader that shows the records does.
+pub fn decode_datagram(datagram: &[u8]) -> Result<Datagram<Vec<Record>>, DatagramError> {
+    match datagram.first() {
+        None => Err(DatagramError::Empty),
+        Some(&WATERMARK_KEY) => read_watermark(datagram).map(Datagram::Watermark),
+        Some(&ENVELOPE_KEY) => envelope_entries(datagram)
+            .zip(0..)
+            .map(|(entry, index)| decode_record(entry?.1, index))
+            .collect::<Result<_, _>>()
+            .map(Datagram::Records),
+        Some(_) => decode_record(datagram, 0).map(|r| Datagram::Records(vec![r])),
+    }
+}
+
+/// Checks every record of one datagram without building it (the same
+/// verdict as [`decode_datagram`], which the `datagram` fuzz target checks)
+/// and puts each record's run and number in `ids`; returns how many records,
+/// or the watermark. With `out`, the records are also written there
+/// length-delimited (see [`to_delimited`]). On an error, `ids` and `out` are
+/// left empty: a datagram with one bad record is refused whole.
+pub fn check_datagram(
+    datagram: &[u8],
+    ids: &mut Vec<RecordId>,
+    mut out: Option<&mut Vec<u8>>,
+) -> Result<Datagram<u64>, DatagramError> {
+    ids.clear();
+    if let Some(out) = out.as_deref_mut() {
+        out.clear();
+    }
+    let checked = match datagram.first() {
+        None => Err(DatagramError::Empty),
+        Some(&WATERMARK_KEY) => return read_watermark(datagram).map(Datagram::Watermark),
+        Some(&ENVELOPE_KEY) => {
+            envelope_entries(datagram)
+                .zip(0..)
+                .try_for_each(|(entry, index)| {
+                    let (framed, record) = entry?;
+                    ids.push(check_one(record, index)?);
+                    if let Some(out) = out.as_deref_mut() {
+                        out.extend_from_slice(framed);
+                    }
+                    Ok(())
+                })
+        }
+        Some(_) => check_one(datagram, 0).map(|id| {
+            ids.push(id);
+            if let Some(out) = out.as_deref_mut() {
+                encode_varint(datagram.len() as u64, out);
+                out.extend_from_slice(datagram);
+            }
+        }),
+    };
+    match checked {
+        Ok(()) => Ok(Datagram::Records(ids.len() as u64)),
+        Err(e) => {
+            ids.clear();
+            if let Some(out) = out {
+                out.clear(); // nothing of a refused datagram
+            }
+            Err(e)
+        }
+    }
+}
+
+/// One datagram's records as length-delimited records (each preceded by
+/// its length as a varint: what ClickHouse's `Protobuf` format, Java's
+/// `parseDelimitedFrom` and Go's `protodelim` read), written into `out`,
+/// each checked first ([`check_datagram`]), so nothing that is not an
+/// exporter's record is passed on. What the forwarder does with each
+/// datagram.
 pub fn to_delimited(
     datagram: &[u8],
     out: &mut Vec<u8>,
     ids: &mut Vec<RecordId>,
-) -> Result<u64, DatagramError> {
-    out.clear();
-    ids.clear();
-    let mut scratch = Record::default();
-    match datagram.first() {
-        None => Err(DatagramError::Empty),
-        Some(&ENVELOPE_KEY) => {
-            let mut records = 0;
-            for entry in envelope_entries(datagram) {
-                let checked = entry.and_then(|(framed, record)| {
-                    check_record(record, records, &mut scratch).map(|()| framed)
-                });
-                match checked {
-                    Ok(framed) => {
-                        out.extend_from_slice(framed);
-                        ids.push(RecordId::from(&scratch));
-                    }
-                    Err(e) => {
-                        out.clear(); // nothing of a refused datagram
-                        return Err(e);
-                    }
-                }
-                records += 1;
-            }
-            Ok(records)
-        }
-        Some(_) => {
-            check_record(datagram, 0, &mut scratch)?;
-            ids.push(RecordId::from(&scratch));
-            encode_varint(datagram.len() as u64, out);
-            out.extend_from_slice(datagram);
-            Ok(1)
-        }
-    }
-}
-
-/// How many records one datagram holds, from an envelope's framing alone
-/// (checked, the records not decoded); a bare record is checked by decoding
-/// it. What a receiver that only counts needs.
-pub fn count_records(datagram: &[u8]) -> Result<u64, DatagramError> {
-    match datagram.first() {
-        None => Err(DatagramError::Empty),
-        Some(&ENVELOPE_KEY) => envelope_entries(datagram).try_fold(0, |n, e| e.map(|_| n + 1)),
-        Some(_) => decode_record(datagram, 0).map(|_| 1),
-    }
+) -> Result<Datagram<u64>, DatagramError> {
+    check_datagram(datagram, ids, Some(out))
 }
 
 /// The field-1 entries of an envelope: each as framed (its length varint
@@ -395,12 +460,22 @@ mod tests {
         r
     }
 
-    fn receive(r: &UdpSocket, datagrams: usize) -> Vec<Vec<Record>> {
+    fn receive(r: &UdpSocket, datagrams: usize) -> Vec<Datagram<Vec<Record>>> {
         let mut buf = vec![0; 65536];
         (0..datagrams)
             .map(|_| {
                 let n = r.recv(&mut buf).unwrap();
                 decode_datagram(&buf[..n]).unwrap()
+            })
+            .collect()
+    }
+
+    fn counters(datagrams: &[Datagram<Vec<Record>>]) -> Vec<u64> {
+        datagrams
+            .iter()
+            .flat_map(|d| match d {
+                Datagram::Records(records) => records.iter().map(|r| r.record_counter).collect(),
+                Datagram::Watermark(_) => Vec::new(),
             })
             .collect()
     }
@@ -412,9 +487,7 @@ mod tests {
         for n in 1..=3 {
             sink.record(&record(n));
         }
-        let got = receive(&r, 3);
-        let counters: Vec<u64> = got.iter().flatten().map(|r| r.record_counter).collect();
-        assert_eq!(counters, [1, 2, 3]);
+        assert_eq!(counters(&receive(&r, 3)), [1, 2, 3]);
         let tally = sink.take_tally();
         assert_eq!((tally.datagrams, tally.errors), (3, 0));
     }
@@ -431,8 +504,7 @@ mod tests {
         let tally = sink.take_tally();
         assert!(tally.datagrams > 1);
         let got = receive(&r, tally.datagrams as usize);
-        let counters: Vec<u64> = got.iter().flatten().map(|r| r.record_counter).collect();
-        assert_eq!(counters, (1..=40).collect::<Vec<_>>());
+        assert_eq!(counters(&got), (1..=40).collect::<Vec<_>>());
         assert!(tally.bytes <= tally.datagrams * limit as u64);
         // Nothing pending: a second flush sends nothing.
         sink.flush();
@@ -476,16 +548,18 @@ mod tests {
             batch.extend_from_slice(r);
         }
         let (mut out, mut ids) = (Vec::new(), Vec::new());
-        assert_eq!(to_delimited(&batch, &mut out, &mut ids).unwrap(), 2);
+        let two = to_delimited(&batch, &mut out, &mut ids).unwrap();
+        assert_eq!(two, Datagram::Records(2));
         assert_eq!(out.len(), batch.len() - 2, "only the two keys go");
         let counters: Vec<u64> = delimited(&out).iter().map(|r| r.record_counter).collect();
         assert_eq!(counters, [1, 2]);
         let numbered: Vec<u64> = ids.iter().map(|id| id.record_counter).collect();
         assert_eq!(numbered, [1, 2]);
-        assert_eq!(count_records(&batch).unwrap(), 2);
-        assert_eq!(to_delimited(&a, &mut out, &mut ids).unwrap(), 1);
+        assert_eq!(check_datagram(&batch, &mut ids, None).unwrap(), two);
+        assert_eq!(ids.len(), 2);
+        let one = Datagram::Records(1);
+        assert_eq!(to_delimited(&a, &mut out, &mut ids).unwrap(), one);
         assert_eq!(delimited(&out)[0].record_counter, 1);
-        assert_eq!(count_records(&a).unwrap(), 1);
         // Cut short, an unknown field, a length past the end, garbage.
         for bad in [
             &batch[..batch.len() - 1],
@@ -494,13 +568,13 @@ mod tests {
             b"\x08\xff",
         ] {
             assert!(to_delimited(bad, &mut out, &mut ids).is_err(), "{bad:?}");
-            assert!(count_records(bad).is_err(), "{bad:?}");
+            assert!(out.is_empty() && ids.is_empty(), "{bad:?}");
+            assert!(check_datagram(bad, &mut ids, None).is_err(), "{bad:?}");
         }
         assert!(matches!(
             to_delimited(&[], &mut out, &mut ids),
             Err(DatagramError::Empty)
         ));
-        assert!(matches!(count_records(&[]), Err(DatagramError::Empty)));
     }
 
     /// Bytes of valid framing or wire format that no exporter wrote are
@@ -508,6 +582,18 @@ mod tests {
     #[test]
     fn forged_datagrams_are_refused_by_reason() {
         let real = record(7);
+        let watermark = |w: Watermark, records: Vec<Record>| {
+            Envelope {
+                records,
+                watermark: Some(w),
+            }
+            .encode_to_vec()
+        };
+        let good = Watermark {
+            schema_version: 4,
+            instance: 9,
+            ..Default::default()
+        };
         let (mut out, mut ids) = (Vec::new(), Vec::new());
         for (datagram, reason) in [
             (vec![], "empty"),
@@ -523,12 +609,65 @@ mod tests {
             ),
             // A bare record without schema_version (record_counter only).
             (vec![0x28, 0x01], "no_schema"),
+            // Watermarks: cut short, without a run, with records beside.
+            (vec![0x12, 0x05, 0x08], "watermark"),
+            (
+                watermark(
+                    Watermark {
+                        instance: 0,
+                        ..good.clone()
+                    },
+                    vec![],
+                ),
+                "watermark",
+            ),
+            (
+                watermark(good.clone(), vec![Record::decode(&real[..]).unwrap()]),
+                "framing",
+            ),
         ] {
             let err = to_delimited(&datagram, &mut out, &mut ids).unwrap_err();
             assert_eq!(err.reason(), reason, "{datagram:?}: {err}");
             assert!(out.is_empty(), "{datagram:?}");
             assert_eq!(decode_datagram(&datagram).unwrap_err().reason(), reason);
         }
+        // An envelope's records field first, then its watermark: framing.
+        let bytes = watermark(good.clone(), vec![]);
+        assert_eq!(
+            to_delimited(&bytes, &mut out, &mut ids).unwrap(),
+            Datagram::Watermark(good)
+        );
+    }
+
+    #[test]
+    fn a_watermark_goes_alone_and_signed() {
+        let r = receiver();
+        let key = FeedKey::new(&[7; 32]).unwrap();
+        let addr = r.local_addr().unwrap();
+        let mut sink = UdpSink::connect(addr, 60_000, Some(key.clone())).unwrap();
+        sink.record(&record(1));
+        let mark = Watermark {
+            schema_version: 4,
+            hostname: "h".into(),
+            instance: 3,
+            poll_id: 1,
+            record_counter: 1,
+            stopped: false,
+            poll_interval_ms: 30_000,
+        };
+        sink.watermark(&mark).unwrap();
+        let mut buf = vec![0; 65536];
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let n = r.recv(&mut buf).unwrap();
+            let payload = &buf[..n - TAG_LEN];
+            let mut signed = payload.to_vec();
+            key.sign(&mut signed);
+            assert_eq!(signed, &buf[..n], "signed");
+            got.push(decode_datagram(payload).unwrap());
+        }
+        assert!(matches!(&got[0], Datagram::Records(r) if r.len() == 1));
+        assert_eq!(got[1], Datagram::Watermark(mark));
     }
 
     #[test]

@@ -181,6 +181,9 @@ metrics_table! {
         "Sockets whose last export the change tracker remembers (those the last poll saw).";
     changes_bytes: IntGauge "xtcp_changes_table_bytes" []
         "Memory of the change tracker's table (its allocated slots).";
+    // The poller's watermarks (--dest udp:...).
+    watermarks: IntCounterVec "xtcp_output_watermarks_total" ["result"]
+        "Watermarks sent to the UDP destination after every poll and at the stop, so receivers count a lost tail (docs/metrics.md): sent, or failed (the send returned an error).";
     // Close records (--close-records).
     close_messages: IntCounter "xtcp_close_messages_total" []
         "Close messages the kernel sent, one per TCP socket destroyed in a polled namespace (--close-records).";

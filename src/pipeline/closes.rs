@@ -364,7 +364,7 @@ impl Closer {
         totals.overruns += 1;
         self.metrics.table.close_overruns.inc();
         self.metrics.table.close_buffer.set(now as i64);
-        eprintln!(
+        crate::say!(
             "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
              ({was} bytes); receive buffer now {now} bytes",
             totals.lost

@@ -259,8 +259,8 @@ mod tests {
 
     use super::*;
     use crate::config::Family;
-    use crate::export::udp::decode_datagram;
     use crate::export::udp::UdpSink;
+    use crate::export::udp::{decode_datagram, Datagram};
     use crate::identity::Identity;
     use crate::pipeline::dump::Dump;
     use crate::pipeline::pool::BufferPool;
@@ -343,7 +343,10 @@ mod tests {
         let mut datagram = [0u8; 65536];
         for _ in 0..2 {
             let n = receiver.recv(&mut datagram).unwrap();
-            for record in decode_datagram(&datagram[..n]).unwrap() {
+            let Datagram::Records(records) = decode_datagram(&datagram[..n]).unwrap() else {
+                panic!("a watermark from an inetdiager");
+            };
+            for record in records {
                 assert_eq!(record.instance, 9);
                 numbers.push(record.record_counter);
             }

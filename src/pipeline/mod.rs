@@ -13,7 +13,8 @@
 //! - [`netns`]: the namespaces polled; [`pool`]: receive buffers;
 //!   [`sample`]: `--sampling-modulus`.
 //! - [`report`]: what is printed per poll and at exit; [`cgroup`]: the
-//!   memory limit the buffers must fit.
+//!   memory limit the buffers must fit; [`watermark`]: how far the run's
+//!   records went, for the receivers.
 
 pub mod cgroup;
 pub mod changes;
@@ -29,6 +30,7 @@ pub mod pool;
 pub mod report;
 pub mod sample;
 pub mod sock_diag;
+pub mod watermark;
 
 use std::io;
 use std::sync::Arc;
@@ -58,6 +60,7 @@ use poller::Poller;
 use pool::BufferPool;
 use report::{FirstOfEach, RunTotals};
 use sample::Sampler;
+use watermark::Watermarks;
 
 /// Why the exporter could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +220,15 @@ pub fn run_with(
             }
             Ok(())
         });
+    let watermarks = Watermarks::open(
+        config,
+        output,
+        identity,
+        feed_key.clone(),
+        encoder.clone(),
+        metrics.table.watermarks.clone(),
+    )
+    .map_err(setup("opening the destination"))?;
     let (report_tx, report_rx) = bounded(dumps.len());
     let poller = spawned.and_then(|()| {
         let poller = Poller {
@@ -231,10 +243,11 @@ pub fn run_with(
             metrics,
             health,
             statsd,
+            watermarks,
         };
         spawn("poller".into(), shutdown, move || poller.run())
     });
-    let totals = match poller {
+    let ended = match poller {
         Ok(poller) => poller.join().ok(),
         Err(e) => {
             shutdown.abort(format!("starting threads: {e}"));
@@ -257,6 +270,14 @@ pub fn run_with(
             shutdown.abort(format!("writing --capture: {e}"));
         }
     }
+    // Every record is out: the receivers may count what is still missing.
+    let totals = ended.map(|(mut totals, watermarks)| {
+        if let Some(mut w) = watermarks {
+            w.send(totals.polls, true);
+            (totals.watermarks, totals.watermark_errors) = (w.sent, w.failed);
+        }
+        totals
+    });
     match (shutdown.failure(), totals) {
         (Some(reason), _) => Err(RunError::Aborted(reason)),
         (None, Some(mut totals)) => {
@@ -306,7 +327,7 @@ fn spawn_prom(config: &Config, shutdown: &Shutdown, server: PromServer) -> io::R
     let any_port = config.prom.as_ref().is_some_and(|p| p.listen.port() == 0);
     if config.verbose || any_port {
         let addr = server.local_addr()?;
-        eprintln!(
+        crate::say!(
             "xtcp: metrics at http://{addr}{}, health at /healthz",
             server.path()
         );

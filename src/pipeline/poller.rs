@@ -28,6 +28,7 @@ use crate::pipeline::family::FamilyState;
 use crate::pipeline::netns::Namespaces;
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::sock_diag::SockDiagSocket;
+use crate::pipeline::watermark::Watermarks;
 use crate::shutdown::Shutdown;
 use crate::wire::request::filtered_dump_request;
 
@@ -48,10 +49,15 @@ pub struct Poller {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub statsd: Option<Statsd>,
+    /// With `--dest udp:...`: sent after every poll; handed back at the end
+    /// for the stop's.
+    pub watermarks: Option<Watermarks>,
 }
 
 impl Poller {
-    pub fn run(mut self) -> RunTotals {
+    /// Polls until the last poll or a stop; what the polls did, and the
+    /// watermark sender for the stop's.
+    pub fn run(mut self) -> (RunTotals, Option<Watermarks>) {
         let mut totals = RunTotals::default();
         let mut next = Instant::now();
         for poll_id in 1.. {
@@ -69,7 +75,7 @@ impl Poller {
             }
             let problems = self.namespaces.refresh(&self.families);
             for problem in &problems {
-                eprintln!("warning: poll {poll_id}: {problem}");
+                crate::say!("warning: poll {poll_id}: {problem}");
             }
             totals.netns_errors += problems.len() as u64;
             let Some((reports, abandoned)) = self.dump_namespaces(&stamp) else {
@@ -87,6 +93,11 @@ impl Poller {
                 self.metrics.table.changes_bytes.set(bytes as i64);
             }
             let took = started.elapsed();
+            // Every record of the poll is out: its watermark goes before the
+            // poll is reported, so whoever sees the report knows it was sent.
+            if let Some(w) = &mut self.watermarks {
+                w.send(poll_id, false);
+            }
             let long = took.as_secs_f64()
                 > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
             self.report(poll_id, &reports, took, long);
@@ -106,7 +117,7 @@ impl Poller {
             .iter()
             .map(|f| f.stale_datagrams.load(Relaxed))
             .sum();
-        totals
+        (totals, self.watermarks)
     }
 
     /// `false` when asked to stop before `when`.
@@ -244,13 +255,13 @@ impl Poller {
                 .iter()
                 .map(|r| self.family_state(r).map_or(0, |f| f.pool.allocated()))
                 .collect();
-            eprintln!("{}", poll_line(poll_id, reports, &buffers, took));
+            crate::say!("{}", poll_line(poll_id, reports, &buffers, took));
         }
         for warning in reports.iter().filter_map(|r| dump_warning(poll_id, r)) {
-            eprintln!("{warning}");
+            crate::say!("{warning}");
         }
         if long {
-            eprintln!(
+            crate::say!(
                 "warning: poll {poll_id} took {:.1} ms, more than {} of the {} --frequency",
                 took.as_secs_f64() * 1e3,
                 self.config.polling_safety_buffer,

@@ -22,6 +22,10 @@ pub struct RunTotals {
     pub netns_errors: u64,
     /// With `--close-records`: what the closer did.
     pub closes: Option<CloseTotals>,
+    /// Watermarks sent (after each poll and at the stop, `--dest udp:`),
+    /// and those whose send failed.
+    pub watermarks: u64,
+    pub watermark_errors: u64,
 }
 
 impl RunTotals {
@@ -56,8 +60,14 @@ impl fmt::Display for RunTotals {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "polls {} long_polls {} stale_datagrams {} netns_errors {}",
-            self.polls, self.long_polls, self.stale_datagrams, self.netns_errors
+            "polls {} long_polls {} stale_datagrams {} netns_errors {} watermarks {} \
+             watermark_errors {}",
+            self.polls,
+            self.long_polls,
+            self.stale_datagrams,
+            self.netns_errors,
+            self.watermarks,
+            self.watermark_errors
         )?;
         for (family, t) in &self.families {
             write!(f, " | {}", family.name())?;
@@ -94,7 +104,7 @@ impl FirstOfEach {
     pub fn say(&mut self, kind: &'static str, e: &dyn fmt::Display) {
         if !self.said.contains(&kind) {
             self.said.push(kind);
-            eprintln!("{}: {kind}: {e}", self.prefix);
+            crate::say!("{}: {kind}: {e}", self.prefix);
         }
     }
 }

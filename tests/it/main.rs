@@ -21,6 +21,7 @@ mod encode;
 mod faults;
 mod filter;
 mod fixtures;
+mod lines;
 mod loss;
 mod malformed;
 mod namespaces;

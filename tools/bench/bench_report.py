@@ -29,16 +29,20 @@ def main() -> None:
     marshal = median_ns("xtcp_decode_marshal")
     theirs = median_ns("netlink_packet_sock_diag")
     forward = median_ns("forwarder_to_delimited")
+    check = median_ns("record_check")
+    prost = median_ns("record_prost_decode")
     print(f"| bench | median ns/socket | target |")
     print(f"|---|---|---|")
     for name, ns in [("xtcp_decode", ours), ("xtcp_decode_marshal", marshal),
-                     ("netlink_packet_sock_diag", theirs), ("forwarder_to_delimited", forward)]:
+                     ("netlink_packet_sock_diag", theirs), ("forwarder_to_delimited", forward),
+                     ("record_check", check), ("record_prost_decode", prost)]:
         target = TARGETS.get(name)
         verdict = "" if target is None else f"<= {target:.0f} {'ok' if ns <= target else 'MISSED'}"
         print(f"| {name} | {ns:.1f} | {verdict} |")
     print()
     print(f"netlink_packet_sock_diag / xtcp_decode = {theirs / ours:.1f}x (target >= 5x)")
     print(f"netlink_packet_sock_diag / xtcp_decode_marshal = {theirs / marshal:.2f}x")
+    print(f"record_prost_decode / record_check = {prost / check:.1f}x")
 
 
 if __name__ == "__main__":

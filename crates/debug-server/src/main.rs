@@ -1,9 +1,11 @@
 //! `xtcp-debug-server`: receives the exporter's UDP datagrams and prints
 //! every record, one JSON object per line (default) or, with `--format text`,
 //! one `ss`-like line per socket. Undecodable datagrams are counted and
-//! reported on stderr, never fatal. It tracks the numbers of each exporter
-//! run and reads its socket's drop counter, so its totals say what never
-//! arrived (`xtcp::export::sequence`). On SIGINT/SIGTERM it prints what is
+//! reported on stderr, never fatal. It tracks the numbers and watermarks of
+//! each exporter run and reads its socket's drop counter, so its totals say
+//! what never arrived, and it says when a run falls silent
+//! (`xtcp::export::sequence`). Each datagram's lines leave in one write. On
+//! SIGINT/SIGTERM it prints what is
 //! already queued on its socket, then its totals to stderr, and exits 0 (also
 //! when stdout closes).
 
@@ -18,7 +20,7 @@ use xtcp::cli::{parse_or_exit, Generate};
 use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::text::text_line;
-use xtcp::export::udp::{bind_receiver, count_records, decode_datagram, nothing_yet};
+use xtcp::export::udp::{bind_receiver, check_datagram, decode_datagram, nothing_yet, Datagram};
 use xtcp::proto::Record;
 use xtcp::shutdown::{Shutdown, SignalThread};
 
@@ -35,12 +37,11 @@ enum Format {
     /// One readable line per socket, like `ss -ti`.
     Text,
     /// Print nothing per record; only the totals at exit (a counting sink
-    /// for benchmarks that still decodes every record).
+    /// for benchmarks that still decodes every record, as a reader would).
     None,
-    /// Like none, but decode nothing: count the records of each batch from
-    /// its framing (the cheapest receiver, so it takes as little CPU as
-    /// possible from what a benchmark measures). Reading no record, it
-    /// cannot tell lost records: they are `untracked`.
+    /// Like none, but check each record as the forwarder does, by walking
+    /// its wire format without building it (the cheapest receiver, so it
+    /// takes as little CPU as possible from what a benchmark measures).
     Count,
 }
 
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
     };
     match serve(&cli) {
         Ok(totals) => {
-            eprintln!(
+            xtcp::say!(
                 "xtcp-debug-server: stopped: datagrams {} bytes {} records {} unauthenticated {} \
                  undecodable {}{}",
                 totals.datagrams,
@@ -106,7 +107,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -140,7 +141,12 @@ fn receive(
     let mut totals = Totals::default();
     let mut watch = LossWatch::new(socket.try_clone()?, DEFAULT_RUN_LIMIT);
     let mut buf = vec![0u8; 65536];
-    let mut out = io::BufWriter::new(io::stdout().lock());
+    // Each datagram's lines are written at once, so a line never leaves in
+    // two writes (a `BufWriter` splits where its buffer fills).
+    let mut out = io::stdout().lock();
+    let mut lines = Vec::new();
+    // The run and number of each record of a datagram.
+    let mut ids = Vec::new();
     let mut draining = false;
     loop {
         if !draining && shutdown.is_stopping() {
@@ -149,6 +155,7 @@ fn receive(
             socket.set_nonblocking(true)?;
         }
         watch.tick();
+        watch.say_fell_silent("xtcp-debug-server");
         let (len, peer) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             Err(e) if draining && e.kind() == io::ErrorKind::WouldBlock => break,
@@ -164,39 +171,49 @@ fn receive(
                 None => {
                     totals.unauthenticated += 1;
                     if totals.unauthenticated <= MAX_WARNINGS {
-                        eprintln!("warning: datagram from {peer} without a valid feed key tag");
+                        xtcp::say!("warning: datagram from {peer} without a valid feed key tag");
                     }
                     continue;
                 }
             },
         };
         let records = if cli.format == Format::Count {
-            count_records(datagram).map(|n| (n, Vec::new()))
+            check_datagram(datagram, &mut ids, None).map(|d| match d {
+                Datagram::Records(_) => Datagram::Records(Vec::new()),
+                Datagram::Watermark(w) => Datagram::Watermark(w),
+            })
         } else {
-            decode_datagram(datagram).map(|records| (records.len() as u64, records))
+            decode_datagram(datagram).inspect(|d| {
+                if let Datagram::Records(records) = d {
+                    ids.clear();
+                    ids.extend(records.iter().map(RecordId::from));
+                }
+            })
         };
-        let (count, records) = match records {
-            Ok(got) => got,
+        let records = match records {
+            Ok(Datagram::Records(records)) => records,
+            Ok(Datagram::Watermark(mark)) => {
+                watch.watermark(&mark);
+                continue;
+            }
             Err(e) => {
                 totals.undecodable += 1;
                 if totals.undecodable <= MAX_WARNINGS {
-                    eprintln!("warning: undecodable datagram from {peer}: {e}");
+                    xtcp::say!("warning: undecodable datagram from {peer}: {e}");
                 }
                 continue;
             }
         };
-        totals.records += count;
-        if cli.format == Format::Count {
-            watch.unread(count);
-        } else {
-            watch.records(records.iter().map(RecordId::from));
-        }
+        totals.records += ids.len() as u64;
+        watch.records(&ids);
         if matches!(cli.format, Format::None | Format::Count) {
             continue;
         }
+        lines.clear();
         let written = records
             .iter()
-            .try_for_each(|r| write_record(&mut out, r, cli.format))
+            .try_for_each(|r| write_record(&mut lines, r, cli.format))
+            .and_then(|()| out.write_all(&lines))
             .and_then(|()| out.flush());
         match written {
             Ok(()) => {}

@@ -1,9 +1,9 @@
 //! The forwarder: the exporters' UDP feed into a Kafka topic.
 //!
-//! One thread receives datagrams, decodes and checks every record of each
-//! (a datagram with anything that is not an exporter's record is refused
-//! whole, counted by reason),
-//! and hands it to librdkafka as one message of length-delimited records
+//! One thread receives datagrams, checks every record of each by walking
+//! its wire format (`export::check`: a datagram with anything that is not
+//! an exporter's record is refused whole, counted by reason), and hands it
+//! to librdkafka as one message of length-delimited records
 //! (`export::udp::to_delimited`), which ClickHouse reads as `Protobuf`
 //! (docs/kafka.md). librdkafka batches, compresses, retries and reconnects
 //! on its own threads; its queue is bounded (`--queue-messages`,
@@ -12,7 +12,8 @@
 //! records: the delivery report says which. On SIGTERM/SIGINT it forwards
 //! what is already queued on its socket (for up to a second), then flushes
 //! for up to `--flush-timeout`; what is still queued then is counted as
-//! dropped.
+//! dropped. Watermarks (`export::sequence`) are read for the loss count and
+//! not forwarded.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +27,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use rdkafka::ClientContext;
 use xtcp::export::auth::FeedKeys;
 use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
-use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited};
+use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited, Datagram};
 use xtcp::metrics::prom::{PromServer, PromThread};
 use xtcp::metrics::Health;
 use xtcp::shutdown::Shutdown;
@@ -65,7 +66,7 @@ impl ClientContext for Context {
         // syslog levels: Error (3) and more severe; errors proper come
         // through `error` below.
         if (level as i32) <= RDKafkaLogLevel::Error as i32 {
-            eprintln!("xtcp-forwarder: kafka {fac}: {message}");
+            xtcp::say!("xtcp-forwarder: kafka {fac}: {message}");
         }
     }
 
@@ -79,7 +80,7 @@ impl ClientContext for Context {
         // print the 1st, 2nd, 4th, 8th... of each kind.
         let n = counter.get();
         if n.is_power_of_two() {
-            eprintln!("xtcp-forwarder: kafka error ({n} so far): {error}: {reason}");
+            xtcp::say!("xtcp-forwarder: kafka error ({n} so far): {error}: {reason}");
         }
     }
 }
@@ -110,10 +111,11 @@ impl ProducerContext for Context {
 }
 
 /// What a run did, for the line printed at exit. Every datagram received
-/// is unauthenticated (with `--feed-key`), malformed, produced or refused
-/// by the producer (its queue full, or an error): `datagrams =
-/// unauthenticated + malformed + produced + refused`. `loss` is what never
-/// reached the forwarder.
+/// is unauthenticated (with `--feed-key`), malformed, a watermark, produced
+/// or refused by the producer (its queue full, or an error): `datagrams =
+/// unauthenticated + malformed + watermarks + produced + refused` (the
+/// watermarks are `loss.sequence.watermarks`). `loss` is what never reached
+/// the forwarder.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ForwarderTotals {
     pub datagrams: u64,
@@ -203,15 +205,16 @@ pub fn run(
         match socket.recv(&mut buf) {
             Ok(len) => feed.forward(&buf[..len]),
             Err(e) if nothing_yet(&e) => {}
-            Err(e) => eprintln!("xtcp-forwarder: receive: {e}"),
+            Err(e) => xtcp::say!("xtcp-forwarder: receive: {e}"),
         }
         let loss = feed.watch.tick();
+        feed.watch.say_fell_silent("xtcp-forwarder");
         feed.count_loss(loss);
     }
     // What arrived before the stop is forwarded too, within DRAIN_LIMIT.
     let drain_until = Instant::now() + DRAIN_LIMIT;
     if let Err(e) = socket.set_nonblocking(true) {
-        eprintln!("xtcp-forwarder: not draining the socket: {e}");
+        xtcp::say!("xtcp-forwarder: not draining the socket: {e}");
     } else {
         while Instant::now() < drain_until {
             match socket.recv(&mut buf) {
@@ -219,7 +222,7 @@ pub fn run(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    eprintln!("xtcp-forwarder: receive: {e}");
+                    xtcp::say!("xtcp-forwarder: receive: {e}");
                     break;
                 }
             }
@@ -232,7 +235,7 @@ pub fn run(
     // Stop: deliver what is queued, within the flush timeout.
     if producer.flush(config.flush_timeout).is_err() {
         let left = u64::try_from(producer.in_flight_count()).unwrap_or(0);
-        eprintln!(
+        xtcp::say!(
             "xtcp-forwarder: {left} messages still queued after --flush-timeout {}",
             humantime::format_duration(config.flush_timeout)
         );
@@ -292,7 +295,7 @@ impl Feed<'_> {
                 Some(payload) => payload,
                 None => {
                     if metrics.unauthenticated.get() == 0 {
-                        eprintln!(
+                        xtcp::say!(
                             "xtcp-forwarder: dropped a datagram without a valid tag of a --feed-key"
                         );
                     }
@@ -302,19 +305,23 @@ impl Feed<'_> {
             },
         };
         let records = match to_delimited(datagram, &mut self.message, &mut self.ids) {
-            Ok(records) => records,
+            Ok(Datagram::Records(records)) => records,
+            Ok(Datagram::Watermark(mark)) => {
+                self.watch.watermark(&mark);
+                return;
+            }
             Err(e) => {
                 let refused = metrics.malformed.with_label_values(&[e.reason()]);
                 // The first of each kind is said; all are counted.
                 if refused.get() == 0 {
-                    eprintln!("xtcp-forwarder: dropped a datagram: {e}");
+                    xtcp::say!("xtcp-forwarder: dropped a datagram: {e}");
                 }
                 refused.inc();
                 return;
             }
         };
         metrics.records.inc_by(records);
-        self.watch.records(self.ids.iter().copied());
+        self.watch.records(&self.ids);
         let record = BaseRecord::<(), [u8], usize>::with_opaque_to(self.topic, records as usize)
             .payload(&self.message[..]);
         match self.producer.send(record) {
@@ -324,7 +331,7 @@ impl Feed<'_> {
                 metrics.drop_messages("queue_full", 1, records);
             }
             Err((e, _)) => {
-                eprintln!("xtcp-forwarder: produce: {e}");
+                xtcp::say!("xtcp-forwarder: produce: {e}");
                 self.refused += 1;
                 metrics.drop_messages("delivery_failed", 1, records);
             }
@@ -343,7 +350,14 @@ impl Feed<'_> {
         m.records_untracked.inc_by(now.untracked - before.untracked);
         m.runs_evicted
             .inc_by(now.runs_evicted - before.runs_evicted);
+        m.runs_heard.inc_by(now.runs_heard - before.runs_heard);
+        m.runs_stopped
+            .inc_by(now.runs_stopped - before.runs_stopped);
+        m.runs_fell_silent
+            .inc_by(now.runs_silent - before.runs_silent);
+        m.watermarks.inc_by(now.watermarks - before.watermarks);
         m.runs_tracked.set(self.watch.runs() as i64);
+        m.runs_silent.set(self.watch.silent_runs() as i64);
         self.loss = loss;
     }
 }

@@ -26,14 +26,14 @@ fn main() -> ExitCode {
     let shutdown = match Shutdown::new() {
         Ok(shutdown) => shutdown,
         Err(e) => {
-            eprintln!("error: creating the shutdown eventfd: {e}");
+            xtcp::say!("error: creating the shutdown eventfd: {e}");
             return ExitCode::FAILURE;
         }
     };
     let signals = match SignalThread::start(&shutdown) {
         Ok(signals) => signals,
         Err(e) => {
-            eprintln!("error: installing signal handlers: {e}");
+            xtcp::say!("error: installing signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -41,15 +41,15 @@ fn main() -> ExitCode {
     signals.close();
     match (result, shutdown.failure()) {
         (Err(e), _) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             ExitCode::FAILURE
         }
         (Ok(_), Some(reason)) => {
-            eprintln!("error: {reason}");
+            xtcp::say!("error: {reason}");
             ExitCode::FAILURE
         }
         (Ok(totals), None) => {
-            eprintln!("xtcp-forwarder: stopped: {totals}");
+            xtcp::say!("xtcp-forwarder: stopped: {totals}");
             ExitCode::SUCCESS
         }
     }

@@ -17,7 +17,9 @@ xtcp::metrics_table! {
     unauthenticated: IntCounter "xtcp_forwarder_unauthenticated_datagrams_total" []
         "Datagrams dropped (never sent to Kafka) because, with --feed-key, no key made their tag: forged, signed with another key, or unsigned.";
     malformed: IntCounterVec "xtcp_forwarder_malformed_datagrams_total" ["reason"]
-        "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's: empty, framing (not an Envelope), undecodable (a record that is not protobuf of the Record schema), no_schema (a record without schema_version).";
+        "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's: empty, framing (not an Envelope), undecodable (a record that is not protobuf of the Record schema), no_schema (a record without schema_version), watermark (a watermark datagram that does not decode, or has no run).";
+    watermarks: IntCounter "xtcp_forwarder_watermarks_total" []
+        "Watermarks received (each exporter sends one after every poll and one when it stops); read for the loss count, never sent to Kafka.";
     produced: IntCounter "xtcp_forwarder_produced_messages_total" []
         "Kafka messages (one per datagram) accepted into the producer's queue.";
     delivered_messages: IntCounter "xtcp_forwarder_delivered_messages_total" []
@@ -37,7 +39,7 @@ xtcp::metrics_table! {
     kernel_drops: IntCounter "xtcp_forwarder_kernel_drops_total" []
         "Datagrams the kernel dropped on the forwarder's socket because its receive buffer was full (SO_MEMINFO drops).";
     records_lost: IntCounter "xtcp_forwarder_records_lost_total" []
-        "Records that never arrived: numbers of an exporter run still missing 5 s after a later number arrived, or at exit.";
+        "Records that never arrived: numbers of an exporter run still missing 5 s after a later number or a watermark past them arrived, or at exit.";
     records_duplicated: IntCounter "xtcp_forwarder_records_duplicated_total" []
         "Records whose number had already arrived (or had already been counted lost); still forwarded.";
     records_reordered: IntCounter "xtcp_forwarder_records_reordered_total" []
@@ -48,6 +50,14 @@ xtcp::metrics_table! {
         "Exporter runs (instances) whose numbers are tracked, at most 4096.";
     runs_evicted: IntCounter "xtcp_forwarder_runs_evicted_total" []
         "Runs dropped from the full table (the one heard from longest ago); their open holes were counted lost.";
+    runs_heard: IntCounter "xtcp_forwarder_runs_heard_total" []
+        "Exporter runs heard from for the first time (a run forgotten and heard again counts again).";
+    runs_stopped: IntCounter "xtcp_forwarder_runs_stopped_total" []
+        "Runs whose stop watermark arrived: they stopped and said so.";
+    runs_fell_silent: IntCounter "xtcp_forwarder_runs_silent_total" []
+        "Times a run fell silent: nothing from it (record or watermark) for three of its poll intervals, at least 5 s, and no stop watermark. Killed, its host gone, or its feed cut; what it sent after the last number heard is not counted.";
+    runs_silent: IntGauge "xtcp_forwarder_runs_silent" []
+        "Runs silent now (kept for an hour, should they come back).";
 }
 
 /// Every `reason` of the dropped counters.

@@ -126,7 +126,7 @@ fn consume(
                         );
                     }
                 }
-                Some(Err(e)) => eprintln!("consumer: {e}"),
+                Some(Err(e)) => xtcp::say!("consumer: {e}"),
                 None => {}
             }
         }
@@ -157,6 +157,7 @@ fn envelope(after: u64, records: u64) -> Vec<u8> {
                 ..Default::default()
             })
             .collect(),
+        watermark: None,
     }
     .encode_to_vec()
 }
@@ -379,49 +380,35 @@ fn a_broker_outage_is_survived_and_every_record_accounted_for() {
 /// over HTTP first.
 #[test]
 fn without_a_broker_every_record_is_counted_as_dropped() {
-    if !can_run_in_netns(&[]) {
+    let Some(alone) = Alone::new("nobroker", &[]) else {
         return;
-    }
-    use std::io::{Read, Write};
-
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().port()
-        })
-        .collect();
-    let listen = format!("127.0.0.1:{}", ports[0]);
-    let prom = format!("127.0.0.1:{}", ports[1]);
-    let mut forwarder = Running(Some(
-        Command::new(workspace_bin("xtcp-forwarder"))
-            .args(["--listen", &listen, "--prom-listen", &prom])
+    };
+    let forwarder = alone_forwarder(
+        &alone,
+        &[
             // Port 1: nothing listens, every connection is refused.
-            .args(["--brokers", "127.0.0.1:1", "--queue-messages", "5"])
-            .args(["--delivery-timeout", "1m", "--flush-timeout", "500ms"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&prom).is_err() {
-        assert!(Instant::now() < deadline, "forwarder did not start");
-        assert!(forwarder.child().try_wait().unwrap().is_none(), "exited");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            "--brokers",
+            "127.0.0.1:1",
+            "--queue-messages",
+            "5",
+            "--delivery-timeout",
+            "1m",
+            "--flush-timeout",
+            "500ms",
+        ],
+    );
+    let sender = alone.sender();
+    let listen = ("127.0.0.1", UDP_PORT);
     // 20 datagrams of 3 records each, and one that is not xtcp.
     for n in 0..20u64 {
-        sender.send_to(&envelope(n * 3, 3), &listen).unwrap();
+        sender.send_to(&envelope(n * 3, 3), listen).unwrap();
     }
-    sender.send_to(b"\x0a\xffnot xtcp", &listen).unwrap();
+    sender.send_to(b"\x0a\xffnot xtcp", listen).unwrap();
     // Well framed, but its one record is not protobuf: refused too.
-    sender.send_to(b"\x0a\x02\xff\xff", &listen).unwrap();
+    sender.send_to(b"\x0a\x02\xff\xff", listen).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
     let scrape = loop {
-        let mut s = TcpStream::connect(&prom).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
+        let body = scrape(&alone);
         if body.contains("xtcp_forwarder_datagrams_total 22") {
             break body;
         }
@@ -455,6 +442,43 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 60, "{stderr}");
 }
 
+/// The forwarder alone in a namespace, receiving on `UDP_PORT` (metrics on
+/// `FORWARDER_PROM_PORT` unless `args` say `--no-prom`), once bound.
+fn alone_forwarder(alone: &Alone, args: &[&str]) -> Running {
+    let mut forwarder = Running(Some(
+        alone
+            .exec(workspace_bin("xtcp-forwarder"), args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    alone.wait_bound(UDP_PORT, &mut forwarder);
+    forwarder
+}
+
+/// The forwarder's `/metrics` in `alone`'s namespace, once it serves.
+fn scrape(alone: &Alone) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected = in_ns(&alone.ns, || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, FORWARDER_PROM_PORT as u16))
+        });
+        if let Ok(mut s) = connected {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forwarder did not serve metrics"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
     let forwarder = |args: &[&str]| {
@@ -468,9 +492,17 @@ fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
     let (code, stderr) = forwarder(&["--linger", "soon"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--linger"), "{stderr}");
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let listen = taken.local_addr().unwrap().to_string();
-    let (code, stderr) = forwarder(&["--listen", &listen, "--no-prom"]);
+    let Some(alone) = Alone::new("taken", &[]) else {
+        return;
+    };
+    let _taken = in_ns(&alone.ns, || {
+        std::net::UdpSocket::bind(("127.0.0.1", UDP_PORT)).unwrap()
+    });
+    let listen = format!("127.0.0.1:{UDP_PORT}");
+    let (code, stderr) = one_line_exit(alone.exec(
+        workspace_bin("xtcp-forwarder"),
+        &["--listen", &listen, "--no-prom"],
+    ));
     assert_eq!(code, Some(1));
     assert!(
         stderr.starts_with(&format!(
@@ -486,38 +518,25 @@ fn forwarder_bad_flags_and_taken_ports_are_one_line_errors() {
 /// + produced + refused.
 #[test]
 fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
-    let free_port = || {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
+    let Some(alone) = Alone::new("sigterm", &[]) else {
+        return;
     };
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut forwarder = Running(Some(
-        Command::new(workspace_bin("xtcp-forwarder"))
-            .args(["--listen", &listen, "--brokers", "127.0.0.1:1"])
-            .args(["--no-prom", "--flush-timeout", "500ms"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let pid = Pid::from_raw(forwarder.child().id() as i32);
-    // Bound once its receive buffer is said or a datagram is counted; the
-    // socket is open when /proc lists the port.
-    let port_hex = format!(
-        "{:04X}",
-        listen.rsplit(':').next().unwrap().parse::<u16>().unwrap()
+    let listen = format!("127.0.0.1:{UDP_PORT}");
+    let mut forwarder = alone_forwarder(
+        &alone,
+        &[
+            "--brokers",
+            "127.0.0.1:1",
+            "--no-prom",
+            "--flush-timeout",
+            "500ms",
+        ],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string("/proc/net/udp")
-        .unwrap()
-        .contains(&format!(":{port_hex} "))
-    {
-        assert!(Instant::now() < deadline, "the forwarder did not bind");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pid = Pid::from_raw(forwarder.child().id() as i32);
     // Stopped, it reads nothing: the datagrams wait on its socket, and so
     // does the SIGTERM.
     kill(pid, Signal::SIGSTOP).unwrap();
-    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = alone.sender();
     for n in 0..50u64 {
         sender.send_to(&envelope(n * 2, 2), &listen).unwrap();
     }
@@ -541,75 +560,64 @@ fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 100, "{stderr}");
 }
 
-/// Without `CAP_NET_ADMIN` the kernel caps the receive buffer at
-/// `net.core.rmem_max`: the forwarder says so at start and exports what it
-/// got.
-/// The forwarder's `/metrics` at `prom`, once it serves.
-fn scrape(prom: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(prom) {
-            use std::io::{Read, Write};
-            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).unwrap();
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the forwarder did not serve metrics"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A metric's value in a scrape.
 fn metric(scrape: &str, name: &str) -> Option<u64> {
     scrape
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn free_port() -> u16 {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
-/// Driven into kernel drops (a small buffer, stopped during a burst), the
-/// forwarder counts as lost exactly the records it did not receive, and
-/// its metrics show the kernel's drops.
+/// Driven into kernel drops (a small buffer, stopped during a burst, the
+/// last datagrams dropped too), the forwarder counts as lost exactly the
+/// records it did not receive, the tail from the run's stop watermark,
+/// within its 5 s window and before it stops; its metrics show the
+/// kernel's drops.
 #[test]
 fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
-    let _serial = serial();
-    let (port, prom) = (free_port(), format!("127.0.0.1:{}", free_port()));
-    let mut forwarder = Running(Some(
-        Command::new(workspace_bin("xtcp-forwarder"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--brokers", "127.0.0.1:1", "--prom-listen", &prom])
-            .args(["--recv-buffer", "4096", "--flush-timeout", "0s"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    scrape(&prom); // serving, so bound
+    let Some(alone) = Alone::new("fwddrops", &[]) else {
+        return;
+    };
+    let mut forwarder = alone_forwarder(
+        &alone,
+        &[
+            "--brokers",
+            "127.0.0.1:1",
+            "--recv-buffer",
+            "4096",
+            "--flush-timeout",
+            "0s",
+        ],
+    );
+    scrape(&alone); // serving, so bound
     let pid = forwarder.child().id();
     let (datagrams, per) = (400, 5);
-    let sent = overflow_receiver(pid, port, 0xfeed, datagrams, per);
-    // The drop counter is read every second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let drops = loop {
-        match metric(&scrape(&prom), "xtcp_forwarder_kernel_drops_total") {
-            Some(n) if n > 0 => break n,
-            _ => assert!(Instant::now() < deadline, "no kernel drops shown"),
+    let sent = overflow_receiver(&alone, pid, UDP_PORT, 0xfeed, datagrams, per);
+    // The drop counter is read every second, holes are lost after 5 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scraped = loop {
+        let body = scrape(&alone);
+        let got = |name| metric(&body, name).unwrap_or(0);
+        let accounted =
+            got("xtcp_forwarder_records_total") + got("xtcp_forwarder_records_lost_total");
+        if accounted == sent && got("xtcp_forwarder_kernel_drops_total") > 0 {
+            break body;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the loss was not counted:\n{body}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
+    let drops = metric(&scraped, "xtcp_forwarder_kernel_drops_total").unwrap();
+    assert_eq!(
+        metric(&scraped, "xtcp_forwarder_runs_stopped_total"),
+        Some(1)
+    );
+    assert_eq!(metric(&scraped, "xtcp_forwarder_watermarks_total"), Some(1));
     let (status, stderr) = forwarder.terminate();
     assert!(status.success(), "{stderr}");
     let received = forwarder_total(&stderr, "records");
     assert!(received < sent / 2, "no overflow: {stderr}");
-    eprintln!(
+    xtcp::say!(
         "forwarder: sent {sent} received {received} lost {} kernel_drops {} (x{per} records)",
         forwarder_total(&stderr, "lost"),
         forwarder_total(&stderr, "kernel_drops")
@@ -623,32 +631,92 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
     assert_eq!(drops * per, sent - received, "{stderr}");
 }
 
+/// A run that stops talking without its stop watermark falls silent after
+/// three of its poll intervals (at least 5 s): the forwarder says so once
+/// and counts it; heard again, it is live again.
+#[test]
+fn a_run_that_stops_talking_is_counted_silent() {
+    let Some(alone) = Alone::new("fwdsilent", &[]) else {
+        return;
+    };
+    let forwarder = alone_forwarder(
+        &alone,
+        &["--brokers", "127.0.0.1:1", "--flush-timeout", "0s"],
+    );
+    let sender = alone.sender();
+    let listen = ("127.0.0.1", UDP_PORT);
+    sender
+        .send_to(&numbered_envelope(0xd1e, 1, 3), listen)
+        .unwrap();
+    let mark = watermark_datagram(0xd1e, 1, 3, false, Duration::from_millis(100));
+    sender.send_to(&mark, listen).unwrap();
+    let silent = |body: &str| {
+        (
+            metric(body, "xtcp_forwarder_runs_silent"),
+            metric(body, "xtcp_forwarder_runs_silent_total"),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let body = scrape(&alone);
+        if silent(&body) == (Some(1), Some(1)) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "not silent:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(metric(&body, "xtcp_forwarder_runs_heard_total"), Some(1));
+    assert_eq!(metric(&body, "xtcp_forwarder_records_lost_total"), Some(0));
+    // Its next poll: live again, still counted once.
+    sender
+        .send_to(&numbered_envelope(0xd1e, 4, 3), listen)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while silent(&scrape(&alone)) != (Some(0), Some(1)) {
+        assert!(Instant::now() < deadline, "still silent");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, stderr) = forwarder.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("run 3358 of burst fell silent"), "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "runs_silent"), 1, "{stderr}");
+    assert_eq!(forwarder_total(&stderr, "lost"), 0, "{stderr}");
+}
+
 /// With keys, the forwarder passes on only datagrams signed with one of
 /// them: forged, other-key and unsigned ones are dropped and counted.
 #[test]
 fn with_feed_keys_only_signed_datagrams_are_forwarded() {
-    let _serial = serial();
+    let Some(alone) = Alone::new("fwdkeys", &[]) else {
+        return;
+    };
     let (current, next, other) = (
         key_file("a", &[1; MIN_KEY_LEN]),
         key_file("b", &[2; MIN_KEY_LEN]),
         key_file("c", &[3; MIN_KEY_LEN]),
     );
     let keys = |path: &std::path::Path| FeedKey::load(path).unwrap();
-    let port = free_port();
     let forwarder = Running(Some(
-        Command::new(workspace_bin("xtcp-forwarder"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--no-prom"])
-            .args(["--brokers", "127.0.0.1:1", "--flush-timeout", "0s"])
+        alone
+            .exec(
+                workspace_bin("xtcp-forwarder"),
+                &[
+                    "--no-prom",
+                    "--brokers",
+                    "127.0.0.1:1",
+                    "--flush-timeout",
+                    "0s",
+                ],
+            )
             .args(["--feed-key".as_ref(), current.as_os_str()])
             .args(["--feed-key".as_ref(), next.as_os_str()])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     ));
-    while udp_queued(port).is_none() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut forwarder = forwarder;
+    alone.wait_bound(UDP_PORT, &mut forwarder);
+    let sender = alone.sender();
     let signed = |key: &std::path::Path, first| {
         let mut datagram = numbered_envelope(7, first, 3);
         keys(key).sign(&mut datagram);
@@ -662,9 +730,9 @@ fn with_feed_keys_only_signed_datagrams_are_forwarded() {
     forged[10] ^= 1;
     let bad = [forged, signed(&other, 7), numbered_envelope(7, 7, 3)];
     for datagram in good.iter().chain(&bad) {
-        sender.send_to(datagram, ("127.0.0.1", port)).unwrap();
+        sender.send_to(datagram, ("127.0.0.1", UDP_PORT)).unwrap();
     }
-    while udp_queued(port) != Some(0) {
+    while alone.queued(UDP_PORT) != Some(0) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let (status, stderr) = forwarder.terminate();
@@ -682,10 +750,9 @@ fn with_feed_keys_only_signed_datagrams_are_forwarded() {
 
 #[test]
 fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
-    if !can_run(&[Need::Root, Need::Tool("setpriv")]) {
+    let Some(alone) = Alone::new("fwdunpriv", &[Need::Tool("setpriv")]) else {
         return;
-    }
-    let prom = format!("127.0.0.1:{}", free_port());
+    };
     let asked: usize = 512 << 20;
     let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
         .unwrap()
@@ -693,23 +760,26 @@ fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
         .parse()
         .unwrap();
     assert!(rmem_max < asked, "rmem_max {rmem_max} would grant it");
-    let forwarder = Running(Some(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-            ])
+    let mut forwarder = Running(Some(
+        alone
+            .exec(
+                "setpriv",
+                &[
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                ],
+            )
             .arg(workspace_bin("xtcp-forwarder"))
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--brokers", "127.0.0.1:1", "--prom-listen", &prom])
+            .args(["--brokers", "127.0.0.1:1"])
             .args(["--recv-buffer", &asked.to_string(), "--flush-timeout", "0s"])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     ));
-    let scrape = scrape(&prom);
+    alone.wait_bound(UDP_PORT, &mut forwarder);
+    let scrape = scrape(&alone);
     let granted = scrape
         .lines()
         .find_map(|l| l.strip_prefix("xtcp_forwarder_receive_buffer_bytes "))

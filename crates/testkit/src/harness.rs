@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -18,8 +18,8 @@ use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-use xtcp::export::udp::decode_datagram;
-use xtcp::proto::Record;
+use xtcp::export::udp::{decode_datagram, Datagram};
+use xtcp::proto::{Record, Watermark};
 
 use crate::{established_pairs, Netns, Pairs};
 
@@ -214,6 +214,89 @@ impl Farm {
     }
 }
 
+impl Farm {
+    /// `xtcp-debug-server` in the namespace on the records' port, with
+    /// `args`, once bound; its stdout and stderr piped.
+    pub fn debug_server(&self, args: &[&str]) -> Running {
+        let listen = format!("127.0.0.1:{PORT}");
+        let mut args = args.to_vec();
+        args.extend(["--listen", &listen]);
+        let mut child = Running(Some(
+            self.exec(workspace_bin("xtcp-debug-server"), &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while in_ns(&self.ns, || udp_queued(PORT)).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "debug server did not bind"
+            );
+            assert!(
+                child.child().try_wait().unwrap().is_none(),
+                "debug server exited"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+}
+
+/// An empty private namespace for a test's own programs (a receiver, its
+/// senders, its scrapes), so that fixed ports are theirs and nothing else
+/// on the host can take them; deleted on drop. Held with [`serial`].
+pub struct Alone {
+    pub ns: Netns,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Alone {
+    /// The namespace, or `None` when this machine lacks root, `ip` or any
+    /// of `more` (said by [`can_run`]).
+    pub fn new(tag: &str, more: &[Need]) -> Option<Alone> {
+        if !can_run_in_netns(more) {
+            return None;
+        }
+        let serial = serial();
+        let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        Some(Alone {
+            ns,
+            _serial: serial,
+        })
+    }
+
+    /// `program args` inside the namespace.
+    pub fn exec(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name()])
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// Waits until `child` has bound UDP `port` in the namespace.
+    pub fn wait_bound(&self, port: u16, child: &mut Running) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while in_ns(&self.ns, || udp_queued(port)).is_none() {
+            assert!(std::time::Instant::now() < deadline, "nothing bound {port}");
+            assert!(child.child().try_wait().unwrap().is_none(), "it exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A UDP socket of the namespace, to send to its programs.
+    pub fn sender(&self) -> UdpSocket {
+        in_ns(&self.ns, || UdpSocket::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Bytes waiting on UDP `port` of the namespace.
+    pub fn queued(&self, port: u16) -> Option<u64> {
+        in_ns(&self.ns, || udp_queued(port))
+    }
+}
+
 /// Runs `f` on a thread inside the namespace (sockets it opens stay there).
 pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
@@ -383,10 +466,13 @@ pub fn bind_receiver(ns: &Netns) -> UdpSocket {
     })
 }
 
-/// Adds the records of one received datagram to the counts per poll id.
+/// Adds the records of one received datagram (none for a watermark) to the
+/// counts per poll id.
 pub fn count_by_poll(polls: &mut BTreeMap<u64, u64>, datagram: &[u8]) {
-    for r in decode_datagram(datagram).expect("decodable datagram") {
-        *polls.entry(r.poll_id).or_default() += 1;
+    if let Datagram::Records(records) = decode_datagram(datagram).expect("decodable datagram") {
+        for r in records {
+            *polls.entry(r.poll_id).or_default() += 1;
+        }
     }
 }
 
@@ -402,6 +488,8 @@ pub struct Receiver {
 #[derive(Default)]
 pub struct Received {
     pub records: Vec<Record>,
+    pub watermarks: Vec<Watermark>,
+    /// Datagrams of records (the watermarks' not counted).
     pub datagrams: u64,
     pub bytes: u64,
 }
@@ -418,13 +506,15 @@ impl Receiver {
                 let mut buf = vec![0; 65536];
                 loop {
                     match socket.recv(&mut buf) {
-                        Ok(n) => {
-                            got.datagrams += 1;
-                            got.bytes += n as u64;
-                            let records = decode_datagram(&buf[..n]).expect("decodable datagram");
-                            count.fetch_add(records.len() as u64, Ordering::Relaxed);
-                            got.records.extend(records);
-                        }
+                        Ok(n) => match decode_datagram(&buf[..n]).expect("decodable datagram") {
+                            Datagram::Records(records) => {
+                                got.datagrams += 1;
+                                got.bytes += n as u64;
+                                count.fetch_add(records.len() as u64, Ordering::Relaxed);
+                                got.records.extend(records);
+                            }
+                            Datagram::Watermark(mark) => got.watermarks.push(mark),
+                        },
                         Err(_) if stop.load(Ordering::Relaxed) => return got,
                         Err(_) => {}
                     }
@@ -473,6 +563,7 @@ pub fn numbered_envelope(instance: u64, first: u64, n: u64) -> Vec<u8> {
                 ..Default::default()
             })
             .collect(),
+        watermark: None,
     }
     .encode_to_vec()
 }
@@ -491,13 +582,47 @@ pub fn udp_queued(port: u16) -> Option<u64> {
     })
 }
 
-/// Drives the receiver (process `pid`, UDP `port` on 127.0.0.1, a small
-/// receive buffer) into kernel drops: stops it, sends `datagrams` envelopes
-/// of `per` records of one run (numbered from 1), lets it run again, waits
-/// until it has read its queue, and sends one more datagram so it knows
-/// how far the run went. Returns the records sent.
-pub fn overflow_receiver(pid: u32, port: u16, instance: u64, datagrams: u64, per: u64) -> u64 {
-    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+/// A datagram holding run `instance`'s watermark: poll `poll_id` ended
+/// with its records numbered up to `record_counter`; `stopped` at the end
+/// of the run; `interval` its poll interval.
+pub fn watermark_datagram(
+    instance: u64,
+    poll_id: u64,
+    record_counter: u64,
+    stopped: bool,
+    interval: Duration,
+) -> Vec<u8> {
+    use prost::Message as _;
+    xtcp::proto::Envelope {
+        records: Vec::new(),
+        watermark: Some(Watermark {
+            schema_version: xtcp::export::record::SCHEMA_VERSION,
+            hostname: "burst".into(),
+            instance,
+            poll_id,
+            record_counter,
+            stopped,
+            poll_interval_ms: interval.as_millis() as u64,
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// Drives the receiver (process `pid`, UDP `port` on 127.0.0.1 of
+/// `alone`'s namespace, a small receive buffer) into kernel drops: stops
+/// it, sends `datagrams` envelopes of `per` records of one run (numbered
+/// from 1), lets it run again, waits until it has read its queue, and sends
+/// the run's stop watermark, so it knows how far the run went although the
+/// last datagrams were dropped. Returns the records sent.
+pub fn overflow_receiver(
+    alone: &Alone,
+    pid: u32,
+    port: u16,
+    instance: u64,
+    datagrams: u64,
+    per: u64,
+) -> u64 {
+    let sender = alone.sender();
     sender.connect(("127.0.0.1", port)).unwrap();
     let pid = Pid::from_raw(pid as i32);
     kill(pid, Signal::SIGSTOP).unwrap();
@@ -508,17 +633,17 @@ pub fn overflow_receiver(pid: u32, port: u16, instance: u64, datagrams: u64, per
     }
     kill(pid, Signal::SIGCONT).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while udp_queued(port) != Some(0) {
+    while alone.queued(port) != Some(0) {
         assert!(
             std::time::Instant::now() < deadline,
             "the receiver did not read its queue"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    sender
-        .send(&numbered_envelope(instance, 1 + datagrams * per, per))
-        .unwrap();
-    (datagrams + 1) * per
+    let sent = datagrams * per;
+    let stop = watermark_datagram(instance, 1, sent, true, Duration::from_secs(30));
+    sender.send(&stop).unwrap();
+    sent
 }
 
 /// Runs `cmd` to its end and returns its exit code and stderr, which must

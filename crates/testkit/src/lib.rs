@@ -40,7 +40,10 @@ fn ip(args: &[&str]) -> io::Result<()> {
 }
 
 impl Netns {
-    /// Creates `xtcp-<tag>-<pid>` with its loopback up.
+    /// Creates `xtcp-<tag>-<pid>` with its loopback up, and its ephemeral
+    /// ports ([`EPHEMERAL_PORTS`]) above every fixed port the tests and
+    /// benches bind, so a port a test's server binds is never one a client
+    /// of a farm was given.
     pub fn create(tag: &str) -> io::Result<Netns> {
         let name = format!("xtcp-{tag}-{}", std::process::id());
         // A namespace left by a killed earlier run of the same pid: replace it.
@@ -48,6 +51,9 @@ impl Netns {
         ip(&["netns", "add", &name])?;
         let ns = Netns { name };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        let (low, high) = EPHEMERAL_PORTS;
+        let range = format!("net.ipv4.ip_local_port_range={low} {high}");
+        ip(&["netns", "exec", &ns.name, "sysctl", "-q", "-w", &range])?;
         Ok(ns)
     }
 
@@ -74,6 +80,14 @@ impl Drop for Netns {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// The ports a namespace of [`Netns::create`] gives clients: the fixed
+/// ports (listeners from 20001 and 40001, scenario clients at 30001, 41001
+/// and 42001, close-test clients from 20000, the receivers' 13000, metrics
+/// 9000 and 9001, the broker's 9092) are all below. 18000 ports, half of
+/// them even (`connect` tries those first), are plenty for a farm's worker
+/// of at most 9000 connections to one listener.
+pub const EPHEMERAL_PORTS: (u16, u16) = (43000, 60999);
 
 pub const LISTEN_PORT: u16 = 40001;
 pub const STATE_ESTABLISHED: u32 = 1;

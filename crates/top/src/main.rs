@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(ArgsError::Clap(e)) => return exit_for(&e),
         Err(ArgsError::Invalid(line)) => {
-            eprintln!("{line}");
+            xtcp::say!("{line}");
             return ExitCode::from(2);
         }
         Err(ArgsError::PrintConfig(_) | ArgsError::Print(_)) => return ExitCode::SUCCESS,
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     match run(&cli, &config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

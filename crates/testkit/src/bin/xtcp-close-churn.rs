@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         match thread.join() {
             Ok(Ok(n)) => connections += n,
             Ok(Err(e)) => {
-                eprintln!("xtcp-close-churn: {e}");
+                xtcp::say!("xtcp-close-churn: {e}");
                 return ExitCode::FAILURE;
             }
             Err(_) => return ExitCode::FAILURE,

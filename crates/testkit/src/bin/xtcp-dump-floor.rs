@@ -164,7 +164,7 @@ fn main() -> ExitCode {
     let threads = match plan(&args) {
         Ok(threads) => threads,
         Err(e) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -214,7 +214,7 @@ fn round(threads: &[Vec<Dump>]) -> bool {
                 d.sockets, d.datagrams, d.bytes
             ),
             Err(e) => {
-                eprintln!("error: {name} dump: {e}");
+                xtcp::say!("error: {name} dump: {e}");
                 whole = false;
             }
         }

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            xtcp::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

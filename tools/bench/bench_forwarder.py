@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The forwarder's CPU per record, into a real broker, at 100k-socket polls.
+
+Run as root via `make bench-forwarder` (builds the release binaries first;
+needs `tansu`, which `make test` installs). A socket farm holds PAIRS
+connections per family (100k sockets by default) in a private namespace.
+For each repetition, inside the namespace: a fresh `tansu` broker
+(in-memory storage) with the topic made, `xtcp-forwarder` with its defaults
+(lz4, 20 ms linger) and a 256 MiB receive buffer, then `xtcp --max-loops
+POLLS --frequency 1s` into it. The forwarder's CPU is the sum of its
+threads' run time (/proc/PID/task/*/schedstat, ns) from just before the
+exporter starts to the scrape that shows every record the exporter sent
+acknowledged by the broker: receiving, checking, producing, compressing and
+delivering, everything. Then it is stopped, and its exit line must show
+every record delivered, none dropped, malformed or lost.
+
+BASE=DIR also measures the `xtcp-forwarder` in DIR (a release build of
+another commit, say; several directories separated by `:`), with the same
+exporter, broker and farm, the order rotated every repetition, so every
+row comes from one run.
+PERF=FILE records the last run of this tree's forwarder with `perf record
+-g` into FILE. Prints a Markdown table of medians.
+"""
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from benchlib import BIN, RECV_BUFFER, start_farm, stop_farm, wait_udp_bound
+
+PAIRS = int(os.environ.get("PAIRS", "25000"))
+POLLS = int(os.environ.get("POLLS", "5"))
+REPS = int(os.environ.get("REPS", "5"))
+BASE = os.environ.get("BASE")
+PERF = os.environ.get("PERF")
+BROKER = "127.0.0.1:9092"
+PROM = "127.0.0.1:9001"
+TOPIC = "xtcp"
+
+
+def ns_run(ns, *args, **kw):
+    return subprocess.run(["ip", "netns", "exec", ns, *args], **kw)
+
+
+def start_broker(ns):
+    url = f"tcp://{BROKER}"
+    broker = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "tansu", "broker", "--listener-url", url,
+         "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while ns_run(ns, "tansu", "topic", "create", "--broker", url, TOPIC,
+                 capture_output=True).returncode != 0:
+        if time.time() > deadline:
+            sys.exit("tansu did not start")
+        time.sleep(0.2)
+    return broker
+
+
+def cpu_ns(pid):
+    """Run time of every thread of `pid`, in ns."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # a thread that just ended
+    return total
+
+
+def scrape(ns, name):
+    body = ns_run(ns, "curl", "-sf", f"http://{PROM}/metrics",
+                  capture_output=True, text=True).stdout
+    m = re.search(rf"^{name} (\d+)$", body, re.M)
+    return int(m.group(1)) if m else None
+
+
+def exit_value(line, name):
+    words = line.split()
+    return int(words[words.index(name) + 1])
+
+
+def one_run(ns, bindir, perf):
+    broker = start_broker(ns)
+    forwarder = subprocess.Popen(
+        ["ip", "netns", "exec", ns, f"{bindir}/xtcp-forwarder", "--brokers", BROKER,
+         "--topic", TOPIC, "--recv-buffer", str(RECV_BUFFER)],
+        stderr=subprocess.PIPE, text=True)
+    wait_udp_bound(ns, 13000)
+    while scrape(ns, "xtcp_forwarder_datagrams_total") is None:
+        time.sleep(0.05)
+    recorder = None
+    if perf:
+        recorder = subprocess.Popen(["perf", "record", "-g", "-q", "-o", perf,
+                                     "-p", str(forwarder.pid)])
+        time.sleep(1)
+    before = cpu_ns(forwarder.pid)
+    xtcp = ns_run(ns, f"{BIN}/xtcp", "--max-loops", str(POLLS), "--frequency", "1s",
+                  "--no-prom", "--no-statsd", capture_output=True, text=True)
+    if xtcp.returncode != 0:
+        sys.exit(f"xtcp failed: {xtcp.stderr}")
+    stopped = next(l for l in xtcp.stderr.splitlines() if l.startswith("xtcp: stopped:"))
+    sent = exit_value(stopped.split(" | ")[1], "records")
+    deadline = time.time() + 120
+    while (scrape(ns, "xtcp_forwarder_delivered_records_total") or 0) < sent:
+        if time.time() > deadline:
+            sys.exit(f"the broker did not acknowledge {sent} records")
+        time.sleep(0.1)
+    used = cpu_ns(forwarder.pid) - before
+    if recorder:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait()
+    forwarder.send_signal(signal.SIGTERM)
+    _, err = forwarder.communicate()
+    broker.kill()
+    broker.wait()
+    line = next(l for l in err.splitlines() if l.startswith("xtcp-forwarder: stopped:"))
+    delivered = exit_value(line, "delivered_records")
+    bad = {k: exit_value(line, k) for k in ("dropped_records", "lost")}
+    if delivered != sent or any(bad.values()):
+        sys.exit(f"not every record delivered: sent {sent}\n{line}")
+    return {"us_per_record": used / 1e3 / sent, "records_per_poll": sent / POLLS,
+            "cpu_ms_per_poll": used / 1e6 / POLLS}
+
+
+def main():
+    farm, ns, sockets = start_farm("fwdbench", PAIRS)
+    variants = {"this tree": BIN}
+    for dir in BASE.split(":") if BASE else []:
+        variants[dir] = dir
+    names = list(variants)
+    results = {name: [] for name in names}
+    try:
+        for rep in range(REPS):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                perf = PERF if PERF and name == "this tree" and rep == REPS - 1 else None
+                results[name].append(one_run(ns, variants[name], perf))
+    finally:
+        stop_farm(farm)
+    med = lambda name, k: statistics.median(r[k] for r in results[name])
+    print(f"{sockets} sockets in the farm, {POLLS} polls per run, {REPS} runs per "
+          f"forwarder, medians; every record delivered in every run\n")
+    print("| forwarder | records/poll | forwarder CPU ms/poll | us/record | records/s per core |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        us = med(name, "us_per_record")
+        print(f"| {name} | {med(name, 'records_per_poll'):.0f} | "
+              f"{med(name, 'cpu_ms_per_poll'):.1f} | {us:.3f} | {1e6 / us:,.0f} |")
+    for name in names[1:]:
+        ratio = med(name, "us_per_record") / med("this tree", "us_per_record")
+        print(f"\n{name} / this tree = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
