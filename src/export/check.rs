@@ -16,6 +16,7 @@
 //! low 32 bits of its varint.
 
 use crate::proto::fields::{BYTES, KINDS, STRING, UNKNOWN, VARINT};
+use crate::proto::key;
 
 /// Why a record does not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -43,11 +44,12 @@ pub struct Checked {
     pub record_counter: u64,
 }
 
-/// The `Record` fields a receiver reads (`proto/xtcp.proto`).
-const SCHEMA_VERSION: u32 = 1;
-const POLL_ID: u32 = 4;
-const RECORD_COUNTER: u32 = 5;
-const INSTANCE: u32 = 8;
+/// The `Record` fields a receiver reads, by number (from their one-byte
+/// keys, which `build.rs` generates from `proto/xtcp.proto`).
+const SCHEMA_VERSION: u32 = (key::SCHEMA_VERSION[0] >> 3) as u32;
+const POLL_ID: u32 = (key::POLL_ID[0] >> 3) as u32;
+const RECORD_COUNTER: u32 = (key::RECORD_COUNTER[0] >> 3) as u32;
+const INSTANCE: u32 = (key::INSTANCE[0] >> 3) as u32;
 
 /// prost's limit on nested messages and groups (`RECURSION_LIMIT`).
 const RECURSION_LIMIT: u32 = 100;
