@@ -275,33 +275,39 @@ impl DatagramError {
     }
 }
 
+/// Why record `index` of a datagram, `bytes`, does not decode.
+fn undecodable<E: std::fmt::Display>(bytes: &[u8], index: u64) -> impl FnOnce(E) -> DatagramError {
+    let len = bytes.len();
+    move |why| DatagramError::Undecodable {
+        index,
+        len,
+        why: why.to_string(),
+    }
+}
+
+/// Every exporter sets `schema_version`: a record without it is nobody's.
+fn has_schema(schema_version: u32, index: u64) -> Result<(), DatagramError> {
+    match schema_version {
+        0 => Err(DatagramError::NoSchema { index }),
+        _ => Ok(()),
+    }
+}
+
 /// Record `index` of a datagram (0 for a bare one), decoded with prost and
 /// checked as what an exporter writes: it decodes, and carries the
 /// `schema_version` every exporter sets (protobuf decodes any bytes of valid
 /// wire format, even none, into some `Record`).
 fn decode_record(bytes: &[u8], index: u64) -> Result<Record, DatagramError> {
-    let record = Record::decode(bytes).map_err(|e| DatagramError::Undecodable {
-        index,
-        len: bytes.len(),
-        why: e.to_string(),
-    })?;
-    if record.schema_version == 0 {
-        return Err(DatagramError::NoSchema { index });
-    }
+    let record = Record::decode(bytes).map_err(undecodable(bytes, index))?;
+    has_schema(record.schema_version, index)?;
     Ok(record)
 }
 
 /// [`decode_record`]'s check without building the record
 /// ([`check_record`]): the run and number it carries.
 fn check_one(bytes: &[u8], index: u64) -> Result<RecordId, DatagramError> {
-    let checked = check_record(bytes).map_err(|e| DatagramError::Undecodable {
-        index,
-        len: bytes.len(),
-        why: e.to_string(),
-    })?;
-    if checked.schema_version == 0 {
-        return Err(DatagramError::NoSchema { index });
-    }
+    let checked = check_record(bytes).map_err(undecodable(bytes, index))?;
+    has_schema(checked.schema_version, index)?;
     Ok(RecordId {
         instance: checked.instance,
         poll_id: checked.poll_id,

@@ -429,14 +429,20 @@ fn metrics_over_http_match_the_poll() {
     // Default --prom-listen (127.0.0.1:9000 of its namespace); one poll,
     // then nothing for an hour.
     let running = Running(Some(
-        Command::new("ip")
-            .args(["netns", "exec", home.name()])
-            .arg(workspace_bin("xtcp"))
-            .args(["--frequency", "1h", "--dest", &dest])
-            .args(["--netns", farm.ns.name()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+        home.exec(
+            workspace_bin("xtcp"),
+            &[
+                "--frequency",
+                "1h",
+                "--dest",
+                &dest,
+                "--netns",
+                farm.ns.name(),
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
     ));
     // xtcp_polls_total is updated after the rest of a poll's metrics.
     let deadline = Instant::now() + Duration::from_secs(20);

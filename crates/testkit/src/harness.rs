@@ -206,11 +206,7 @@ impl Farm {
     }
 
     pub fn exec(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.ns.name()])
-            .arg(program)
-            .args(args);
-        cmd
+        self.ns.exec(program, args)
     }
 }
 
@@ -228,19 +224,18 @@ impl Farm {
                 .spawn()
                 .unwrap(),
         ));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while in_ns(&self.ns, || udp_queued(PORT)).is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "debug server did not bind"
-            );
-            assert!(
-                child.child().try_wait().unwrap().is_none(),
-                "debug server exited"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_bound(&self.ns, PORT, &mut child);
         child
+    }
+}
+
+/// Waits until `child` has bound UDP `port` in `ns`.
+pub fn wait_bound(ns: &Netns, port: u16, child: &mut Running) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while in_ns(ns, || udp_queued(port)).is_none() {
+        assert!(std::time::Instant::now() < deadline, "nothing bound {port}");
+        assert!(child.child().try_wait().unwrap().is_none(), "it exited");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -269,21 +264,12 @@ impl Alone {
 
     /// `program args` inside the namespace.
     pub fn exec(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.ns.name()])
-            .arg(program)
-            .args(args);
-        cmd
+        self.ns.exec(program, args)
     }
 
     /// Waits until `child` has bound UDP `port` in the namespace.
     pub fn wait_bound(&self, port: u16, child: &mut Running) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while in_ns(&self.ns, || udp_queued(port)).is_none() {
-            assert!(std::time::Instant::now() < deadline, "nothing bound {port}");
-            assert!(child.child().try_wait().unwrap().is_none(), "it exited");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_bound(&self.ns, port, child);
     }
 
     /// A UDP socket of the namespace, to send to its programs.

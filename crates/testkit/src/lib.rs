@@ -61,6 +61,16 @@ impl Netns {
         &self.name
     }
 
+    /// `program args` run inside the namespace (`ip netns exec`, which
+    /// execs it: the child is the program).
+    pub fn exec(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
     /// The namespace's inode, as records carry it in `netns_inode`.
     pub fn inode(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
