@@ -48,6 +48,9 @@ struct Target {
     name: String,
     /// `None`: the exporter's own namespace, opened without `setns`.
     path: Option<PathBuf>,
+    /// Found by the `--all-netns` scan rather than named: if it is gone by
+    /// the time it is opened, it was not missed but went away.
+    found: bool,
 }
 
 pub struct Namespaces {
@@ -85,6 +88,7 @@ impl Namespaces {
         let mut old: HashMap<u64, Namespace> = self.open.drain(..).map(|n| (n.inode, n)).collect();
         let mut next: Vec<Namespace> = Vec::with_capacity(targets.len());
         for target in targets {
+            let found = target.found;
             let name = if target.name.is_empty() {
                 "the exporter's own namespace".to_string()
             } else {
@@ -94,7 +98,9 @@ impl Namespaces {
             let inode = match std::fs::metadata(path) {
                 Ok(m) => m.ino(),
                 Err(e) => {
-                    problems.push(format!("{name}: {}: {e}", path.display()));
+                    if !(found && gone(&e)) {
+                        problems.push(format!("{name}: {}: {e}", path.display()));
+                    }
                     continue;
                 }
             };
@@ -144,6 +150,7 @@ impl Namespaces {
                         }
                     }
                 }
+                Err(e) if found && gone(&e) => {}
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
@@ -178,6 +185,7 @@ impl Namespaces {
             let own = Target {
                 name: String::new(),
                 path: None,
+                found: false,
             };
             return (vec![own], problems);
         }
@@ -188,6 +196,7 @@ impl Namespaces {
             .map(|n| Target {
                 name: n.clone(),
                 path: Some(netns_path(n)),
+                found: false,
             })
             .collect();
         if self.selection.all {
@@ -234,6 +243,7 @@ fn every_namespace() -> (Vec<Target>, Vec<String>) {
                         targets.push(Target {
                             name: format!("{prefix}{name}"),
                             path: Some(path),
+                            found: true,
                         });
                     }
                 }
@@ -249,11 +259,13 @@ fn every_namespace() -> (Vec<Target>, Vec<String>) {
             Target {
                 name: String::new(),
                 path: None,
+                found: true,
             }
         } else {
             Target {
                 name: holder_name(pid),
                 path: Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+                found: true,
             }
         });
     }
@@ -317,6 +329,17 @@ fn container_id(cgroup: &str) -> Option<&str> {
         .find(|word| word.len() == 64)
 }
 
+/// Whether opening a namespace failed because it went away after it was
+/// found: its file is gone (the process exited, `ip netns del` unlinked
+/// it), or no longer a namespace (`ip netns del` unmounted it and has not
+/// unlinked it yet: `setns` says EINVAL).
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
+    )
+}
+
 /// `count` dump sockets in the namespace at `path` (`None`: this one), and
 /// its close socket with `closes`. The namespace is entered by a thread of
 /// its own, so no other thread moves.
@@ -343,8 +366,12 @@ fn open_sockets(
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::other(format!("entering {}: {e}", path.display())))?;
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("entering {}: {e}", path.display()),
+                )
+            })?;
             open_all()
         })
         .join()
@@ -387,5 +414,20 @@ mod tests {
         assert!(
             holder_name(std::process::id()).starts_with(&format!("pid/{}/", std::process::id()))
         );
+    }
+
+    #[test]
+    fn a_namespace_gone_after_the_scan_is_told_from_other_failures() {
+        let plain = std::env::temp_dir().join(format!("xtcp-not-a-netns-{}", std::process::id()));
+        std::fs::write(&plain, b"").unwrap();
+        let open = |path: &Path| open_sockets(Some(path), 1, Duration::from_secs(1), None);
+        // Unmounted, not yet unlinked: a plain file.
+        let unmounted = open(&plain).err().unwrap();
+        std::fs::remove_file(&plain).unwrap();
+        let unlinked = open(&plain).err().unwrap();
+        assert!(gone(&unmounted), "{unmounted}");
+        assert!(gone(&unlinked), "{unlinked}");
+        let denied = io::Error::from(nix::errno::Errno::EPERM);
+        assert!(!gone(&denied));
     }
 }

@@ -1,7 +1,8 @@
 //! `xtcp-top` through a real terminal: tmux runs it inside a farm's
 //! namespace where one connection of 5000 carries traffic; the captured
 //! pane shows that connection on top, sorted by rate and then by bytes, and
-//! `q` ends it. Needs root (the namespace) and tmux.
+//! `q` ends it; the pipeline's warnings keep to their own line. Needs root
+//! (the namespace) and tmux.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -11,14 +12,25 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// A tmux session, killed when dropped.
+/// A tmux server of its own with one session, named after the farm's
+/// namespace (tests run side by side: each sends keys to its own session
+/// and kills only its own server when dropped).
 struct Tmux(String);
 
 impl Tmux {
-    fn start(command: &str) -> Tmux {
-        let name = format!("xtcp-top-{}", std::process::id());
+    /// `xtcp-top` with `args` in `farm`'s namespace, on a server named
+    /// after the namespace.
+    fn start(farm: &Farm, args: &str) -> Tmux {
+        let name = format!("xtcp-top-{}", farm.ns.name());
+        let command = format!(
+            "ip netns exec {} {} {args}",
+            farm.ns.name(),
+            workspace_bin("xtcp-top").display()
+        );
         let started = Command::new("tmux")
             .args([
+                "-L",
+                &name,
                 "new-session",
                 "-d",
                 "-s",
@@ -27,7 +39,7 @@ impl Tmux {
                 "200",
                 "-y",
                 "40",
-                command,
+                &command,
             ])
             .status()
             .expect("tmux");
@@ -37,7 +49,7 @@ impl Tmux {
 
     fn keys(&self, keys: &str) {
         let sent = Command::new("tmux")
-            .args(["send-keys", "-t", &self.0, keys])
+            .args(["-L", &self.0, "send-keys", "-t", &self.0, keys])
             .status()
             .unwrap();
         assert!(sent.success());
@@ -46,7 +58,7 @@ impl Tmux {
     /// The screen's lines, or `None` once the session is gone.
     fn screen(&self) -> Option<Vec<String>> {
         let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.0])
+            .args(["-L", &self.0, "capture-pane", "-p", "-t", &self.0])
             .output()
             .unwrap();
         out.status.success().then(|| {
@@ -55,6 +67,20 @@ impl Tmux {
                 .map(str::to_string)
                 .collect()
         })
+    }
+
+    /// Presses `q` and waits at most 10 s for the program to end.
+    fn quit(&self) {
+        self.keys("q");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(screen) = self.screen() {
+            let screen = screen.join("\n");
+            assert!(
+                Instant::now() < deadline,
+                "q did not end xtcp-top:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The first row under the header once the view is sorted by `sort`
@@ -85,7 +111,7 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
+            .args(["-L", &self.0, "kill-server"])
             .status();
     }
 }
@@ -119,21 +145,12 @@ fn the_busiest_connection_is_on_top() {
         while server.read(&mut buf).is_ok_and(|n| n > 0) {}
     });
 
-    let top = Tmux::start(&format!(
-        "ip netns exec {} {} --frequency 300ms",
-        farm.ns.name(),
-        workspace_bin("xtcp-top").display()
-    ));
+    let top = Tmux::start(&farm, "--frequency 300ms");
     // From the third poll, rates are between two polls with traffic.
     let by_rate = top.first_row("rate", 3);
     top.keys("b");
     let by_bytes = top.first_row("bytes", 3);
-    top.keys("q");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while top.screen().is_some() {
-        assert!(Instant::now() < deadline, "q did not end xtcp-top");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    top.quit();
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     drop(farm);
@@ -149,4 +166,33 @@ fn the_busiest_connection_is_on_top() {
         let rate: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
         assert!(rate > 0.0, "{row}");
     }
+}
+
+/// Polls that take longer than the period (the farm's 10000 sockets every
+/// 5 ms): the pipeline warns at every poll and sends records as fast as it
+/// can. The warning shows on the line under the keys, never across the
+/// table, and `q` still ends the program at once.
+#[test]
+fn warnings_keep_to_their_line_and_a_busy_pipeline_still_quits() {
+    let Some(farm) = Farm::needing("topbusy", &[Need::Tool("tmux")]) else {
+        return;
+    };
+    let top = Tmux::start(&farm, "--frequency 5ms");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let screen = loop {
+        let screen = top.screen().unwrap_or_default();
+        if screen
+            .get(2)
+            .is_some_and(|l| l.starts_with("warning: poll "))
+        {
+            break screen;
+        }
+        let text = screen.join("\n");
+        assert!(Instant::now() < deadline, "no warning line:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = screen.join("\n");
+    assert!(screen[3].starts_with("NETNS"), "{text}");
+    assert!(!screen[3..].iter().any(|l| l.contains("warning")), "{text}");
+    top.quit();
 }

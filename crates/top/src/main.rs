@@ -5,11 +5,12 @@
 //! and the rate its bytes moved since the poll before. Keys: `r` RTT, `t`
 //! retransmits, `b` bytes, `d` rate (the default), `q` quits.
 
+mod stderr;
 mod view;
 
 use std::io;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::{bounded, Receiver};
@@ -21,6 +22,7 @@ use xtcp::export::sink::Output;
 use xtcp::identity::Identity;
 use xtcp::shutdown::{spawn, Shutdown};
 
+use stderr::Captured;
 use view::{SortKey, View};
 
 /// A live view of the host's TCP connections.
@@ -115,14 +117,17 @@ fn run(cli: &Cli, config: &Config) -> Result<(), String> {
         })
         .map_err(|e| format!("starting the pipeline: {e}"))?
     };
+    let captured = Captured::start().map_err(|e| format!("capturing stderr: {e}"))?;
     let mut terminal = ratatui::init();
     let shown = show(
         &mut terminal,
         &rx,
         View::new(cli.sort, cli.filter.clone()),
+        &captured,
         &shutdown,
     );
     ratatui::restore();
+    let released = captured.finish();
     shutdown.stop();
     // The records still coming are dropped, which ends the pipeline.
     drop(rx);
@@ -130,21 +135,36 @@ fn run(cli: &Cli, config: &Config) -> Result<(), String> {
         .join()
         .map_err(|_| "the pipeline panicked".to_string())?;
     shown.map_err(|e| format!("drawing: {e}"))?;
+    released.map_err(|e| format!("giving stderr back: {e}"))?;
     result.map(|_| ()).map_err(|e| e.to_string())
 }
+
+/// How long a frame may spend taking records before it draws and reads
+/// the keys.
+const FRAME_WORK: Duration = Duration::from_millis(50);
 
 /// Draws the view until `q`, or until the pipeline stops on its own.
 fn show(
     terminal: &mut DefaultTerminal,
     records: &Receiver<Vec<Vec<u8>>>,
     mut view: View,
+    said: &Captured,
     shutdown: &Shutdown,
 ) -> io::Result<()> {
     loop {
-        while let Ok(batch) = records.try_recv() {
+        // What is queued now, not what keeps coming, and for a frame's
+        // time at most: a pipeline faster than the view (a loaded machine)
+        // must not keep it from drawing and reading keys. What is left
+        // waits in the channel, and the pipeline waits on it.
+        let started = Instant::now();
+        for batch in records.try_iter().take(records.len()) {
             view.add(&batch);
+            if started.elapsed() >= FRAME_WORK {
+                break;
+            }
         }
         view.settle();
+        view.said(said.latest());
         terminal.draw(|frame| view.draw(frame))?;
         if shutdown.is_stopping() {
             return Ok(());

@@ -70,6 +70,8 @@ pub struct View {
     last_record: Option<Instant>,
     /// Bytes and time of each socket in the last whole poll.
     before: HashMap<(u64, u64), (u64, u64)>,
+    /// The last line the pipeline said (a warning), shown under the keys.
+    said: Option<String>,
 }
 
 impl View {
@@ -83,7 +85,13 @@ impl View {
             building_poll: 0,
             last_record: None,
             before: HashMap::new(),
+            said: None,
         }
+    }
+
+    /// The pipeline's last stderr line, to show.
+    pub fn said(&mut self, line: Option<String>) {
+        self.said = line;
     }
 
     /// Takes one batch of encoded records.
@@ -187,14 +195,15 @@ impl View {
 
     pub fn draw(&self, frame: &mut Frame<'_>) {
         let [head, body] =
-            Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(frame.area());
+            Layout::vertical([Constraint::Length(3), Constraint::Min(1)]).areas(frame.area());
         let filter = self.filter.as_deref().unwrap_or("none");
         let text = format!(
             "xtcp-top: {} sockets, poll {}, sorted by {}, filter: {filter}\n\
-             keys: r rtt, t retrans, b bytes, d rate, q quit",
+             keys: r rtt, t retrans, b bytes, d rate, q quit\n{}",
             self.shown.len(),
             self.shown_poll,
-            self.sort.name()
+            self.sort.name(),
+            self.said.as_deref().unwrap_or("")
         );
         frame.render_widget(Paragraph::new(text), head);
         let header = Row::new([
