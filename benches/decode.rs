@@ -14,7 +14,7 @@
 //!   records of those sockets, sent as the exporter sends them (envelopes of
 //!   at most `--udp-batch-bytes`): every record checked by a walk of its
 //!   wire format, then copied length-delimited into the Kafka message;
-//! - `record_check`: that walk alone (`export::check::check_record`), record
+//! - `record_check`: that walk alone (`xtcp_feed::check::check_record`), record
 //!   by record;
 //! - `record_prost_decode`: the same records decoded with prost into a
 //!   reused `Record` instead, as the forwarder checked them before.
@@ -30,13 +30,13 @@ use netlink_packet_sock_diag::SockDiagMessage;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 use xtcp::config::DEFAULT_UDP_BATCH_BYTES;
-use xtcp::export::check::check_record;
 use xtcp::export::record::{PollStamp, RecordEncoder};
-use xtcp::export::udp::to_delimited;
 use xtcp::identity::Identity;
-use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, DiagSocket, TailLayout};
+use xtcp_feed::check::check_record;
+use xtcp_feed::datagram::to_delimited;
+use xtcp_feed::proto::Record;
 
 const DUMP: &[u8] = include_bytes!("../tests/fixtures/bench-dump.bin");
 const TAIL: TailLayout = TailLayout::U16Pair;

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 
-use crate::cli::{parse_positive_duration, ranged, Generate};
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{
     AF_INET, AF_INET6, AF_UNSPEC, ALL_EXTENSIONS, ALL_STATES, DEFAULT_STATES,
 };
 use crate::wire::state;
+use xtcp_service::cli::{parse_positive_duration, ranged, Generate};
 
 /// Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -527,7 +527,7 @@ pub struct PromEndpoint {
 #[derive(Debug)]
 pub enum ArgsError {
     /// clap's own: `--help`/`--version` (exit 0) or a malformed command
-    /// line (exit 2); [`crate::cli::exit_for`] says which.
+    /// line (exit 2); [`xtcp_service::cli::exit_for`] says which.
     Clap(clap::Error),
     /// `--print-config`: print this and exit 0.
     PrintConfig(String),
@@ -798,7 +798,7 @@ mod tests {
                 ArgsError::Invalid(line)
                 | ArgsError::PrintConfig(line)
                 | ArgsError::Print(line) => line,
-                ArgsError::Clap(e) => crate::cli::first_line(&e.render().to_string()),
+                ArgsError::Clap(e) => xtcp_service::cli::first_line(&e.render().to_string()),
             },
         )
     }

@@ -347,9 +347,10 @@ mod tests {
     use super::*;
     use crate::metrics::statsd::Statsd;
     use crate::metrics::tests::{family, metrics, pool, sample, scrape};
-    use crate::metrics::{doc_row, Metrics};
+    use crate::metrics::Metrics;
     use crate::pipeline::report::{dump_warning, RunTotals};
     use crate::wire::request::AF_INET;
+    use xtcp_service::metrics::doc_row;
 
     const GENERATED_START: &str = "<!-- generated from the counters! table of src/counting.rs";
     const GENERATED_END: &str = "<!-- end of the generated table -->";

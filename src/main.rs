@@ -4,15 +4,15 @@
 
 use std::process::ExitCode;
 
-use xtcp::cli::exit_for;
 use xtcp::config::{ArgsError, Config};
 use xtcp::identity::Identity;
+use xtcp_service::cli::exit_for;
 
 fn main() -> ExitCode {
     let identity = match Identity::draw() {
         Ok(identity) => identity,
         Err(e) => {
-            xtcp::say!("error: drawing the instance id: {e}");
+            xtcp_service::say!("error: drawing the instance id: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(ArgsError::Invalid(line)) => {
-            xtcp::say!("{line}");
+            xtcp_service::say!("{line}");
             return ExitCode::from(2);
         }
     };
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(totals) => {
-            xtcp::say!("xtcp: stopped: {identity} {totals}");
+            xtcp_service::say!("xtcp: stopped: {identity} {totals}");
             let by_hand = config.once || config.replay.is_some();
             if by_hand && totals.losses() > 0 {
                 // The warning above said what; the status says it to a script.
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

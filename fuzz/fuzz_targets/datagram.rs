@@ -15,9 +15,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use xtcp::export::sequence::RecordId;
-use xtcp::export::udp::{check_datagram, decode_datagram, to_delimited, Datagram};
-use xtcp::proto::Record;
+use xtcp_feed::sequence::RecordId;
+use xtcp_feed::datagram::{check_datagram, decode_datagram, to_delimited, Datagram};
+use xtcp_feed::proto::Record;
 
 fuzz_target!(|data: &[u8]| {
     let (mut out, mut ids) = (Vec::new(), Vec::new());

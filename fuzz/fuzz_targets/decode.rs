@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use xtcp::identity::Identity;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
-use xtcp::proto::{Record, RecordKind};
+use xtcp_feed::proto::{Record, RecordKind};
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
 

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::identity::Identity;
-use crate::proto::{key, CongestionAlgorithm, RecordKind};
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
+use xtcp_feed::proto::{key, CongestionAlgorithm, RecordKind};
 
 /// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
 /// network namespace; 3: the instance; 4: the record kind).

@@ -6,9 +6,9 @@ use std::io;
 use crossbeam_channel::Sender;
 
 use crate::config::{Config, Dest};
-use crate::export::auth::FeedKey;
 use crate::export::stdout::StdoutSink;
 use crate::export::udp::{SendTally, UdpSink};
+use xtcp_feed::auth::FeedKey;
 
 pub enum Sink {
     Udp(UdpSink),

@@ -13,7 +13,7 @@ use prost::Message;
 
 use crate::config::OutputFormat;
 use crate::export::text::text_line;
-use crate::proto::Record;
+use xtcp_feed::proto::Record;
 
 pub struct StdoutSink {
     format: OutputFormat,

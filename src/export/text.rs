@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 
-use crate::proto::{Record, RecordKind};
 use crate::wire::state;
+use xtcp_feed::proto::{Record, RecordKind};
 
 /// `10.0.0.1:443`, `[::1]:80`; `?:PORT` for an address of another length.
 pub fn endpoint(addr: &[u8], port: u32) -> String {

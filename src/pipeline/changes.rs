@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::pipeline::sample::mix;
-use crate::proto::RecordKind;
 use crate::wire::DiagSocket;
+use xtcp_feed::proto::RecordKind;
 
 /// Shards of the table: a power of two, several per inetdiager thread.
 const SHARDS: usize = 64;

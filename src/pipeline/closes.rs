@@ -35,14 +35,14 @@ use nix::sys::socket::{
 use crate::config::{Family, MAX_CLOSE_BUFFER};
 use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::PollStamp;
-use crate::export::udp::socket_drops;
 use crate::metrics::Metrics;
 use crate::pipeline::family::RELEASE_TOKEN;
 use crate::pipeline::inetdiager::RecordWriter;
 use crate::pipeline::report::FirstOfEach;
-use crate::proto::RecordKind;
 use crate::shutdown::Shutdown;
 use crate::wire::request::{AF_INET, AF_INET6};
+use xtcp_feed::proto::RecordKind;
+use xtcp_feed::receiver::socket_drops;
 
 /// `enum sknetlink_groups` of `include/uapi/linux/sock_diag.h`.
 const SKNLGRP_INET_TCP_DESTROY: u32 = 1;
@@ -364,7 +364,7 @@ impl Closer {
         totals.overruns += 1;
         self.metrics.table.close_overruns.inc();
         self.metrics.table.close_buffer.set(now as i64);
-        crate::say!(
+        xtcp_service::say!(
             "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
              ({was} bytes); receive buffer now {now} bytes",
             totals.lost

@@ -189,7 +189,7 @@ pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTo
             Ok(Some(msg)) => msg,
             Ok(None) => break,
             Err(e) => {
-                crate::say!(
+                xtcp_service::say!(
                     "warning: --replay {}: {e}; the rest is not read",
                     path.display()
                 );

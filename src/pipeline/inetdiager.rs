@@ -260,13 +260,13 @@ mod tests {
     use super::*;
     use crate::config::Family;
     use crate::export::udp::UdpSink;
-    use crate::export::udp::{decode_datagram, Datagram};
     use crate::identity::Identity;
     use crate::pipeline::dump::Dump;
     use crate::pipeline::pool::BufferPool;
     use crate::pipeline::sock_diag::SockDiagSocket;
     use crate::wire::message::{put_header, NLM_F_MULTI, SOCK_DIAG_BY_FAMILY};
     use crate::wire::request::AF_INET;
+    use xtcp_feed::datagram::{decode_datagram, Datagram};
 
     const SEQ: u32 = 7;
 

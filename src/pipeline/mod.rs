@@ -41,14 +41,12 @@ use crossbeam_channel::bounded;
 use std::time::Duration;
 
 use crate::config::{Config, Family};
-use crate::export::auth::FeedKey;
 use crate::export::record::RecordEncoder;
 use crate::export::sink::{Output, Sink};
 use crate::identity::Identity;
-use crate::metrics::prom::{PromServer, PromThread};
 use crate::metrics::statsd::Statsd;
-use crate::metrics::{Health, Metrics};
-use crate::shutdown::{spawn, Shutdown, SignalThread};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::wire::TailLayout;
 use changes::ChangeTracker;
 use closes::{CloseState, Closer};
@@ -61,6 +59,10 @@ use pool::BufferPool;
 use report::{FirstOfEach, RunTotals};
 use sample::Sampler;
 use watermark::Watermarks;
+use xtcp_feed::auth::FeedKey;
+use xtcp_service::metrics::Health;
+use xtcp_service::prom::{PromServer, PromThread};
+use xtcp_service::shutdown::{spawn, SignalThread};
 
 /// Why the exporter could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +329,7 @@ fn spawn_prom(config: &Config, shutdown: &Shutdown, server: PromServer) -> io::R
     let any_port = config.prom.as_ref().is_some_and(|p| p.listen.port() == 0);
     if config.verbose || any_port {
         let addr = server.local_addr()?;
-        crate::say!(
+        xtcp_service::say!(
             "xtcp: metrics at http://{addr}{}, health at /healthz",
             server.path()
         );

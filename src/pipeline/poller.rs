@@ -14,13 +14,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::config::Config;
 use crate::counting::DumpReport;
 use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
-use crate::metrics::{Health, Metrics, PoolState};
+use crate::metrics::{Metrics, PoolState};
 use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::closes::{unix_nanos, CloseState};
 use crate::pipeline::dump::Dump;
@@ -31,6 +31,7 @@ use crate::pipeline::sock_diag::SockDiagSocket;
 use crate::pipeline::watermark::Watermarks;
 use crate::shutdown::Shutdown;
 use crate::wire::request::filtered_dump_request;
+use xtcp_service::metrics::Health;
 
 /// How often the poller looks for a dump the kernel stopped answering.
 const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
@@ -75,7 +76,7 @@ impl Poller {
             }
             let problems = self.namespaces.refresh(&self.families);
             for problem in &problems {
-                crate::say!("warning: poll {poll_id}: {problem}");
+                xtcp_service::say!("warning: poll {poll_id}: {problem}");
             }
             totals.netns_errors += problems.len() as u64;
             let Some((reports, abandoned)) = self.dump_namespaces(&stamp) else {
@@ -123,11 +124,7 @@ impl Poller {
     /// `false` when asked to stop before `when`.
     fn sleep_until(&self, when: Instant) -> bool {
         let wait = when.saturating_duration_since(Instant::now());
-        match self.shutdown.stop_signal().recv_timeout(wait) {
-            Err(RecvTimeoutError::Timeout) => true,
-            // Nothing is ever sent: any other outcome is the disconnect of stop.
-            _ => false,
-        }
+        !self.shutdown.wait_stop(wait)
     }
 
     /// Dumps every family of each namespace in turn; one report per family,
@@ -255,13 +252,13 @@ impl Poller {
                 .iter()
                 .map(|r| self.family_state(r).map_or(0, |f| f.pool.allocated()))
                 .collect();
-            crate::say!("{}", poll_line(poll_id, reports, &buffers, took));
+            xtcp_service::say!("{}", poll_line(poll_id, reports, &buffers, took));
         }
         for warning in reports.iter().filter_map(|r| dump_warning(poll_id, r)) {
-            crate::say!("{warning}");
+            xtcp_service::say!("{warning}");
         }
         if long {
-            crate::say!(
+            xtcp_service::say!(
                 "warning: poll {poll_id} took {:.1} ms, more than {} of the {} --frequency",
                 took.as_secs_f64() * 1e3,
                 self.config.polling_safety_buffer,

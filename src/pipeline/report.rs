@@ -104,7 +104,7 @@ impl FirstOfEach {
     pub fn say(&mut self, kind: &'static str, e: &dyn fmt::Display) {
         if !self.said.contains(&kind) {
             self.said.push(kind);
-            crate::say!("{}: {kind}: {e}", self.prefix);
+            xtcp_service::say!("{}: {kind}: {e}", self.prefix);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Watermarks: after every poll, and once when the run stops, how far the
 //! run has numbered its records, sent to the UDP destination in a datagram
 //! of its own (`export::udp`). A receiver counts a lost tail from it
-//! (`export::sequence`): without it the last records of a poll would be
+//! (`xtcp_feed::sequence`): without it the last records of a poll would be
 //! missed only when the next poll's arrive, and those of a run's last poll
 //! never. The poller sends the poll's, once every record of the poll was
 //! handed to the destination; `pipeline::run_with` sends the stop, once
@@ -14,13 +14,13 @@ use std::io;
 use prometheus::IntCounterVec;
 
 use crate::config::{Config, Dest};
-use crate::export::auth::FeedKey;
 use crate::export::record::{RecordEncoder, SCHEMA_VERSION};
 use crate::export::sink::Output;
 use crate::export::udp::UdpSink;
 use crate::identity::Identity;
 use crate::pipeline::report::FirstOfEach;
-use crate::proto::Watermark;
+use xtcp_feed::auth::FeedKey;
+use xtcp_feed::proto::Watermark;
 
 /// The run's watermark sender.
 pub struct Watermarks {

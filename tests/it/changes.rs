@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::*;
-use xtcp::proto::{Record, RecordKind};
+use xtcp_feed::proto::{Record, RecordKind};
 
 /// Connections per family that carry traffic between the second and the
 /// third poll.

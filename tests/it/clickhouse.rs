@@ -5,7 +5,7 @@
 use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::SCHEMA_VERSION;
-use xtcp::proto::{Record, RecordKind};
+use xtcp_feed::proto::{Record, RecordKind};
 
 use crate::common::{can_run, clickhouse_check, Need};
 

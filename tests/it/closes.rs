@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use xtcp::proto::{Record, RecordKind};
+use xtcp_feed::proto::{Record, RecordKind};
 use xtcp_testkit::{closed_connections, Closed, Netns};
 
 /// A namespace of its own, with the exporter's receiver in it.
@@ -167,7 +167,7 @@ fn connections_closed_between_polls_arrive_with_their_final_counters() {
     );
 
     let good = matched(&connections, &records);
-    xtcp::say!(
+    xtcp_service::say!(
         "closes: {} connections, {} with both records and their counters, messages {} lost {}",
         connections.len(),
         good.len(),
@@ -203,7 +203,7 @@ fn a_burst_beyond_the_close_buffer_is_counted_lost() {
     assert!(status.success(), "{stderr}");
     let Received { records, .. } = scene.receiver.finish();
     let closes = |name| total(&stderr, "closes", name);
-    xtcp::say!(
+    xtcp_service::say!(
         "burst: {expected} close messages made, {} read, {} lost, {} overruns",
         closes("messages"),
         closes("lost"),

@@ -5,9 +5,9 @@
 use prost::Message;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::identity::Identity;
-use xtcp::proto::{Record, RecordKind};
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
+use xtcp_feed::proto::{Record, RecordKind};
 
 /// A namespace name of the longest length the exporter accepts, so the
 /// synthetic record below tests `max_record_len` at its bound.
@@ -149,14 +149,14 @@ fn record_doc_lists_every_field() {
     assert_eq!(fields, 134);
 }
 
-/// The receivers' check (`export::check`, a walk that builds no record)
+/// The receivers' check (`xtcp_feed::check`, a walk that builds no record)
 /// against prost on real records and every one-byte change of them, and
 /// every cut: it accepts exactly what prost decodes, and reads the same
 /// run, poll, number and schema. (The `datagram` fuzz target does the same
 /// on arbitrary bytes.)
 #[test]
 fn the_check_accepts_exactly_what_prost_decodes() {
-    use xtcp::export::check::check_record;
+    use xtcp_feed::check::check_record;
     let dump = include_bytes!("../fixtures/bench-dump.bin");
     let mut enc = RecordEncoder::new(Identity::new("host.example", u64::MAX - 1));
     let records: Vec<Vec<u8>> = messages(dump)

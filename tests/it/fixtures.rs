@@ -6,9 +6,9 @@ use prost::Message;
 use serde_json::Value;
 use xtcp::export::record::{PollStamp, RecordEncoder};
 use xtcp::identity::Identity;
-use xtcp::proto::Record;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout};
+use xtcp_feed::proto::Record;
 
 const SCENARIO_V4: &[u8] = include_bytes!("../fixtures/scenario-v4.bin");
 const SCENARIO_V6: &[u8] = include_bytes!("../fixtures/scenario-v6.bin");

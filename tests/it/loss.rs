@@ -51,7 +51,7 @@ fn debug_server_counts_exactly_what_the_kernel_dropped() {
     let total = |name| stopped_value(&stderr, PROGRAM, "", name);
     let received = total("records");
     assert!(received < sent / 2, "no overflow: {stderr}");
-    xtcp::say!(
+    xtcp_service::say!(
         "{PROGRAM}: sent {sent} received {received} lost {} kernel_drops {} (x{per} records)",
         total("lost"),
         total("kernel_drops")
@@ -216,7 +216,7 @@ fn a_lost_tail_is_counted_from_the_stop_watermark() {
     assert_eq!(total(&exporter, "", "watermarks"), 2, "{exporter}");
     let got = |name| stopped_value(&stderr, PROGRAM, "", name);
     let received = got("records");
-    xtcp::say!(
+    xtcp_service::say!(
         "{PROGRAM}: sent {sent} received {received} lost {} kernel_drops {}",
         got("lost"),
         got("kernel_drops")

@@ -4,9 +4,9 @@
 use proptest::prelude::*;
 use xtcp::export::record::{PollStamp, RecordEncoder, MAX_NETNS_NAME_LEN};
 use xtcp::identity::Identity;
-use xtcp::proto::RecordKind;
 use xtcp::wire::message::{messages, Body};
 use xtcp::wire::{decode_socket, TailLayout, WireError};
+use xtcp_feed::proto::RecordKind;
 
 /// Walks a buffer like the exporter does: framing, then each socket message.
 fn decode_all(buf: &[u8]) -> Result<usize, WireError> {

@@ -14,13 +14,13 @@ use xtcp::export::record::{PollStamp, RecordEncoder, SCHEMA_VERSION};
 use xtcp::identity::Identity;
 use xtcp::pipeline::kernel_release;
 use xtcp::pipeline::sock_diag::{SockDiagSocket, DUMP_DATAGRAM_MAX};
-use xtcp::proto::Record;
 use xtcp::wire::bytecode::{compile, Expr, Side};
 use xtcp::wire::request::{
     both_families_request, dump_request, filtered_dump_request, AF_INET, AF_INET6, AF_UNSPEC,
     ALL_EXTENSIONS, ALL_STATES,
 };
 use xtcp::wire::{decode_socket, TailLayout};
+use xtcp_feed::proto::Record;
 use xtcp_testkit::{ExpectedSocket, Netns, STATE_ESTABLISHED, STATE_TIME_WAIT};
 
 type Key = (u32, u32, u16, u16);

@@ -316,7 +316,7 @@ fn every_value_ss_prints_of_a_capture_equals_xtcps_replay() {
         let set: BTreeSet<String> = flags.iter().map(|f| f.to_string()).collect();
         assert_eq!(printed_flags, set, "option words of {:?}: {r}", key_of(r));
     }
-    xtcp::say!(
+    xtcp_service::say!(
         "ss oracle: {compared} values of {} sockets equal (states {states:?}); not compared: {not_compared:?}",
         replayed.len()
     );

@@ -4,7 +4,7 @@
 //! reported on stderr, never fatal. It tracks the numbers and watermarks of
 //! each exporter run and reads its socket's drop counter, so its totals say
 //! what never arrived, and it says when a run falls silent
-//! (`xtcp::export::sequence`). Each datagram's lines leave in one write. On
+//! (`xtcp_feed::sequence`). Each datagram's lines leave in one write. On
 //! SIGINT/SIGTERM it prints what is
 //! already queued on its socket, then its totals to stderr, and exits 0 (also
 //! when stdout closes).
@@ -16,13 +16,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use xtcp::cli::{parse_or_exit, Generate};
-use xtcp::export::auth::FeedKeys;
-use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp::export::text::text_line;
-use xtcp::export::udp::{bind_receiver, check_datagram, decode_datagram, nothing_yet, Datagram};
-use xtcp::proto::Record;
-use xtcp::shutdown::{Shutdown, SignalThread};
+use xtcp_feed::auth::FeedKeys;
+use xtcp_feed::datagram::{check_datagram, decode_datagram, Datagram};
+use xtcp_feed::proto::Record;
+use xtcp_feed::receiver::{bind_receiver, nothing_yet};
+use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
+use xtcp_service::cli::{parse_or_exit, Generate};
+use xtcp_service::shutdown::{Shutdown, SignalThread};
 
 /// Warnings printed for undecodable datagrams before going quiet (they
 /// are still counted).
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
     };
     match serve(&cli) {
         Ok(totals) => {
-            xtcp::say!(
+            xtcp_service::say!(
                 "xtcp-debug-server: stopped: datagrams {} bytes {} records {} unauthenticated {} \
                  undecodable {}{}",
                 totals.datagrams,
@@ -107,7 +108,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -124,7 +125,7 @@ fn serve(cli: &Cli) -> io::Result<Totals> {
     let keys = FeedKeys::open(&cli.feed_key, "xtcp-debug-server")
         .map_err(|e| io::Error::other(format!("--feed-key: {e}")))?;
     let socket = open(cli)?;
-    let shutdown = Shutdown::new()?;
+    let shutdown = Shutdown::new();
     let signals = SignalThread::start(&shutdown)?;
     let totals = receive(cli, keys.as_ref(), &socket, &shutdown);
     signals.close();
@@ -171,7 +172,9 @@ fn receive(
                 None => {
                     totals.unauthenticated += 1;
                     if totals.unauthenticated <= MAX_WARNINGS {
-                        xtcp::say!("warning: datagram from {peer} without a valid feed key tag");
+                        xtcp_service::say!(
+                            "warning: datagram from {peer} without a valid feed key tag"
+                        );
                     }
                     continue;
                 }
@@ -199,7 +202,7 @@ fn receive(
             Err(e) => {
                 totals.undecodable += 1;
                 if totals.undecodable <= MAX_WARNINGS {
-                    xtcp::say!("warning: undecodable datagram from {peer}: {e}");
+                    xtcp_service::say!("warning: undecodable datagram from {peer}: {e}");
                 }
                 continue;
             }

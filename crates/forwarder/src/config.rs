@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
-use xtcp::cli::{parse_duration, parse_positive_duration, ranged, Generate};
+use xtcp_service::cli::{parse_duration, parse_positive_duration, ranged, Generate};
 
 /// librdkafka's bound for its integer settings (a C `int`).
 const RDKAFKA_INT_MAX: u64 = i32::MAX as u64;
@@ -221,7 +221,7 @@ impl ForwarderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xtcp::cli::first_line;
+    use xtcp_service::cli::first_line;
 
     fn parse(args: &[&str]) -> Result<ForwarderConfig, String> {
         match ForwarderConfig::from_args(

@@ -1,10 +1,10 @@
 //! The forwarder: the exporters' UDP feed into a Kafka topic.
 //!
 //! One thread receives datagrams, checks every record of each by walking
-//! its wire format (`export::check`: a datagram with anything that is not
+//! its wire format (`xtcp_feed::check`: a datagram with anything that is not
 //! an exporter's record is refused whole, counted by reason), and hands it
 //! to librdkafka as one message of length-delimited records
-//! (`export::udp::to_delimited`), which ClickHouse reads as `Protobuf`
+//! (`xtcp_feed::datagram::to_delimited`), which ClickHouse reads as `Protobuf`
 //! (docs/kafka.md). librdkafka batches, compresses, retries and reconnects
 //! on its own threads; its queue is bounded (`--queue-messages`,
 //! `--queue-bytes`), and a datagram that finds it full is dropped and
@@ -12,7 +12,7 @@
 //! records: the delivery report says which. On SIGTERM/SIGINT it forwards
 //! what is already queued on its socket (for up to a second), then flushes
 //! for up to `--flush-timeout`; what is still queued then is counted as
-//! dropped. Watermarks (`export::sequence`) are read for the loss count and
+//! dropped. Watermarks (`xtcp_feed::sequence`) are read for the loss count and
 //! not forwarded.
 
 use std::io;
@@ -25,12 +25,13 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use xtcp::export::auth::FeedKeys;
-use xtcp::export::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
-use xtcp::export::udp::{bind_receiver, nothing_yet, recv_buffer_len, to_delimited, Datagram};
-use xtcp::metrics::prom::{PromServer, PromThread};
-use xtcp::metrics::Health;
-use xtcp::shutdown::Shutdown;
+use xtcp_feed::auth::FeedKeys;
+use xtcp_feed::datagram::{to_delimited, Datagram};
+use xtcp_feed::receiver::{bind_receiver, nothing_yet, recv_buffer_len};
+use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
+use xtcp_service::metrics::Health;
+use xtcp_service::prom::{PromServer, PromThread};
+use xtcp_service::shutdown::Shutdown;
 
 use crate::config::ForwarderConfig;
 use crate::metrics::{ForwarderMetrics, DROP_REASONS};
@@ -66,7 +67,7 @@ impl ClientContext for Context {
         // syslog levels: Error (3) and more severe; errors proper come
         // through `error` below.
         if (level as i32) <= RDKafkaLogLevel::Error as i32 {
-            xtcp::say!("xtcp-forwarder: kafka {fac}: {message}");
+            xtcp_service::say!("xtcp-forwarder: kafka {fac}: {message}");
         }
     }
 
@@ -80,7 +81,7 @@ impl ClientContext for Context {
         // print the 1st, 2nd, 4th, 8th... of each kind.
         let n = counter.get();
         if n.is_power_of_two() {
-            xtcp::say!("xtcp-forwarder: kafka error ({n} so far): {error}: {reason}");
+            xtcp_service::say!("xtcp-forwarder: kafka error ({n} so far): {error}: {reason}");
         }
     }
 }
@@ -205,7 +206,7 @@ pub fn run(
         match socket.recv(&mut buf) {
             Ok(len) => feed.forward(&buf[..len]),
             Err(e) if nothing_yet(&e) => {}
-            Err(e) => xtcp::say!("xtcp-forwarder: receive: {e}"),
+            Err(e) => xtcp_service::say!("xtcp-forwarder: receive: {e}"),
         }
         let loss = feed.watch.tick();
         feed.watch.say_fell_silent("xtcp-forwarder");
@@ -214,7 +215,7 @@ pub fn run(
     // What arrived before the stop is forwarded too, within DRAIN_LIMIT.
     let drain_until = Instant::now() + DRAIN_LIMIT;
     if let Err(e) = socket.set_nonblocking(true) {
-        xtcp::say!("xtcp-forwarder: not draining the socket: {e}");
+        xtcp_service::say!("xtcp-forwarder: not draining the socket: {e}");
     } else {
         while Instant::now() < drain_until {
             match socket.recv(&mut buf) {
@@ -222,7 +223,7 @@ pub fn run(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    xtcp::say!("xtcp-forwarder: receive: {e}");
+                    xtcp_service::say!("xtcp-forwarder: receive: {e}");
                     break;
                 }
             }
@@ -235,7 +236,7 @@ pub fn run(
     // Stop: deliver what is queued, within the flush timeout.
     if producer.flush(config.flush_timeout).is_err() {
         let left = u64::try_from(producer.in_flight_count()).unwrap_or(0);
-        xtcp::say!(
+        xtcp_service::say!(
             "xtcp-forwarder: {left} messages still queued after --flush-timeout {}",
             humantime::format_duration(config.flush_timeout)
         );
@@ -295,7 +296,7 @@ impl Feed<'_> {
                 Some(payload) => payload,
                 None => {
                     if metrics.unauthenticated.get() == 0 {
-                        xtcp::say!(
+                        xtcp_service::say!(
                             "xtcp-forwarder: dropped a datagram without a valid tag of a --feed-key"
                         );
                     }
@@ -314,7 +315,7 @@ impl Feed<'_> {
                 let refused = metrics.malformed.with_label_values(&[e.reason()]);
                 // The first of each kind is said; all are counted.
                 if refused.get() == 0 {
-                    xtcp::say!("xtcp-forwarder: dropped a datagram: {e}");
+                    xtcp_service::say!("xtcp-forwarder: dropped a datagram: {e}");
                 }
                 refused.inc();
                 return;
@@ -331,7 +332,7 @@ impl Feed<'_> {
                 metrics.drop_messages("queue_full", 1, records);
             }
             Err((e, _)) => {
-                xtcp::say!("xtcp-forwarder: produce: {e}");
+                xtcp_service::say!("xtcp-forwarder: produce: {e}");
                 self.refused += 1;
                 metrics.drop_messages("delivery_failed", 1, records);
             }

@@ -8,8 +8,8 @@ mod metrics;
 
 use std::process::ExitCode;
 
-use xtcp::cli::exit_for;
-use xtcp::shutdown::{Shutdown, SignalThread};
+use xtcp_service::cli::exit_for;
+use xtcp_service::shutdown::{Shutdown, SignalThread};
 
 use config::{ForwarderConfig, Parsed};
 use forwarder::run;
@@ -23,17 +23,11 @@ fn main() -> ExitCode {
         }
         Err(e) => return exit_for(&e),
     };
-    let shutdown = match Shutdown::new() {
-        Ok(shutdown) => shutdown,
-        Err(e) => {
-            xtcp::say!("error: creating the shutdown eventfd: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let shutdown = Shutdown::new();
     let signals = match SignalThread::start(&shutdown) {
         Ok(signals) => signals,
         Err(e) => {
-            xtcp::say!("error: installing signal handlers: {e}");
+            xtcp_service::say!("error: installing signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -41,15 +35,15 @@ fn main() -> ExitCode {
     signals.close();
     match (result, shutdown.failure()) {
         (Err(e), _) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             ExitCode::FAILURE
         }
         (Ok(_), Some(reason)) => {
-            xtcp::say!("error: {reason}");
+            xtcp_service::say!("error: {reason}");
             ExitCode::FAILURE
         }
         (Ok(totals), None) => {
-            xtcp::say!("xtcp-forwarder: stopped: {totals}");
+            xtcp_service::say!("xtcp-forwarder: stopped: {totals}");
             ExitCode::SUCCESS
         }
     }

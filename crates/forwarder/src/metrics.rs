@@ -1,10 +1,10 @@
-//! The forwarder's metrics, declared with the exporter's table macro
-//! (`xtcp::metrics`).
+//! The forwarder's metrics, declared with the table macro every xtcp
+//! program uses (`xtcp_service::metrics`).
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
-use xtcp::export::udp::DATAGRAM_ERROR_REASONS;
+use xtcp_feed::datagram::DATAGRAM_ERROR_REASONS;
 
-xtcp::metrics_table! {
+xtcp_service::metrics_table! {
     /// What the forwarder received, produced, delivered and dropped.
     pub struct ForwarderMetrics;
     pub const FORWARDER_DEFINITIONS;
@@ -101,7 +101,7 @@ impl ForwarderMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xtcp::metrics::undocumented;
+    use xtcp_service::metrics::undocumented;
 
     /// docs/kafka.md describes every metric with its labels.
     #[test]

@@ -15,9 +15,9 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use xtcp::export::auth::{FeedKey, MIN_KEY_LEN};
 use xtcp::export::record::SCHEMA_VERSION;
-use xtcp::proto::{Envelope, Record};
+use xtcp_feed::auth::{FeedKey, MIN_KEY_LEN};
+use xtcp_feed::proto::{Envelope, Record};
 use xtcp_testkit::harness::*;
 use xtcp_testkit::Netns;
 
@@ -126,7 +126,7 @@ fn consume(
                         );
                     }
                 }
-                Some(Err(e)) => xtcp::say!("consumer: {e}"),
+                Some(Err(e)) => xtcp_service::say!("consumer: {e}"),
                 None => {}
             }
         }
@@ -617,7 +617,7 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
     assert!(status.success(), "{stderr}");
     let received = forwarder_total(&stderr, "records");
     assert!(received < sent / 2, "no overflow: {stderr}");
-    xtcp::say!(
+    xtcp_service::say!(
         "forwarder: sent {sent} received {received} lost {} kernel_drops {} (x{per} records)",
         forwarder_total(&stderr, "lost"),
         forwarder_total(&stderr, "kernel_drops")

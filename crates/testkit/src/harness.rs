@@ -18,8 +18,8 @@ use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-use xtcp::export::udp::{decode_datagram, Datagram};
-use xtcp::proto::{Record, Watermark};
+use xtcp_feed::datagram::{decode_datagram, Datagram};
+use xtcp_feed::proto::{Record, Watermark};
 
 use crate::{established_pairs, Netns, Pairs};
 
@@ -538,7 +538,7 @@ impl Receiver {
 /// `first..first + n`, as one envelope.
 pub fn numbered_envelope(instance: u64, first: u64, n: u64) -> Vec<u8> {
     use prost::Message as _;
-    xtcp::proto::Envelope {
+    xtcp_feed::proto::Envelope {
         records: (first..first + n)
             .map(|record_counter| Record {
                 schema_version: xtcp::export::record::SCHEMA_VERSION,
@@ -579,7 +579,7 @@ pub fn watermark_datagram(
     interval: Duration,
 ) -> Vec<u8> {
     use prost::Message as _;
-    xtcp::proto::Envelope {
+    xtcp_feed::proto::Envelope {
         records: Vec::new(),
         watermark: Some(Watermark {
             schema_version: xtcp::export::record::SCHEMA_VERSION,

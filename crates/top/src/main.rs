@@ -16,11 +16,12 @@ use clap::Parser;
 use crossbeam_channel::{bounded, Receiver};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::DefaultTerminal;
-use xtcp::cli::{exit_for, parse_or_exit, parse_positive_duration, Generate};
 use xtcp::config::{ArgsError, Config};
 use xtcp::export::sink::Output;
 use xtcp::identity::Identity;
-use xtcp::shutdown::{spawn, Shutdown};
+use xtcp::shutdown::Shutdown;
+use xtcp_service::cli::{exit_for, parse_or_exit, parse_positive_duration, Generate};
+use xtcp_service::shutdown::spawn;
 
 use stderr::Captured;
 use view::{SortKey, View};
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(ArgsError::Clap(e)) => return exit_for(&e),
         Err(ArgsError::Invalid(line)) => {
-            xtcp::say!("{line}");
+            xtcp_service::say!("{line}");
             return ExitCode::from(2);
         }
         Err(ArgsError::PrintConfig(_) | ArgsError::Print(_)) => return ExitCode::SUCCESS,
@@ -99,7 +100,7 @@ fn main() -> ExitCode {
     match run(&cli, &config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

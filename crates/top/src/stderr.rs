@@ -76,13 +76,16 @@ impl Captured {
         let _ = self.reader.join();
         let lines = std::mem::take(&mut *lock(&self.lines));
         if lines.left_out > 0 {
-            xtcp::say!(
+            xtcp_service::say!(
                 "xtcp-top: {} earlier lines on stderr left out; the last {}:",
                 lines.left_out,
                 lines.kept.len()
             );
         }
-        lines.kept.iter().for_each(|line| xtcp::say!("{line}"));
+        lines
+            .kept
+            .iter()
+            .for_each(|line| xtcp_service::say!("{line}"));
         Ok(())
     }
 }

@@ -11,8 +11,8 @@ use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Paragraph, Row, Table};
 use ratatui::Frame;
 use xtcp::export::text::endpoint;
-use xtcp::proto::Record;
 use xtcp::wire::state;
+use xtcp_feed::proto::Record;
 
 /// How rows are ordered, busiest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

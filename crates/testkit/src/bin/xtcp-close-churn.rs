@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         match thread.join() {
             Ok(Ok(n)) => connections += n,
             Ok(Err(e)) => {
-                xtcp::say!("xtcp-close-churn: {e}");
+                xtcp_service::say!("xtcp-close-churn: {e}");
                 return ExitCode::FAILURE;
             }
             Err(_) => return ExitCode::FAILURE,

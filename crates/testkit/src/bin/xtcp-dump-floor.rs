@@ -164,7 +164,7 @@ fn main() -> ExitCode {
     let threads = match plan(&args) {
         Ok(threads) => threads,
         Err(e) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -214,7 +214,7 @@ fn round(threads: &[Vec<Dump>]) -> bool {
                 d.sockets, d.datagrams, d.bytes
             ),
             Err(e) => {
-                xtcp::say!("error: {name} dump: {e}");
+                xtcp_service::say!("error: {name} dump: {e}");
                 whole = false;
             }
         }

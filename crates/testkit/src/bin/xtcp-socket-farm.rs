@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            xtcp::say!("error: {e}");
+            xtcp_service::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

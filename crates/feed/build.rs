@@ -4,7 +4,7 @@
 //! system protoc. The generated types also derive `serde::Serialize` for the
 //! JSON output (`--dest stdout`, the debug server); which fields get which serde
 //! attribute is read from the compiled descriptor set, so it follows the .proto
-//! (each enum needs a serializer of its name in `src/export/json.rs`).
+//! (each enum needs a serializer of its name in `src/json.rs`).
 //!
 //! It also writes `record_keys.rs`, the protobuf key of every `Record` field,
 //! so the exporter can encode a decoded socket straight into a buffer without
@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::DescriptorProto;
 
-const PROTO: &str = "proto/xtcp.proto";
+const PROTO: &str = "../../proto/xtcp.proto";
 
 /// Fields holding a network-order IPv4/IPv6 address, printed as readable IP strings.
 const ADDRESS_FIELDS: [&str; 2] = [
@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    let fds = config.load_fds(&[PROTO], &["proto"])?;
+    let fds = config.load_fds(&[PROTO], &["../../proto"])?;
 
     config.message_attribute(".xtcp.v1", "#[derive(serde::Serialize)]");
     for file in &fds.file {
@@ -50,17 +50,17 @@ fn main() -> Result<(), Box<dyn Error>> {
                 if ADDRESS_FIELDS.contains(&field.name()) {
                     config.field_attribute(
                         &path,
-                        r#"#[serde(serialize_with = "crate::export::json::ip_address")]"#,
+                        r#"#[serde(serialize_with = "crate::json::ip_address")]"#,
                     );
                 }
                 // Enums print by name: `CongestionAlgorithm` through
-                // `crate::export::json::congestion_algorithm`, and so on.
+                // `crate::json::congestion_algorithm`, and so on.
                 if field.r#type() == Type::Enum {
                     let name = field.type_name().rsplit('.').next().unwrap_or_default();
                     config.field_attribute(
                         &path,
                         format!(
-                            r#"#[serde(serialize_with = "crate::export::json::{}")]"#,
+                            r#"#[serde(serialize_with = "crate::json::{}")]"#,
                             snake_case(name)
                         ),
                     );
@@ -107,7 +107,7 @@ fn key_bytes(number: i32, wire_type: u32) -> Vec<u8> {
 /// Generates `pub mod key`: for each `Record` field, its protobuf key
 /// (field number and wire type) as varint bytes, named after the field in
 /// upper case, plus `MAX_SCALAR_LEN`, the most bytes all scalar fields
-/// together can take. `src/export/record.rs` writes records with these.
+/// together can take. the exporter's `src/export/record.rs` writes records with these.
 fn record_keys(msg: &DescriptorProto) -> Result<String, Box<dyn Error>> {
     let mut consts = String::new();
     let mut scalar_max = 0usize;
@@ -159,7 +159,7 @@ pub mod key {{
 
 /// Generates `pub mod fields`: `KINDS[n]`, how field number `n` of `Record`
 /// is read (`UNKNOWN`, `VARINT`, `BYTES` or `STRING`, which must be UTF-8);
-/// `src/export/check.rs` walks received records with it.
+/// `src/check.rs` walks received records with it.
 fn record_fields(msg: &DescriptorProto) -> String {
     let top = msg.field.iter().map(|f| f.number()).max().unwrap_or(0) as usize;
     let mut kinds = vec!["UNKNOWN"; top + 1];

@@ -30,8 +30,8 @@ use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use crate::export::udp::socket_drops;
 use crate::proto::{Record, Watermark};
+use crate::receiver::socket_drops;
 
 /// How long a number may be missing after a later one arrived before it
 /// counts as lost. Reordering on a host or a LAN takes microseconds; this
@@ -466,7 +466,7 @@ impl LossWatch {
     /// the last call.
     pub fn say_fell_silent(&mut self, program: &str) {
         for run in self.tracker.take_fell_silent() {
-            crate::say!(
+            xtcp_service::say!(
                 "{program}: warning: run {} of {} fell silent: nothing from it for {:.1} s, \
                  and it did not say it stopped; what it sent after its last number heard \
                  is not counted",

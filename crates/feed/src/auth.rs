@@ -63,7 +63,7 @@ impl FeedKey {
     pub fn open(path: &Path, program: &str) -> Result<FeedKey, String> {
         let key = FeedKey::load(path)?;
         if key.loosely_readable {
-            crate::say!(
+            xtcp_service::say!(
                 "{program}: warning: the feed key {} is readable by group or others",
                 path.display()
             );

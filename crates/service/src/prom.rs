@@ -242,7 +242,7 @@ mod tests {
     /// metrics once the idle clients are cut.
     #[test]
     fn a_scrape_gets_through_idle_clients_holding_every_slot() {
-        let shutdown = Shutdown::new().unwrap();
+        let shutdown = Shutdown::new();
         let server = PromServer::bind(
             "test",
             "127.0.0.1:0".parse().unwrap(),
