@@ -1,192 +1,27 @@
-//! What a dump did, counted: the one list of the exporter's dump counters.
+//! What a dump did, counted: the one table of the exporter's dump counters.
 //!
-//! Every counter is one entry of the [`counters!`] table below. The entry
-//! says what it counts and where it is shown, and everything else follows
-//! from it:
-//! - [`DumpCounters`] (atomics the threads of a dump add to) and
-//!   [`DumpTotals`] (their sum) get a field;
-//! - Prometheus gets a series of a `family`-labelled metric (the metrics
-//!   module builds it from [`COUNTERS`]), and so statsd, which sends what
-//!   changed in the Prometheus registry;
-//! - the exit line gets a `key value` pair (`exit`), entries with the same
-//!   key summed;
-//! - the poll's warning names it when it is not zero (`warn`), entries with
-//!   the same words summed;
-//! - `docs/metrics.md` must have a row for the metric naming the series; a
-//!   test in this module checks that every counter reaches all of these.
+//! Every counter is one entry of the table below, declared the way every
+//! xtcp counter is ([`xtcp_service::counters`]): its field of
+//! [`DumpTotals`] (and of [`DumpCounters`], the atomics the threads of a
+//! dump add to), its `family`-labelled Prometheus series (and so its statsd
+//! line), its exit-line key and its warning words. `docs/metrics.md` carries
+//! the table the entries make; the tests in this module check that every
+//! counter reaches each place it is shown.
 //!
 //! This module is below both `pipeline` (which counts) and `metrics` (which
 //! shows), so neither imports the other.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use xtcp_service::counters::{Shared, Tally};
 
 use crate::config::Family;
 
-/// How a counter's value becomes its Prometheus series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unit {
-    /// As counted.
-    Count,
-    /// Counted in nanoseconds, shown in seconds (Prometheus) and
-    /// milliseconds (exit line, whose key ends in `_ms`).
-    Nanos,
-    /// Counted per event, shown as the number of dumps where any happened.
-    Dumps,
-}
-
-/// One counter of the table.
-#[derive(Debug, Clone, Copy)]
-pub struct Counter {
-    /// The field of [`DumpTotals`].
-    pub name: &'static str,
-    /// What it counts: a sentence, or for a counter that shares its metric,
-    /// a phrase that follows its label value.
-    pub help: &'static str,
-    /// The Prometheus metric; several counters may share one, told apart
-    /// by `label`.
-    pub metric: &'static str,
-    /// The metric's second label (after `family`) and this counter's value
-    /// of it.
-    pub label: Option<(&'static str, &'static str)>,
-    pub unit: Unit,
-    /// Key on the exit line.
-    pub exit: Option<&'static str>,
-    /// Words of the poll warning, after the number.
-    pub warning: Option<&'static str>,
-}
-
-impl Counter {
-    /// The value Prometheus shows for `value` counted.
-    pub fn metric_value(&self, value: u64) -> f64 {
-        match self.unit {
-            Unit::Count => value as f64,
-            Unit::Nanos => value as f64 / 1e9,
-            Unit::Dumps => f64::from(u8::from(value > 0)),
-        }
-    }
-
-    /// The help of its Prometheus metric: its own, or for a metric several
-    /// counters share, the metric's opening words ([`SHARED_METRICS`]) and
-    /// each counter's label value and help, the values written by `value`.
-    pub fn metric_help(&self, value: impl Fn(&str) -> String) -> String {
-        let Some((_, lead)) = SHARED_METRICS.iter().find(|(m, _)| *m == self.metric) else {
-            return self.help.to_string();
-        };
-        let parts: Vec<String> = COUNTERS
-            .iter()
-            .filter(|c| c.metric == self.metric)
-            .map(|c| format!("{}: {}", value(c.label.map_or("", |(_, v)| v)), c.help))
-            .collect();
-        format!("{lead} {}.", parts.join("; "))
-    }
-
-    /// The value the exit line shows for `value` counted.
-    fn exit_value(&self, value: u64) -> u64 {
-        match self.unit {
-            Unit::Nanos => value / 1_000_000,
-            Unit::Count | Unit::Dumps => value,
-        }
-    }
-}
-
-/// The opening words of the help of a metric that several counters share;
-/// each counter's label value and help follow.
-pub const SHARED_METRICS: &[(&str, &str)] = &[
-    (
-        "xtcp_sockets_skipped_total",
-        "Sockets reported but not exported, by reason:",
-    ),
-    ("xtcp_netlink_errors_total", "Netlink failures, by kind:"),
-];
-
-/// `None` or `Some(x)`, for the table's optional parts.
-macro_rules! some {
-    () => {
-        None
-    };
-    ($x:expr) => {
-        Some($x)
-    };
-}
-
-/// `Unit::Count` unless the entry names another.
-macro_rules! unit {
-    () => {
-        Unit::Count
-    };
-    ($u:ident) => {
-        Unit::$u
-    };
-}
-
-macro_rules! counters {
-    ($(
-        $name:ident $help:literal => $metric:literal
-            $([$label:literal = $value:literal])?
-            $(, unit $unit:ident)?
-            $(, exit $exit:literal)?
-            $(, warn $warn:literal)?;
-    )*) => {
-        /// What a dump did, counted by the threads that did it.
-        #[derive(Debug, Default)]
-        pub struct DumpCounters {
-            $(#[doc = $help] pub $name: AtomicU64,)*
-        }
-
-        /// A [`DumpCounters`] snapshot, a thread's tally, or a sum of them.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct DumpTotals {
-            $(#[doc = $help] pub $name: u64,)*
-        }
-
-        /// Every counter, in the order of [`DumpTotals::values`].
-        pub const COUNTERS: &[Counter] = &[$(Counter {
-            name: stringify!($name),
-            help: $help,
-            metric: $metric,
-            label: some!($(($label, $value))?),
-            unit: unit!($($unit)?),
-            exit: some!($($exit)?),
-            warning: some!($($warn)?),
-        },)*];
-
-        impl DumpCounters {
-            pub fn snapshot(&self) -> DumpTotals {
-                DumpTotals { $($name: self.$name.load(Relaxed),)* }
-            }
-
-            /// Adds a thread's local tally (one atomic add per non-zero field).
-            pub fn add(&self, t: &DumpTotals) {
-                $(if t.$name != 0 {
-                    self.$name.fetch_add(t.$name, Relaxed);
-                })*
-            }
-        }
-
-        impl DumpTotals {
-            pub fn add(&mut self, t: &DumpTotals) {
-                $(self.$name += t.$name;)*
-            }
-
-            /// Every field, in the order of [`COUNTERS`].
-            pub fn values(&self) -> [u64; COUNTERS.len()] {
-                [$(self.$name,)*]
-            }
-
-            /// Sets the field of `COUNTERS[index]`.
-            #[cfg(test)]
-            pub fn set(&mut self, index: usize, value: u64) {
-                let fields = [$(&mut self.$name,)*];
-                if let Some(field) = fields.into_iter().nth(index) {
-                    *field = value;
-                }
-            }
-        }
-    };
-}
-
-counters! {
+xtcp_service::counters! {
+    /// What a dump did: a thread's tally, a dump's totals, or a sum of them.
+    pub struct DumpTotals;
+    "xtcp_sockets_skipped_total" shared "Sockets reported but not exported, by reason:";
+    "xtcp_netlink_errors_total" shared "Netlink failures, by kind:";
     // Netlinkers.
     datagrams "Netlink reply datagrams received for the dumps." => "xtcp_netlink_datagrams_total";
     bytes "Bytes of those datagrams." => "xtcp_netlink_bytes_total";
@@ -217,42 +52,40 @@ counters! {
     interrupted "Dumps with a datagram flagged NLM_F_DUMP_INTR: the socket table changed under the dump, so a socket may be missing or repeated in that poll." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
 }
 
-/// Sums `(key, value)` pairs by key, keeping the order of first appearance.
-fn group(keyed: impl Iterator<Item = (&'static str, u64)>) -> Vec<(&'static str, u64)> {
-    let mut groups: Vec<(&str, u64)> = Vec::new();
-    for (key, value) in keyed {
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, sum)) => *sum += value,
-            None => groups.push((key, value)),
-        }
-    }
-    groups
+/// What a dump did, counted by the threads that did it.
+pub type DumpCounters = Shared<DumpTotals>;
+
+xtcp_service::counters! {
+    /// What the closer did (`--close-records`).
+    pub struct CloseTotals;
+    "xtcp_close_skipped_total" shared "Close messages not exported, by reason:";
+    messages "Close messages the kernel sent, one per TCP socket destroyed in a polled namespace (--close-records)." => "xtcp_close_messages_total", exit "messages";
+    records "Records made from them (record_kind closed)." => "xtcp_close_records_total", exit "records";
+    unsampled "left out by --sampling-modulus" => "xtcp_close_skipped_total" ["reason" = "sampling"], exit "skipped";
+    undecodable "a malformed close message" => "xtcp_close_skipped_total" ["reason" = "undecodable"], exit "skipped";
+    too_long "a record over the record buffer (never expected)" => "xtcp_close_skipped_total" ["reason" = "too_long"], exit "skipped";
+    output_closed "stdout was closed or failed" => "xtcp_close_skipped_total" ["reason" = "output_closed"], exit "skipped";
+    lost "Close messages the kernel dropped because the closer's receive queue was full." => "xtcp_close_messages_lost_total", exit "lost";
+    overruns "Times the closer found its queue had overflowed (ENOBUFS); each doubles the receive buffer, up to 64 MiB." => "xtcp_close_overruns_total", exit "overruns";
+    send_errors "Datagrams of close records whose send failed." => "xtcp_close_send_errors_total", exit "send_errors";
+    records_lost "Close records in those datagrams." => "xtcp_close_records_lost_total", exit "records_lost";
 }
 
-impl DumpTotals {
-    /// The exit line's `(key, value)` pairs, in table order.
-    pub fn exit_fields(&self) -> Vec<(&'static str, u64)> {
-        group(
-            COUNTERS
-                .iter()
-                .zip(self.values())
-                .filter_map(|(c, v)| Some((c.exit?, c.exit_value(v)))),
-        )
-    }
-
-    /// `(number, words)` of what went wrong, for the poll's warning; empty
-    /// when the dump was clean.
-    pub fn problems(&self) -> Vec<(u64, &'static str)> {
-        group(
-            COUNTERS
-                .iter()
-                .zip(self.values())
-                .filter_map(|(c, v)| Some((c.warning?, v))),
-        )
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(words, n)| (n, words))
-        .collect()
+impl CloseTotals {
+    /// What the closer counts of a batch of close messages that went
+    /// through the inetdiager's record writer, which counted `tally`.
+    pub fn of_written(tally: &DumpTotals) -> Self {
+        CloseTotals {
+            messages: tally.sampled + tally.unsampled,
+            records: tally.records,
+            unsampled: tally.unsampled,
+            undecodable: tally.decode_errors,
+            too_long: tally.encode_errors,
+            output_closed: tally.output_closed,
+            send_errors: tally.send_errors,
+            records_lost: tally.records_lost,
+            ..CloseTotals::default()
+        }
     }
 }
 
@@ -350,7 +183,9 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::pipeline::report::{dump_warning, RunTotals};
     use crate::wire::request::AF_INET;
-    use xtcp_service::metrics::doc_row;
+    use xtcp_service::counters::{undocumented, Table, Tally, Unit};
+
+    const TABLE: Table = DumpTotals::TABLE;
 
     const GENERATED_START: &str = "<!-- generated from the counters! table of src/counting.rs";
     const GENERATED_END: &str = "<!-- end of the generated table -->";
@@ -360,28 +195,23 @@ mod tests {
         let mut out = String::from(
             "| metric | type | labels | on the exit line | meaning |\n|---|---|---|---|---|\n",
         );
-        for (i, c) in COUNTERS.iter().enumerate() {
-            if COUNTERS.iter().position(|o| o.metric == c.metric) != Some(i) {
-                continue; // a shared metric has one row, at its first counter
-            }
+        for (metric, entries) in TABLE.metrics() {
             let labels: Vec<String> = std::iter::once("family")
-                .chain(c.label.map(|(l, _)| l))
+                .chain(entries[0].label.map(|(l, _)| l))
                 .map(|l| format!("`{l}`"))
                 .collect();
             let mut exits: Vec<String> = Vec::new();
-            for o in COUNTERS.iter().filter(|o| o.metric == c.metric) {
-                if let Some(key) = o.exit.map(|k| format!("`{k}`")) {
-                    if !exits.contains(&key) {
-                        exits.push(key);
-                    }
+            for key in entries.iter().filter_map(|o| o.exit) {
+                let key = format!("`{key}`");
+                if !exits.contains(&key) {
+                    exits.push(key);
                 }
             }
             out.push_str(&format!(
-                "| `{}` | counter | {} | {} | {} |\n",
-                c.metric,
+                "| `{metric}` | counter | {} | {} | {} |\n",
                 labels.join(", "),
                 exits.join(", "),
-                c.metric_help(|v| format!("`{v}`"))
+                TABLE.metric_help(metric, |v| format!("`{v}`"))
             ));
         }
         out
@@ -415,17 +245,25 @@ mod tests {
     #[test]
     fn every_counter_reaches_every_place_it_is_shown() {
         let doc = include_str!("../docs/metrics.md");
+        let missing = undocumented::<DumpTotals>(doc, &["family"]);
+        assert!(missing.is_empty(), "docs/metrics.md lacks {missing:?}");
         let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         listener
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        for (i, counter) in COUNTERS.iter().enumerate() {
+        for (i, counter) in TABLE.counters.iter().enumerate() {
+            let metric = counter.metric.unwrap();
             // Nanoseconds: whole milliseconds on the exit line.
             let value = 3_000_000 + i as u64;
             let mut report = DumpReport::empty(family(AF_INET));
             report.totals.set(i, value);
-            assert_eq!(report.totals.values()[i], value, "{}", counter.name);
-            assert_eq!(report.totals.values().iter().sum::<u64>(), value);
+            assert_eq!(
+                report.totals.values().nth(i),
+                Some(value),
+                "{}",
+                counter.name
+            );
+            assert_eq!(report.totals.values().sum::<u64>(), value);
 
             let m: Metrics = metrics();
             let mut statsd = Statsd::connect(
@@ -440,14 +278,14 @@ mod tests {
             let label = counter
                 .label
                 .map_or(String::new(), |(l, v)| format!(",{l}=\"{v}\""));
-            let series = format!("{}{{family=\"v4\"{label}}}", counter.metric);
+            let series = format!("{metric}{{family=\"v4\"{label}}}");
             let shown = counter.metric_value(value);
             assert_eq!(sample(&scrape(&m), &series), Some(shown), "{series}");
 
             // statsd: the metric without `xtcp_`, then the label values.
             let key = format!(
                 "xtcp.{}.v4{}",
-                counter.metric.trim_start_matches("xtcp_"),
+                metric.trim_start_matches("xtcp_"),
                 counter
                     .label
                     .map_or(String::new(), |(_, v)| format!(".{v}"))
@@ -487,15 +325,6 @@ mod tests {
                     assert!(warning.contains(&format!("{value} {words}")), "{warning}");
                 }
                 None => assert_eq!(warning, None, "{}", counter.name),
-            }
-
-            // The docs: a row for the metric naming the label and its value.
-            let row = doc_row(doc, counter.metric)
-                .unwrap_or_else(|| panic!("docs/metrics.md: no row for {}", counter.metric));
-            assert!(row.contains("`family`"), "{row}");
-            if let Some((l, v)) = counter.label {
-                assert!(row.contains(&format!("`{l}`")), "{row}: {l}");
-                assert!(row.contains(&format!("`{v}`")), "{row}: {v}");
             }
         }
     }

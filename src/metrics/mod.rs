@@ -1,13 +1,13 @@
 //! What every stage did, as Prometheus metrics and statsd lines.
 //!
-//! Every metric is declared once: the dump counters in the table of
-//! [`crate::counting`], everything else (poll counts, durations, buffers,
-//! gauges) in the table of [`metrics_table!`](xtcp_service::metrics_table)
-//! below: name, type, labels and help. Both build the one
-//! [`prometheus::Registry`] both backends read: the service's endpoint
-//! ([`xtcp_service::prom`]) serves it over HTTP, and [`statsd`] sends what changed in it
-//! after every poll. [`DEFINITIONS`] and [`COUNTERS`] list them for the docs
-//! test (docs/metrics.md must describe every metric).
+//! Every metric is declared once: the dump and close counters in the
+//! counter tables of [`crate::counting`], everything else (poll counts,
+//! durations, buffers, gauges) in the table of
+//! [`metrics_table!`](xtcp_service::metrics_table) below: name, type, labels
+//! and help. Both build the one [`prometheus::Registry`] both backends read:
+//! the service's endpoint ([`xtcp_service::prom`]) serves it over HTTP, and
+//! [`statsd`] sends what changed in it after every poll. The tables list
+//! them for the docs tests (docs/metrics.md must describe every metric).
 //!
 //! The threads of a poll count in their
 //! [`DumpCounters`](crate::counting::DumpCounters); the poller moves each
@@ -16,12 +16,11 @@
 
 pub mod statsd;
 
-use prometheus::{
-    CounterVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use xtcp_service::counters::CounterMetrics;
 
 use crate::config::Family;
-use crate::counting::{Counter, DumpReport, Unit, COUNTERS};
+use crate::counting::{CloseTotals, DumpReport, DumpTotals};
 use crate::identity::Identity;
 
 xtcp_service::metrics_table! {
@@ -64,23 +63,8 @@ xtcp_service::metrics_table! {
     watermarks: IntCounterVec "xtcp_output_watermarks_total" ["result"]
         "Watermarks sent to the UDP destination after every poll and at the stop, so receivers count a lost tail (docs/metrics.md): sent, or failed (the send returned an error).";
     // Close records (--close-records).
-    close_messages: IntCounter "xtcp_close_messages_total" []
-        "Close messages the kernel sent, one per TCP socket destroyed in a polled namespace (--close-records).";
-    close_records: IntCounter "xtcp_close_records_total" []
-        "Records made from them (record_kind closed).";
-    close_skipped: IntCounterVec "xtcp_close_skipped_total" ["reason"]
-        "Close messages not exported, by reason: sampling, undecodable, too_long, output_closed.";
-    close_lost: IntCounter "xtcp_close_messages_lost_total" []
-        "Close messages the kernel dropped because the closer's receive queue was full.";
-    close_overruns: IntCounter "xtcp_close_overruns_total" []
-        "Times the closer found its queue had overflowed (ENOBUFS); each doubles the receive buffer, up to 64 MiB.";
     close_buffer: IntGauge "xtcp_close_receive_buffer_bytes" []
         "The receive buffer of the close sockets, as the kernel granted it.";
-    close_send_errors: IntCounter "xtcp_close_send_errors_total" []
-        "Datagrams of close records whose send failed.";
-    close_records_lost: IntCounter "xtcp_close_records_lost_total" []
-        "Close records in those datagrams.";
-    // Output.
     // The exporter itself.
     statsd_errors: IntCounter "xtcp_statsd_errors_total" []
         "statsd lines that could not be sent.";
@@ -99,60 +83,13 @@ pub struct PoolState {
     pub stale_datagrams: u64,
 }
 
-/// The exporter's metrics: the table above and a series per dump counter.
+/// The exporter's metrics: the table above and the series of the dump and
+/// close counters.
 pub struct Metrics {
     pub table: Table,
-    /// One per entry of [`COUNTERS`], in its order.
-    counters: Vec<CounterSeries>,
-}
-
-/// The Prometheus metric behind a dump counter.
-#[derive(Clone)]
-enum CounterSeries {
-    Whole(IntCounterVec),
-    Seconds(CounterVec),
-}
-
-impl CounterSeries {
-    /// The series of `family` (and the counter's own label value).
-    fn add(&self, counter: &Counter, family: &str, value: f64) {
-        let values: Vec<&str> = std::iter::once(family)
-            .chain(counter.label.map(|(_, v)| v))
-            .collect();
-        match self {
-            CounterSeries::Whole(c) => c.with_label_values(&values).inc_by(value as u64),
-            CounterSeries::Seconds(c) => c.with_label_values(&values).inc_by(value),
-        }
-    }
-}
-
-/// Registers a metric per distinct `metric` of [`COUNTERS`] and returns
-/// each counter's.
-fn register_counters(registry: &prometheus::Registry) -> prometheus::Result<Vec<CounterSeries>> {
-    let mut series: Vec<CounterSeries> = Vec::with_capacity(COUNTERS.len());
-    for (i, counter) in COUNTERS.iter().enumerate() {
-        if let Some(j) = COUNTERS[..i]
-            .iter()
-            .position(|c| c.metric == counter.metric)
-        {
-            series.push(series[j].clone());
-            continue;
-        }
-        let labels: Vec<&str> = std::iter::once("family")
-            .chain(counter.label.map(|(l, _)| l))
-            .collect();
-        let opts = Opts::new(counter.metric, counter.metric_help(str::to_string));
-        let made = match counter.unit {
-            Unit::Nanos => CounterSeries::Seconds(CounterVec::new(opts, &labels)?),
-            Unit::Count | Unit::Dumps => CounterSeries::Whole(IntCounterVec::new(opts, &labels)?),
-        };
-        match &made {
-            CounterSeries::Whole(c) => registry.register(Box::new(c.clone()))?,
-            CounterSeries::Seconds(c) => registry.register(Box::new(c.clone()))?,
-        }
-        series.push(made);
-    }
-    Ok(series)
+    /// `family`-labelled.
+    dumps: CounterMetrics<DumpTotals>,
+    pub closes: CounterMetrics<CloseTotals>,
 }
 
 impl Metrics {
@@ -178,12 +115,11 @@ impl Metrics {
             .instance_info
             .with_label_values(&[&identity.hostname, &identity.instance.to_string()])
             .set(1);
-        let counters = register_counters(&table.registry)?;
+        let dumps = CounterMetrics::register(&table.registry, &["family"])?;
+        let closes = CounterMetrics::register(&table.registry, &[])?;
         for family in families {
             let f = family.name();
-            for (counter, series) in COUNTERS.iter().zip(&counters) {
-                series.add(counter, f, 0.0);
-            }
+            dumps.touch(&[f]);
             table.stale.with_label_values(&[f]);
             for h in [&table.poll_duration, &table.dump_duration] {
                 h.with_label_values(&[f]);
@@ -196,7 +132,11 @@ impl Metrics {
                 g.with_label_values(&[f]);
             }
         }
-        Ok(Metrics { table, counters })
+        Ok(Metrics {
+            table,
+            dumps,
+            closes,
+        })
     }
 
     pub fn registry(&self) -> &prometheus::Registry {
@@ -224,10 +164,7 @@ impl Metrics {
     fn observe_dump(&self, r: &DumpReport, pool: &PoolState) {
         let f = r.family.name();
         let t = &self.table;
-        for ((counter, series), value) in COUNTERS.iter().zip(&self.counters).zip(r.totals.values())
-        {
-            series.add(counter, f, counter.metric_value(value));
-        }
+        self.dumps.add(&[f], &r.totals);
         t.poll_duration
             .with_label_values(&[f])
             .observe(r.finished_after.as_secs_f64());
@@ -259,9 +196,10 @@ impl Metrics {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::counting::{DumpTotals, TcpInfoLengths};
+    use crate::counting::TcpInfoLengths;
     use crate::wire::request::{AF_INET, AF_INET6};
     use std::time::Duration;
+    use xtcp_service::counters::{Tally, Unit};
     use xtcp_service::metrics::{undocumented, Kind};
 
     pub(crate) fn family(af: u8) -> Family {
@@ -345,10 +283,10 @@ pub(crate) mod tests {
     #[test]
     fn the_tables_follow_prometheus_conventions() {
         let mut names: Vec<&str> = DEFINITIONS.iter().map(|d| d.name).collect();
-        for (i, c) in COUNTERS.iter().enumerate() {
-            if COUNTERS.iter().position(|o| o.metric == c.metric) == Some(i) {
-                names.push(c.metric); // once per metric, however many counters share it
-            }
+        let counters = [DumpTotals::TABLE, CloseTotals::TABLE];
+        for table in counters {
+            // Once per metric, however many counters share it.
+            names.extend(table.metrics().map(|(metric, _)| metric));
         }
         let declared = names.len();
         names.sort_unstable();
@@ -363,20 +301,19 @@ pub(crate) mod tests {
             }
             assert!(d.help.ends_with('.'), "{}: help is a sentence", d.name);
         }
-        for c in COUNTERS {
-            assert!(c.metric.starts_with("xtcp_") && c.metric.ends_with("_total"));
-            assert_eq!(c.unit == Unit::Nanos, c.metric.ends_with("_seconds_total"));
-            let help = c.metric_help(str::to_string);
-            assert!(help.ends_with('.'), "{}: help is a sentence", c.metric);
-            // A metric shared by several counters says so, with a lead.
-            let shared = COUNTERS.iter().filter(|o| o.metric == c.metric).count() > 1;
-            assert_eq!(shared, c.label.is_some(), "{}: label", c.name);
-            assert_eq!(
-                shared,
-                crate::counting::SHARED_METRICS
-                    .iter()
-                    .any(|(m, _)| *m == c.metric)
-            );
+        for table in counters {
+            for (metric, entries) in table.metrics() {
+                assert!(metric.starts_with("xtcp_") && metric.ends_with("_total"));
+                for c in &entries {
+                    assert_eq!(c.unit == Unit::Nanos, metric.ends_with("_seconds_total"));
+                    // A metric shared by several counters says so, with a lead.
+                    assert_eq!(entries.len() > 1, c.label.is_some(), "{}: label", c.name);
+                }
+                let help = table.metric_help(metric, str::to_string);
+                assert!(help.ends_with('.'), "{metric}: help is a sentence");
+                let lead = table.shared.iter().any(|(m, _)| *m == metric);
+                assert_eq!(entries.len() > 1, lead, "{metric}: lead");
+            }
         }
         // Every family series exists before the first poll.
         let text = scrape(&metrics());
@@ -467,7 +404,11 @@ pub(crate) mod tests {
     #[test]
     fn every_metric_is_documented() {
         let doc = include_str!("../../docs/metrics.md");
-        let missing = undocumented(DEFINITIONS, doc);
+        let mut missing = undocumented(DEFINITIONS, doc);
+        missing.extend(xtcp_service::counters::undocumented::<CloseTotals>(
+            doc,
+            &[],
+        ));
         assert!(missing.is_empty(), "docs/metrics.md lacks {missing:?}");
     }
 }

@@ -33,7 +33,7 @@ use nix::sys::socket::{
 };
 
 use crate::config::{Family, MAX_CLOSE_BUFFER};
-use crate::counting::{DumpTotals, TcpInfoLengths};
+use crate::counting::{CloseTotals, DumpTotals, TcpInfoLengths};
 use crate::export::record::PollStamp;
 use crate::metrics::Metrics;
 use crate::pipeline::family::RELEASE_TOKEN;
@@ -43,6 +43,7 @@ use crate::shutdown::Shutdown;
 use crate::wire::request::{AF_INET, AF_INET6};
 use xtcp_feed::proto::RecordKind;
 use xtcp_feed::receiver::socket_drops;
+use xtcp_service::counters::Tally;
 
 /// `enum sknetlink_groups` of `include/uapi/linux/sock_diag.h`.
 const SKNLGRP_INET_TCP_DESTROY: u32 = 1;
@@ -190,38 +191,6 @@ impl CloseState {
     }
 }
 
-/// What the closer did over the run, for the exit line.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CloseTotals {
-    /// Close messages read.
-    pub messages: u64,
-    pub records: u64,
-    /// Not exported: left out by sampling, undecodable, too long, or after
-    /// the output closed.
-    pub skipped: u64,
-    /// Messages the kernel dropped, its queue for us full.
-    pub lost: u64,
-    /// Reads that failed with `ENOBUFS` (each after some were lost).
-    pub overruns: u64,
-    pub send_errors: u64,
-    /// Records in the datagrams whose send failed.
-    pub records_lost: u64,
-}
-
-impl CloseTotals {
-    pub fn exit_fields(&self) -> [(&'static str, u64); 7] {
-        [
-            ("messages", self.messages),
-            ("records", self.records),
-            ("skipped", self.skipped),
-            ("lost", self.lost),
-            ("overruns", self.overruns),
-            ("send_errors", self.send_errors),
-            ("records_lost", self.records_lost),
-        ]
-    }
-}
-
 /// The closer thread: reads close messages until the pipeline stops.
 pub struct Closer {
     pub state: Arc<CloseState>,
@@ -336,7 +305,7 @@ impl Closer {
         if let Some(e) = send_error {
             self.said.say("send", &e);
         }
-        self.count(&tally, totals);
+        self.count(&CloseTotals::of_written(&tally), totals);
         match flushed {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
@@ -361,8 +330,13 @@ impl Closer {
             let _ = socket.set_buffer(grown);
         }
         let now = socket.buffer();
-        totals.overruns += 1;
-        self.metrics.table.close_overruns.inc();
+        self.count(
+            &CloseTotals {
+                overruns: 1,
+                ..CloseTotals::default()
+            },
+            totals,
+        );
         self.metrics.table.close_buffer.set(now as i64);
         xtcp_service::say!(
             "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
@@ -380,30 +354,18 @@ impl Closer {
             w.drops_seen = drops;
             u64::from(lost)
         });
-        totals.lost += lost;
-        self.metrics.table.close_lost.inc_by(lost);
+        self.count(
+            &CloseTotals {
+                lost,
+                ..CloseTotals::default()
+            },
+            totals,
+        );
     }
 
-    fn count(&self, tally: &DumpTotals, totals: &mut CloseTotals) {
-        totals.messages += tally.sampled + tally.unsampled;
-        totals.records += tally.records;
-        totals.skipped +=
-            tally.unsampled + tally.decode_errors + tally.encode_errors + tally.output_closed;
-        totals.send_errors += tally.send_errors;
-        totals.records_lost += tally.records_lost;
-        let m = &self.metrics.table;
-        m.close_messages.inc_by(tally.sampled + tally.unsampled);
-        m.close_records.inc_by(tally.records);
-        for (reason, n) in [
-            ("sampling", tally.unsampled),
-            ("undecodable", tally.decode_errors),
-            ("too_long", tally.encode_errors),
-            ("output_closed", tally.output_closed),
-        ] {
-            m.close_skipped.with_label_values(&[reason]).inc_by(n);
-        }
-        m.close_send_errors.inc_by(tally.send_errors);
-        m.close_records_lost.inc_by(tally.records_lost);
+    fn count(&self, counted: &CloseTotals, totals: &mut CloseTotals) {
+        totals.add(counted);
+        self.metrics.closes.add(&[], counted);
     }
 }
 

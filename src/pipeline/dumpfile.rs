@@ -34,6 +34,7 @@ use crate::wire::message::{
 };
 use crate::wire::request::{AF_INET, AF_INET6};
 use crate::wire::TailLayout;
+use xtcp_service::counters::Tally;
 
 /// `--capture`: the file the inetdiagers append socket messages to.
 pub struct Capture {

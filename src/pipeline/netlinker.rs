@@ -99,7 +99,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             Err(e) => {
                 // A truncated or refused datagram is lost; the dump goes on.
                 if let Some(dump) = &dump {
-                    dump.counters.receive_errors.fetch_add(1, Relaxed);
+                    dump.counters.count(|t| &mut t.receive_errors);
                     dump.note_error("netlink receive", e);
                 }
                 continue;
@@ -129,7 +129,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
                 continue;
             }
             Err(e) => {
-                dump.counters.malformed.fetch_add(1, Relaxed);
+                dump.counters.count(|t| &mut t.malformed);
                 dump.note_error("malformed netlink datagram", e);
                 continue;
             }

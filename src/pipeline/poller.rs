@@ -175,7 +175,7 @@ impl Poller {
         let filter = c.filter.as_ref().map_or(&[][..], |f| f.program());
         let request = filtered_dump_request(family.family.af, c.states, c.extensions, filter, seq);
         if let Err(e) = socket.send(&request) {
-            dump.counters.request_errors.fetch_add(1, Relaxed);
+            dump.counters.count(|t| &mut t.request_errors);
             dump.note_error("request", e);
             family.retire(&dump);
         }
@@ -200,7 +200,7 @@ impl Poller {
         for family in &self.families {
             let mut current = family.current();
             if let Some(dump) = current.as_ref().filter(|d| d.idle_for() > timeout) {
-                dump.counters.timeouts.fetch_add(1, Relaxed);
+                dump.counters.count(|t| &mut t.timeouts);
                 dump.note_error(
                     "timeout",
                     format!(

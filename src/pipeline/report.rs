@@ -6,8 +6,8 @@ use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 use crate::config::Family;
-use crate::counting::{DumpReport, DumpTotals};
-use crate::pipeline::closes::CloseTotals;
+use crate::counting::{CloseTotals, DumpReport, DumpTotals};
+use xtcp_service::counters::Tally;
 
 /// Sums over every poll of the run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use xtcp_feed::proto::Record;
 use xtcp_feed::receiver::{bind_receiver, nothing_yet};
 use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp_service::cli::{parse_or_exit, Generate};
+use xtcp_service::counters::{exit_line, Tally};
 use xtcp_service::shutdown::{Shutdown, SignalThread};
 
 /// Warnings printed for undecodable datagrams before going quiet (they
@@ -78,14 +79,14 @@ struct Cli {
     feed_key: Vec<PathBuf>,
 }
 
-#[derive(Debug, Default)]
-struct Totals {
-    datagrams: u64,
-    bytes: u64,
-    records: u64,
-    unauthenticated: u64,
-    undecodable: u64,
-    loss: Loss,
+xtcp_service::counters! {
+    /// What the server received, for its exit line (it has no metrics).
+    pub struct Totals;
+    datagrams "Datagrams received.", exit "datagrams";
+    bytes "Bytes of those datagrams.", exit "bytes";
+    records "Records in the datagrams that were read.", exit "records";
+    unauthenticated "Datagrams without a valid tag of a --feed-key.", exit "unauthenticated";
+    undecodable "Datagrams that are not an exporter's.", exit "undecodable";
 }
 
 fn main() -> ExitCode {
@@ -94,16 +95,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match serve(&cli) {
-        Ok(totals) => {
+        Ok((totals, loss)) => {
             xtcp_service::say!(
-                "xtcp-debug-server: stopped: datagrams {} bytes {} records {} unauthenticated {} \
-                 undecodable {}{}",
-                totals.datagrams,
-                totals.bytes,
-                totals.records,
-                totals.unauthenticated,
-                totals.undecodable,
-                totals.loss.exit_fields()
+                "xtcp-debug-server: stopped:{}",
+                exit_line(&[totals.exit_fields(), loss.exit_fields()])
             );
             ExitCode::SUCCESS
         }
@@ -121,7 +116,7 @@ fn open(cli: &Cli) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
-fn serve(cli: &Cli) -> io::Result<Totals> {
+fn serve(cli: &Cli) -> io::Result<(Totals, Loss)> {
     let keys = FeedKeys::open(&cli.feed_key, "xtcp-debug-server")
         .map_err(|e| io::Error::other(format!("--feed-key: {e}")))?;
     let socket = open(cli)?;
@@ -138,7 +133,7 @@ fn receive(
     keys: Option<&FeedKeys>,
     socket: &UdpSocket,
     shutdown: &Shutdown,
-) -> io::Result<Totals> {
+) -> io::Result<(Totals, Loss)> {
     let mut totals = Totals::default();
     let mut watch = LossWatch::new(socket.try_clone()?, DEFAULT_RUN_LIMIT);
     let mut buf = vec![0u8; 65536];
@@ -225,8 +220,7 @@ fn receive(
             Err(e) => return Err(e),
         }
     }
-    totals.loss = watch.finish();
-    Ok(totals)
+    Ok((totals, watch.finish()))
 }
 
 fn write_record(out: &mut impl Write, r: &Record, format: Format) -> io::Result<()> {

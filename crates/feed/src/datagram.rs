@@ -73,10 +73,6 @@ pub enum DatagramError {
     Watermark { why: String },
 }
 
-/// Every [`DatagramError::reason`], for metric labels.
-pub const DATAGRAM_ERROR_REASONS: [&str; 5] =
-    ["empty", "framing", "undecodable", "no_schema", "watermark"];
-
 impl DatagramError {
     /// A short name of what was wrong, for counting.
     pub fn reason(&self) -> &'static str {

@@ -51,46 +51,22 @@ pub const SILENT_INTERVALS: u32 = 3;
 /// dropped from the table; it stays counted in `runs_silent`.
 pub const FORGET_SILENT: Duration = Duration::from_secs(3600);
 
-/// What the tracked numbers showed, since the receiver started.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SequenceTotals {
-    /// Numbers that never arrived (see the module's rules).
-    pub lost: u64,
-    /// Records whose number had already arrived (or had been counted lost).
-    pub duplicated: u64,
-    /// Records that arrived after a higher number of their run.
-    pub reordered: u64,
-    /// Records without an instance or a number (schema 2 or older, or not
-    /// an exporter's): not tracked.
-    pub untracked: u64,
-    /// Runs dropped from the table to make room; their holes were counted
-    /// lost then.
-    pub runs_evicted: u64,
-    /// Runs heard from for the first time (again after being dropped).
-    pub runs_heard: u64,
-    /// Runs whose stop watermark arrived.
-    pub runs_stopped: u64,
-    /// Times a run fell silent (see the module's rules).
-    pub runs_silent: u64,
-    /// Watermarks received.
-    pub watermarks: u64,
-}
-
-impl SequenceTotals {
-    /// `lost N duplicated N ...`: the words of the receivers' exit lines.
-    pub fn exit_fields(&self) -> [(&'static str, u64); 9] {
-        [
-            ("lost", self.lost),
-            ("duplicated", self.duplicated),
-            ("reordered", self.reordered),
-            ("untracked", self.untracked),
-            ("runs_evicted", self.runs_evicted),
-            ("runs_heard", self.runs_heard),
-            ("runs_stopped", self.runs_stopped),
-            ("runs_silent", self.runs_silent),
-            ("watermarks", self.watermarks),
-        ]
-    }
+xtcp_service::counters! {
+    /// What a receiver of the feed knows about loss, since it started: the
+    /// kernel's drops on its socket and what the tracked numbers showed (see
+    /// the module's rules). The metrics are named as the forwarder shows
+    /// them; the debug server prints the exit line only.
+    pub struct Loss;
+    kernel_drops "Datagrams the kernel dropped on the forwarder's socket because its receive buffer was full (SO_MEMINFO drops)." => "xtcp_forwarder_kernel_drops_total", exit "kernel_drops";
+    lost "Records that never arrived: numbers of an exporter run still missing 5 s after a later number or a watermark past them arrived, or at exit." => "xtcp_forwarder_records_lost_total", exit "lost";
+    duplicated "Records whose number had already arrived (or had already been counted lost); still forwarded." => "xtcp_forwarder_records_duplicated_total", exit "duplicated";
+    reordered "Records that arrived after a higher number of their run (expected with more than one inetdiager thread)." => "xtcp_forwarder_records_reordered_total", exit "reordered";
+    untracked "Records without an instance (schema 2 or older), whose loss cannot be told." => "xtcp_forwarder_records_untracked_total", exit "untracked";
+    runs_evicted "Runs dropped from the full table (the one heard from longest ago); their open holes were counted lost." => "xtcp_forwarder_runs_evicted_total", exit "runs_evicted";
+    runs_heard "Exporter runs heard from for the first time (a run forgotten and heard again counts again)." => "xtcp_forwarder_runs_heard_total", exit "runs_heard";
+    runs_stopped "Runs whose stop watermark arrived: they stopped and said so." => "xtcp_forwarder_runs_stopped_total", exit "runs_stopped";
+    runs_silent "Times a run fell silent: nothing from it (record or watermark) for three of its poll intervals, at least 5 s, and no stop watermark. Killed, its host gone, or its feed cut; what it sent after the last number heard is not counted." => "xtcp_forwarder_runs_silent_total", exit "runs_silent";
+    watermarks "Watermarks received (each exporter sends one after every poll and one when it stops); read for the loss count, never sent to Kafka." => "xtcp_forwarder_watermarks_total", exit "watermarks";
 }
 
 /// What the tracker reads of a record: its run, poll and number.
@@ -156,7 +132,7 @@ impl Run {
     }
 
     /// Raises `top` to `to`, the numbers between becoming a hole.
-    fn reach(&mut self, to: u64, now: Instant, totals: &mut SequenceTotals) {
+    fn reach(&mut self, to: u64, now: Instant, totals: &mut Loss) {
         if to <= self.top {
             return;
         }
@@ -181,7 +157,7 @@ impl Run {
 
     /// Notes number `counter` received: above the top it may open a hole,
     /// below it fills one (reordered) or came before (duplicated).
-    fn note(&mut self, counter: u64, now: Instant, totals: &mut SequenceTotals) {
+    fn note(&mut self, counter: u64, now: Instant, totals: &mut Loss) {
         if counter > self.top {
             self.reach(counter, now, totals);
             return;
@@ -226,7 +202,9 @@ pub struct FellSilent {
 pub struct SequenceTracker {
     runs: HashMap<u64, Run>,
     run_limit: usize,
-    totals: SequenceTotals,
+    /// What the numbers showed (`kernel_drops` is the socket's, counted by
+    /// [`LossWatch`]).
+    totals: Loss,
     /// Runs that fell silent since the last [`Self::take_fell_silent`].
     fell_silent: Vec<FellSilent>,
 }
@@ -236,7 +214,7 @@ impl SequenceTracker {
         SequenceTracker {
             runs: HashMap::new(),
             run_limit: run_limit.max(1),
-            totals: SequenceTotals::default(),
+            totals: Loss::default(),
             fell_silent: Vec::new(),
         }
     }
@@ -246,7 +224,7 @@ impl SequenceTracker {
         std::mem::take(&mut self.fell_silent)
     }
 
-    pub fn totals(&self) -> SequenceTotals {
+    pub fn totals(&self) -> Loss {
         self.totals
     }
 
@@ -399,27 +377,6 @@ impl SequenceTracker {
 /// How often a receiver settles holes and reads its socket's drop counter.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
-/// What a receiver of the feed knows about loss: the kernel's drops on its
-/// socket and the numbers that never arrived.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Loss {
-    pub sequence: SequenceTotals,
-    /// Datagrams the kernel dropped on the receiver's socket (full receive
-    /// buffer); their records are also among `sequence.lost`.
-    pub kernel_drops: u64,
-}
-
-impl Loss {
-    /// ` kernel_drops N lost N duplicated N ...` for an exit line.
-    pub fn exit_fields(&self) -> String {
-        let mut out = format!(" kernel_drops {}", self.kernel_drops);
-        for (key, value) in self.sequence.exit_fields() {
-            out.push_str(&format!(" {key} {value}"));
-        }
-        out
-    }
-}
-
 /// A receiver's [`SequenceTracker`] and its socket's drop counter, brought
 /// up to date at most every second ([`Self::tick`]) so a busy receive loop
 /// pays one clock read per datagram for it.
@@ -505,8 +462,8 @@ impl LossWatch {
 
     fn loss(&self) -> Loss {
         Loss {
-            sequence: self.tracker.totals(),
             kernel_drops: self.kernel_drops,
+            ..self.tracker.totals()
         }
     }
 }
@@ -530,7 +487,7 @@ mod tests {
         t.finish();
         assert_eq!(
             t.totals(),
-            SequenceTotals {
+            Loss {
                 reordered: 3,
                 runs_heard: 1,
                 ..Default::default()

@@ -29,12 +29,13 @@ use xtcp_feed::auth::FeedKeys;
 use xtcp_feed::datagram::{to_delimited, Datagram};
 use xtcp_feed::receiver::{bind_receiver, nothing_yet, recv_buffer_len};
 use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
+use xtcp_service::counters::{exit_line, Tally};
 use xtcp_service::metrics::Health;
 use xtcp_service::prom::{PromServer, PromThread};
 use xtcp_service::shutdown::Shutdown;
 
 use crate::config::ForwarderConfig;
-use crate::metrics::{ForwarderMetrics, DROP_REASONS};
+use crate::metrics::{ForwarderMetrics, ForwarderTotals};
 
 /// Largest UDP datagram.
 const MAX_DATAGRAM: usize = 65_536;
@@ -75,7 +76,7 @@ impl ClientContext for Context {
         let code = error
             .rdkafka_error_code()
             .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-        let counter = self.metrics.kafka_errors.with_label_values(&[&code]);
+        let counter = self.metrics.gauges.kafka_errors.with_label_values(&[&code]);
         counter.inc();
         // A broker that stays away repeats its errors every reconnect:
         // print the 1st, 2nd, 4th, 8th... of each kind.
@@ -91,61 +92,48 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, records: usize) {
-        match result {
+        let records = records as u64;
+        let counted = match result {
             Ok(_) => {
-                self.metrics.delivered_messages.inc();
-                self.metrics.delivered_records.inc_by(records as u64);
                 self.health.happened();
+                ForwarderTotals {
+                    delivered_messages: 1,
+                    delivered_records: records,
+                    ..ForwarderTotals::default()
+                }
             }
-            Err((e, _)) => {
-                // Purged at exit: what --flush-timeout did not deliver.
-                let reason = match e.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
-                        "shutdown"
+            // Purged at exit: what --flush-timeout did not deliver.
+            Err((e, _)) => match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+                    ForwarderTotals {
+                        shutdown: 1,
+                        shutdown_records: records,
+                        ..ForwarderTotals::default()
                     }
-                    _ => "delivery_failed",
-                };
-                self.metrics.drop_messages(reason, 1, records as u64);
-            }
-        }
+                }
+                _ => ForwarderTotals {
+                    delivery_failed: 1,
+                    delivery_failed_records: records,
+                    ..ForwarderTotals::default()
+                },
+            },
+        };
+        self.metrics.counters.add(&[], &counted);
     }
 }
 
-/// What a run did, for the line printed at exit. Every datagram received
-/// is unauthenticated (with `--feed-key`), malformed, a watermark, produced
-/// or refused by the producer (its queue full, or an error): `datagrams =
-/// unauthenticated + malformed + watermarks + produced + refused` (the
-/// watermarks are `loss.sequence.watermarks`). `loss` is what never reached
-/// the forwarder.
+/// What a run did, for the line printed at exit: what the forwarder
+/// counted, and `loss`, what never reached it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ForwarderTotals {
-    pub datagrams: u64,
-    pub records: u64,
-    pub unauthenticated: u64,
-    pub malformed: u64,
-    pub produced: u64,
-    pub refused: u64,
-    pub delivered_records: u64,
-    pub dropped_records: u64,
+pub struct RunTotals {
+    pub counted: ForwarderTotals,
     pub loss: Loss,
 }
 
-impl std::fmt::Display for ForwarderTotals {
+impl std::fmt::Display for RunTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "datagrams {} records {} unauthenticated {} malformed {} produced {} refused {} \
-             delivered_records {} dropped_records {}{}",
-            self.datagrams,
-            self.records,
-            self.unauthenticated,
-            self.malformed,
-            self.produced,
-            self.refused,
-            self.delivered_records,
-            self.dropped_records,
-            self.loss.exit_fields()
-        )
+        let line = exit_line(&[self.counted.exit_fields(), self.loss.exit_fields()]);
+        f.write_str(line.trim_start())
     }
 }
 
@@ -157,10 +145,7 @@ fn setup(what: impl Into<String>) -> impl FnOnce(io::Error) -> ForwarderError {
 }
 
 /// Runs until `shutdown` stops, then flushes.
-pub fn run(
-    config: &ForwarderConfig,
-    shutdown: &Shutdown,
-) -> Result<ForwarderTotals, ForwarderError> {
+pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, ForwarderError> {
     let metrics = Arc::new(
         ForwarderMetrics::new().map_err(|e| setup("registering metrics")(io::Error::other(e)))?,
     );
@@ -170,7 +155,7 @@ pub fn run(
     let socket = bind_receiver(config.listen, config.recv_buffer, "xtcp-forwarder")
         .map_err(setup(format!("binding --listen {}", config.listen)))?;
     let granted = recv_buffer_len(&socket).map_err(setup("reading the receive buffer size"))?;
-    metrics.receive_buffer.set(granted as i64);
+    metrics.gauges.receive_buffer.set(granted as i64);
     socket
         .set_read_timeout(Some(TICK))
         .map_err(setup("setting the receive timeout"))?;
@@ -197,12 +182,14 @@ pub fn run(
         message: Vec::with_capacity(MAX_DATAGRAM),
         ids: Vec::new(),
         keys,
-        refused: 0,
         watch: LossWatch::new(watched, DEFAULT_RUN_LIMIT),
         loss: Loss::default(),
     };
     while !shutdown.is_stopping() {
-        metrics.queued.set(i64::from(producer.in_flight_count()));
+        metrics
+            .gauges
+            .queued
+            .set(i64::from(producer.in_flight_count()));
         match socket.recv(&mut buf) {
             Ok(len) => feed.forward(&buf[..len]),
             Err(e) if nothing_yet(&e) => {}
@@ -229,7 +216,6 @@ pub fn run(
             }
         }
     }
-    let refused = feed.refused;
     let loss = feed.watch.finish();
     feed.count_loss(loss);
 
@@ -245,24 +231,16 @@ pub fn run(
         producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         let _ = producer.flush(Duration::from_secs(1));
     }
-    metrics.queued.set(i64::from(producer.in_flight_count()));
+    metrics
+        .gauges
+        .queued
+        .set(i64::from(producer.in_flight_count()));
     drop(producer);
     if let Some(prom) = prom {
         prom.stop();
     }
-    let dropped: u64 = DROP_REASONS
-        .iter()
-        .map(|r| metrics.dropped_records.with_label_values(&[r]).get())
-        .sum();
-    Ok(ForwarderTotals {
-        datagrams: metrics.datagrams.get(),
-        records: metrics.records.get(),
-        unauthenticated: metrics.unauthenticated.get(),
-        malformed: metrics.malformed_total(),
-        produced: metrics.produced.get(),
-        refused,
-        delivered_records: metrics.delivered_records.get(),
-        dropped_records: dropped,
+    Ok(RunTotals {
+        counted: metrics.counters.totals(),
         loss,
     })
 }
@@ -277,8 +255,6 @@ struct Feed<'a> {
     ids: Vec<RecordId>,
     /// With `--feed-key`: only datagrams signed with one of these pass.
     keys: Option<FeedKeys>,
-    /// Datagrams the producer refused (queue full, or an error).
-    refused: u64,
     watch: LossWatch,
     /// What the metrics show of the loss so far.
     loss: Loss,
@@ -287,20 +263,28 @@ struct Feed<'a> {
 impl Feed<'_> {
     /// Checks one datagram and produces it as one message, or counts why not.
     fn forward(&mut self, datagram: &[u8]) {
-        let metrics = self.metrics;
-        metrics.datagrams.inc();
-        metrics.bytes.inc_by(datagram.len() as u64);
+        let mut counted = ForwarderTotals {
+            datagrams: 1,
+            bytes: datagram.len() as u64,
+            ..ForwarderTotals::default()
+        };
+        self.produce(datagram, &mut counted);
+        self.metrics.counters.add(&[], &counted);
+    }
+
+    /// Counts into `counted` what became of the datagram.
+    fn produce(&mut self, datagram: &[u8], counted: &mut ForwarderTotals) {
         let datagram = match &self.keys {
             None => datagram,
             Some(keys) => match keys.verify(datagram) {
                 Some(payload) => payload,
                 None => {
-                    if metrics.unauthenticated.get() == 0 {
+                    if self.metrics.counters.totals().unauthenticated == 0 {
                         xtcp_service::say!(
                             "xtcp-forwarder: dropped a datagram without a valid tag of a --feed-key"
                         );
                     }
-                    metrics.unauthenticated.inc();
+                    counted.unauthenticated = 1;
                     return;
                 }
             },
@@ -312,53 +296,38 @@ impl Feed<'_> {
                 return;
             }
             Err(e) => {
-                let refused = metrics.malformed.with_label_values(&[e.reason()]);
                 // The first of each kind is said; all are counted.
-                if refused.get() == 0 {
+                if *self.metrics.counters.totals().malformed(&e) == 0 {
                     xtcp_service::say!("xtcp-forwarder: dropped a datagram: {e}");
                 }
-                refused.inc();
+                *counted.malformed(&e) = 1;
                 return;
             }
         };
-        metrics.records.inc_by(records);
+        counted.records = records;
         self.watch.records(&self.ids);
         let record = BaseRecord::<(), [u8], usize>::with_opaque_to(self.topic, records as usize)
             .payload(&self.message[..]);
         match self.producer.send(record) {
-            Ok(()) => metrics.produced.inc(),
+            Ok(()) => counted.produced = 1,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                self.refused += 1;
-                metrics.drop_messages("queue_full", 1, records);
+                counted.queue_full = 1;
+                counted.queue_full_records = records;
             }
             Err((e, _)) => {
                 xtcp_service::say!("xtcp-forwarder: produce: {e}");
-                self.refused += 1;
-                metrics.drop_messages("delivery_failed", 1, records);
+                counted.produce_failed = 1;
+                counted.produce_failed_records = records;
             }
         }
     }
 
     /// Brings the loss metrics up to `loss`.
     fn count_loss(&mut self, loss: Loss) {
-        let (m, was) = (self.metrics, self.loss);
-        m.kernel_drops.inc_by(loss.kernel_drops - was.kernel_drops);
-        let (now, before) = (loss.sequence, was.sequence);
-        m.records_lost.inc_by(now.lost - before.lost);
-        m.records_duplicated
-            .inc_by(now.duplicated - before.duplicated);
-        m.records_reordered.inc_by(now.reordered - before.reordered);
-        m.records_untracked.inc_by(now.untracked - before.untracked);
-        m.runs_evicted
-            .inc_by(now.runs_evicted - before.runs_evicted);
-        m.runs_heard.inc_by(now.runs_heard - before.runs_heard);
-        m.runs_stopped
-            .inc_by(now.runs_stopped - before.runs_stopped);
-        m.runs_fell_silent
-            .inc_by(now.runs_silent - before.runs_silent);
-        m.watermarks.inc_by(now.watermarks - before.watermarks);
-        m.runs_tracked.set(self.watch.runs() as i64);
-        m.runs_silent.set(self.watch.silent_runs() as i64);
+        let m = self.metrics;
+        m.loss.add(&[], &loss.since(&self.loss));
+        m.gauges.runs_tracked.set(self.watch.runs() as i64);
+        m.gauges.runs_silent.set(self.watch.silent_runs() as i64);
         self.loss = loss;
     }
 }
@@ -401,7 +370,7 @@ fn start_metrics(
     health: &Arc<Health>,
     shutdown: &Shutdown,
 ) -> Result<PromThread, ForwarderError> {
-    let queued = metrics.queued.clone();
+    let queued = metrics.gauges.queued.clone();
     let health = Arc::clone(health);
     let server = PromServer::bind(
         "xtcp forwarder",

@@ -1,116 +1,117 @@
 //! The forwarder's metrics, declared with the table macro every xtcp
 //! program uses (`xtcp_service::metrics`).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
-use xtcp_feed::datagram::DATAGRAM_ERROR_REASONS;
+use prometheus::{IntCounterVec, IntGauge};
+use xtcp_feed::datagram::DatagramError;
+use xtcp_feed::sequence::Loss;
+use xtcp_service::counters::CounterMetrics;
+
+xtcp_service::counters! {
+    /// What the forwarder received, produced, delivered and dropped. Every
+    /// datagram received is unauthenticated (with `--feed-key`), malformed,
+    /// a watermark (counted in [`Loss`]), produced or refused by the
+    /// producer (its queue full, or an error).
+    pub struct ForwarderTotals;
+    "xtcp_forwarder_malformed_datagrams_total" shared "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's, by reason:";
+    "xtcp_forwarder_dropped_messages_total" shared "Messages given up, by reason:";
+    "xtcp_forwarder_dropped_records_total" shared "Records in those messages, by the same reasons:";
+    // The receive loop.
+    datagrams "UDP datagrams received." => "xtcp_forwarder_datagrams_total", exit "datagrams";
+    bytes "Bytes of those datagrams." => "xtcp_forwarder_received_bytes_total";
+    records "Records in the datagrams that were well formed." => "xtcp_forwarder_records_total", exit "records";
+    unauthenticated "Datagrams dropped (never sent to Kafka) because, with --feed-key, no key made their tag: forged, signed with another key, or unsigned." => "xtcp_forwarder_unauthenticated_datagrams_total", exit "unauthenticated";
+    empty "no record" => "xtcp_forwarder_malformed_datagrams_total" ["reason" = "empty"], exit "malformed";
+    framing "not an Envelope" => "xtcp_forwarder_malformed_datagrams_total" ["reason" = "framing"], exit "malformed";
+    undecodable "a record that is not protobuf of the Record schema" => "xtcp_forwarder_malformed_datagrams_total" ["reason" = "undecodable"], exit "malformed";
+    no_schema "a record without schema_version" => "xtcp_forwarder_malformed_datagrams_total" ["reason" = "no_schema"], exit "malformed";
+    bad_watermark "a watermark datagram that does not decode, or has no run" => "xtcp_forwarder_malformed_datagrams_total" ["reason" = "watermark"], exit "malformed";
+    produced "Kafka messages (one per datagram) accepted into the producer's queue." => "xtcp_forwarder_produced_messages_total", exit "produced";
+    queue_full "the bounded queue was full when the datagram came" => "xtcp_forwarder_dropped_messages_total" ["reason" = "queue_full"], exit "refused";
+    produce_failed "the producer refused it" => "xtcp_forwarder_dropped_messages_total" ["reason" = "delivery_failed"], exit "refused";
+    // The delivery reports.
+    delivered_messages "Messages the broker acknowledged." => "xtcp_forwarder_delivered_messages_total";
+    delivered_records "Records in those messages." => "xtcp_forwarder_delivered_records_total", exit "delivered_records";
+    delivery_failed "not acknowledged within --delivery-timeout, or refused by the broker" => "xtcp_forwarder_dropped_messages_total" ["reason" = "delivery_failed"];
+    shutdown "still queued when --flush-timeout ran out at exit" => "xtcp_forwarder_dropped_messages_total" ["reason" = "shutdown"];
+    queue_full_records "queue_full" => "xtcp_forwarder_dropped_records_total" ["reason" = "queue_full"], exit "dropped_records";
+    produce_failed_records "delivery_failed (refused by the producer)" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
+    delivery_failed_records "delivery_failed (not acknowledged)" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
+    shutdown_records "shutdown" => "xtcp_forwarder_dropped_records_total" ["reason" = "shutdown"], exit "dropped_records";
+}
+
+impl ForwarderTotals {
+    /// The counter of datagrams refused for `e`.
+    pub fn malformed(&mut self, e: &DatagramError) -> &mut u64 {
+        match e {
+            DatagramError::Empty => &mut self.empty,
+            DatagramError::Framing { .. } => &mut self.framing,
+            DatagramError::Undecodable { .. } => &mut self.undecodable,
+            DatagramError::NoSchema { .. } => &mut self.no_schema,
+            DatagramError::Watermark { .. } => &mut self.bad_watermark,
+        }
+    }
+}
 
 xtcp_service::metrics_table! {
-    /// What the forwarder received, produced, delivered and dropped.
-    pub struct ForwarderMetrics;
+    /// The forwarder's metrics other than its counter tables.
+    pub struct Gauges;
     pub const FORWARDER_DEFINITIONS;
-    datagrams: IntCounter "xtcp_forwarder_datagrams_total" []
-        "UDP datagrams received.";
-    bytes: IntCounter "xtcp_forwarder_received_bytes_total" []
-        "Bytes of those datagrams.";
-    records: IntCounter "xtcp_forwarder_records_total" []
-        "Records in the datagrams that were well formed.";
-    unauthenticated: IntCounter "xtcp_forwarder_unauthenticated_datagrams_total" []
-        "Datagrams dropped (never sent to Kafka) because, with --feed-key, no key made their tag: forged, signed with another key, or unsigned.";
-    malformed: IntCounterVec "xtcp_forwarder_malformed_datagrams_total" ["reason"]
-        "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's: empty, framing (not an Envelope), undecodable (a record that is not protobuf of the Record schema), no_schema (a record without schema_version), watermark (a watermark datagram that does not decode, or has no run).";
-    watermarks: IntCounter "xtcp_forwarder_watermarks_total" []
-        "Watermarks received (each exporter sends one after every poll and one when it stops); read for the loss count, never sent to Kafka.";
-    produced: IntCounter "xtcp_forwarder_produced_messages_total" []
-        "Kafka messages (one per datagram) accepted into the producer's queue.";
-    delivered_messages: IntCounter "xtcp_forwarder_delivered_messages_total" []
-        "Messages the broker acknowledged.";
-    delivered_records: IntCounter "xtcp_forwarder_delivered_records_total" []
-        "Records in those messages.";
-    dropped_messages: IntCounterVec "xtcp_forwarder_dropped_messages_total" ["reason"]
-        "Messages given up: queue_full (the bounded queue was full when the datagram came), delivery_failed (not acknowledged within --delivery-timeout, or refused), shutdown (still queued when --flush-timeout ran out at exit).";
-    dropped_records: IntCounterVec "xtcp_forwarder_dropped_records_total" ["reason"]
-        "Records in those messages, by the same reasons.";
     receive_buffer: IntGauge "xtcp_forwarder_receive_buffer_bytes" []
         "The UDP receive buffer the kernel granted: less than --recv-buffer without CAP_NET_ADMIN (net.core.rmem_max), which the start also warns about.";
     queued: IntGauge "xtcp_forwarder_queued_messages" []
         "Messages in the producer's queue, not yet acknowledged.";
     kafka_errors: IntCounterVec "xtcp_forwarder_kafka_errors_total" ["code"]
         "Errors the Kafka client reported (broker down, transport errors...), by librdkafka error code.";
-    kernel_drops: IntCounter "xtcp_forwarder_kernel_drops_total" []
-        "Datagrams the kernel dropped on the forwarder's socket because its receive buffer was full (SO_MEMINFO drops).";
-    records_lost: IntCounter "xtcp_forwarder_records_lost_total" []
-        "Records that never arrived: numbers of an exporter run still missing 5 s after a later number or a watermark past them arrived, or at exit.";
-    records_duplicated: IntCounter "xtcp_forwarder_records_duplicated_total" []
-        "Records whose number had already arrived (or had already been counted lost); still forwarded.";
-    records_reordered: IntCounter "xtcp_forwarder_records_reordered_total" []
-        "Records that arrived after a higher number of their run (expected with more than one inetdiager thread).";
-    records_untracked: IntCounter "xtcp_forwarder_records_untracked_total" []
-        "Records without an instance (schema 2 or older), whose loss cannot be told.";
     runs_tracked: IntGauge "xtcp_forwarder_runs_tracked" []
         "Exporter runs (instances) whose numbers are tracked, at most 4096.";
-    runs_evicted: IntCounter "xtcp_forwarder_runs_evicted_total" []
-        "Runs dropped from the full table (the one heard from longest ago); their open holes were counted lost.";
-    runs_heard: IntCounter "xtcp_forwarder_runs_heard_total" []
-        "Exporter runs heard from for the first time (a run forgotten and heard again counts again).";
-    runs_stopped: IntCounter "xtcp_forwarder_runs_stopped_total" []
-        "Runs whose stop watermark arrived: they stopped and said so.";
-    runs_fell_silent: IntCounter "xtcp_forwarder_runs_silent_total" []
-        "Times a run fell silent: nothing from it (record or watermark) for three of its poll intervals, at least 5 s, and no stop watermark. Killed, its host gone, or its feed cut; what it sent after the last number heard is not counted.";
     runs_silent: IntGauge "xtcp_forwarder_runs_silent" []
         "Runs silent now (kept for an hour, should they come back).";
 }
 
-/// Every `reason` of the dropped counters.
-pub const DROP_REASONS: [&str; 3] = ["queue_full", "delivery_failed", "shutdown"];
+/// Everything the forwarder shows.
+pub struct ForwarderMetrics {
+    pub gauges: Gauges,
+    pub counters: CounterMetrics<ForwarderTotals>,
+    pub loss: CounterMetrics<Loss>,
+}
 
 impl ForwarderMetrics {
     pub fn new() -> prometheus::Result<Self> {
-        let metrics = Self::register()?;
-        metrics.registry.register(Box::new(
+        let gauges = Gauges::register()?;
+        let registry = gauges.registry();
+        registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        for reason in DROP_REASONS {
-            metrics.dropped_messages.with_label_values(&[reason]);
-            metrics.dropped_records.with_label_values(&[reason]);
-        }
-        for reason in DATAGRAM_ERROR_REASONS {
-            metrics.malformed.with_label_values(&[reason]);
-        }
-        Ok(metrics)
+        Ok(ForwarderMetrics {
+            counters: CounterMetrics::register(registry, &[])?,
+            loss: CounterMetrics::register(registry, &[])?,
+            gauges,
+        })
     }
 
-    /// Datagrams refused so far, all reasons.
-    pub fn malformed_total(&self) -> u64 {
-        DATAGRAM_ERROR_REASONS
-            .iter()
-            .map(|r| self.malformed.with_label_values(&[r]).get())
-            .sum()
-    }
-
-    /// Counts `messages` messages holding `records` records as dropped.
-    pub fn drop_messages(&self, reason: &str, messages: u64, records: u64) {
-        self.dropped_messages
-            .with_label_values(&[reason])
-            .inc_by(messages);
-        self.dropped_records
-            .with_label_values(&[reason])
-            .inc_by(records);
+    pub fn registry(&self) -> &prometheus::Registry {
+        self.gauges.registry()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xtcp_service::counters::{self, Tally};
     use xtcp_service::metrics::undocumented;
 
     /// docs/kafka.md describes every metric with its labels.
     #[test]
     fn every_metric_is_documented() {
-        for d in FORWARDER_DEFINITIONS {
-            assert!(d.name.starts_with("xtcp_forwarder_"), "{}", d.name);
+        let counted = [ForwarderTotals::TABLE, Loss::TABLE];
+        let names = counted.iter().flat_map(|t| t.metrics().map(|(m, _)| m));
+        for name in FORWARDER_DEFINITIONS.iter().map(|d| d.name).chain(names) {
+            assert!(name.starts_with("xtcp_forwarder_"), "{name}");
         }
         let doc = include_str!("../../../docs/kafka.md");
-        let missing = undocumented(FORWARDER_DEFINITIONS, doc);
+        let mut missing = undocumented(FORWARDER_DEFINITIONS, doc);
+        missing.extend(counters::undocumented::<ForwarderTotals>(doc, &[]));
+        missing.extend(counters::undocumented::<Loss>(doc, &[]));
         assert!(missing.is_empty(), "docs/kafka.md lacks {missing:?}");
         ForwarderMetrics::new().unwrap();
     }

@@ -5,13 +5,16 @@
 //!   durations and ranges;
 //! - [`shutdown`]: a stop on the first SIGINT/SIGTERM, an abort on the
 //!   second or on a thread's panic;
-//! - [`metrics`]: metrics declared as tables, checked against the docs, and
+//! - [`counters`]: counters declared as tables, each entry reaching its
+//!   metric, the exit line, a warning and the docs check;
+//! - [`metrics`]: the other metrics declared as tables, checked against the docs, and
 //!   `/healthz`'s view; [`prom`]: the HTTP endpoint serving them.
 //!
 //! It links neither netlink nor the feed: the forwarder builds on it without
 //! the exporter.
 
 pub mod cli;
+pub mod counters;
 pub mod metrics;
 pub mod prom;
 pub mod say;
