@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match &config.replay {
-        Some(file) => xtcp::pipeline::dumpfile::replay(&config, &identity, file),
+        Some(file) => xtcp::pipeline::replay::replay(&config, &identity, file),
         None => xtcp::pipeline::run(&config, &identity),
     };
     match result {

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::identity::Identity;
@@ -38,6 +39,21 @@ pub struct PollStamp {
     /// At most [`MAX_NETNS_NAME_LEN`] bytes, or records may not fit the
     /// buffer of [`RecordEncoder::max_record_len`] (encode fails, no panic).
     pub netns_name: Arc<str>,
+}
+
+impl PollStamp {
+    /// The stamp of poll `poll_id`, taken now, in the exporter's own
+    /// namespace.
+    pub fn now(poll_id: u64) -> Self {
+        let timestamp_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        PollStamp {
+            poll_id,
+            timestamp_ns,
+            ..PollStamp::default()
+        }
+    }
 }
 
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.

@@ -23,7 +23,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -37,8 +36,8 @@ use crate::counting::{CloseTotals, DumpTotals, TcpInfoLengths};
 use crate::export::record::PollStamp;
 use crate::metrics::Metrics;
 use crate::pipeline::family::RELEASE_TOKEN;
-use crate::pipeline::inetdiager::RecordWriter;
 use crate::pipeline::report::FirstOfEach;
+use crate::pipeline::writer::RecordWriter;
 use crate::shutdown::Shutdown;
 use crate::wire::request::{AF_INET, AF_INET6};
 use xtcp_feed::proto::RecordKind;
@@ -285,11 +284,10 @@ impl Closer {
                 continue;
             }
             let stamp = PollStamp {
-                poll_id: self.state.last_poll.load(Relaxed),
-                timestamp_ns: unix_nanos(),
                 netns_inode: inode,
                 netns_name: Arc::clone(&name),
                 kind: RecordKind::Closed,
+                ..PollStamp::now(self.state.last_poll.load(Relaxed))
             };
             // Multicast messages carry sequence number 0.
             written =
@@ -367,11 +365,4 @@ impl Closer {
         totals.add(counted);
         self.metrics.closes.add(&[], counted);
     }
-}
-
-/// Now, ns since the Unix epoch.
-pub fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }

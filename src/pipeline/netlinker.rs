@@ -105,54 +105,10 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
                 continue;
             }
         };
-        // The datagram's dump: normally the one cloned above. If that was
-        // none or an older one (woken by the tail of an abandoned dump while
-        // the poller started the next), look again: the next dump is
-        // published before its request is sent. Sequence numbers are per
-        // socket, so the socket must be the dump's too.
-        let seq = datagram_seq(&buf[..len]);
-        let ours = |d: &Arc<Dump>| Some(d.seq) == seq && Arc::ptr_eq(&d.socket, &socket);
-        let dump = match dump {
-            Some(d) if ours(&d) => d,
-            _ => match family.current().clone() {
-                Some(d) if ours(&d) => d,
-                _ => {
-                    family.stale_datagrams.fetch_add(1, Relaxed);
-                    continue;
-                }
-            },
+        let Some((dump, sockets)) = claim(family, &socket, dump, &buf[..len]) else {
+            continue;
         };
-        let scan = match scan_datagram(&buf[..len], dump.seq, |_| {}) {
-            Ok(Some(scan)) => scan,
-            Ok(None) => {
-                family.stale_datagrams.fetch_add(1, Relaxed);
-                continue;
-            }
-            Err(e) => {
-                dump.counters.count(|t| &mut t.malformed);
-                dump.note_error("malformed netlink datagram", e);
-                continue;
-            }
-        };
-        dump.progressed();
-        let mut tally = DumpTotals {
-            datagrams: 1,
-            bytes: len as u64,
-            messages: u64::from(scan.messages),
-            sockets: u64::from(scan.sockets),
-            interrupted: u64::from(scan.interrupted),
-            ..DumpTotals::default()
-        };
-        if let Some(errno) = scan.kernel_errno {
-            tally.kernel_errors = 1;
-            dump.note_error("kernel", io::Error::from_raw_os_error(-errno));
-        }
-        if scan.done {
-            dump.mark_done();
-            family.retire(&dump);
-        }
-        dump.counters.add(&tally);
-        if scan.sockets > 0 {
+        if sockets {
             // A batch holds one dump: the tail of the last one goes first.
             let other = batch.first().is_some_and(|r| !Arc::ptr_eq(&r.dump, &dump));
             if other && !hand_over(&tx, &mut batch, shutdown) {
@@ -164,6 +120,65 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             }
         }
     }
+}
+
+/// The dump `datagram` belongs to, counted into it (and marked done at
+/// `NLMSG_DONE`), and whether it holds sockets; `None` for a stale or
+/// malformed datagram, counted as such.
+fn claim(
+    family: &FamilyState,
+    socket: &Arc<SockDiagSocket>,
+    cloned: Option<Arc<Dump>>,
+    datagram: &[u8],
+) -> Option<(Arc<Dump>, bool)> {
+    // The datagram's dump: normally `cloned`, taken before the receive. If that was
+    // none or an older one (woken by the tail of an abandoned dump while
+    // the poller started the next), look again: the next dump is
+    // published before its request is sent. Sequence numbers are per
+    // socket, so the socket must be the dump's too.
+    let seq = datagram_seq(datagram);
+    let ours = |d: &Arc<Dump>| Some(d.seq) == seq && Arc::ptr_eq(&d.socket, socket);
+    let dump = match cloned {
+        Some(d) if ours(&d) => d,
+        _ => match family.current().clone() {
+            Some(d) if ours(&d) => d,
+            _ => {
+                family.stale_datagrams.fetch_add(1, Relaxed);
+                return None;
+            }
+        },
+    };
+    let scan = match scan_datagram(datagram, dump.seq, |_| {}) {
+        Ok(Some(scan)) => scan,
+        Ok(None) => {
+            family.stale_datagrams.fetch_add(1, Relaxed);
+            return None;
+        }
+        Err(e) => {
+            dump.counters.count(|t| &mut t.malformed);
+            dump.note_error("malformed netlink datagram", e);
+            return None;
+        }
+    };
+    dump.progressed();
+    let mut tally = DumpTotals {
+        datagrams: 1,
+        bytes: datagram.len() as u64,
+        messages: u64::from(scan.messages),
+        sockets: u64::from(scan.sockets),
+        interrupted: u64::from(scan.interrupted),
+        ..DumpTotals::default()
+    };
+    if let Some(errno) = scan.kernel_errno {
+        tally.kernel_errors = 1;
+        dump.note_error("kernel", io::Error::from_raw_os_error(-errno));
+    }
+    if scan.done {
+        dump.mark_done();
+        family.retire(&dump);
+    }
+    dump.counters.add(&tally);
+    Some((dump, scan.sockets > 0))
 }
 
 /// What [`wait_readable`] found.

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use crate::config::Config;
 use crate::counting::DumpReport;
@@ -22,7 +22,7 @@ use crate::export::record::PollStamp;
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Metrics, PoolState};
 use crate::pipeline::changes::ChangeTracker;
-use crate::pipeline::closes::{unix_nanos, CloseState};
+use crate::pipeline::closes::CloseState;
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::FamilyState;
 use crate::pipeline::netns::Namespaces;
@@ -36,17 +36,18 @@ use xtcp_service::metrics::Health;
 /// How often the poller looks for a dump the kernel stopped answering.
 const TIMEOUT_CHECK: Duration = Duration::from_millis(50);
 
-pub struct Poller {
+/// What the poller dumps at every poll.
+pub struct Targets {
     pub families: Vec<Arc<FamilyState>>,
     pub namespaces: Namespaces,
     /// With `--close-records`: told which poll closes come after.
     pub closes: Option<Arc<CloseState>>,
     /// With `--changes-only`: forgets, after each poll, what it did not see.
     pub changes: Option<Arc<ChangeTracker>>,
-    pub config: Config,
-    pub shutdown: Shutdown,
-    pub report_tx: Sender<DumpReport>,
-    pub report_rx: Receiver<DumpReport>,
+}
+
+/// Where the poller says what each poll did.
+pub struct Reporting {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub statsd: Option<Statsd>,
@@ -55,7 +56,46 @@ pub struct Poller {
     pub watermarks: Option<Watermarks>,
 }
 
+pub struct Poller {
+    families: Vec<Arc<FamilyState>>,
+    namespaces: Namespaces,
+    closes: Option<Arc<CloseState>>,
+    changes: Option<Arc<ChangeTracker>>,
+    config: Config,
+    shutdown: Shutdown,
+    /// Each dump's report, sent by whoever drops the dump last.
+    report_tx: Sender<DumpReport>,
+    report_rx: Receiver<DumpReport>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    statsd: Option<Statsd>,
+    watermarks: Option<Watermarks>,
+}
+
 impl Poller {
+    pub fn new(
+        config: &Config,
+        shutdown: &Shutdown,
+        targets: Targets,
+        reporting: Reporting,
+    ) -> Self {
+        let (report_tx, report_rx) = bounded(targets.families.len());
+        Poller {
+            families: targets.families,
+            namespaces: targets.namespaces,
+            closes: targets.closes,
+            changes: targets.changes,
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            report_tx,
+            report_rx,
+            metrics: reporting.metrics,
+            health: reporting.health,
+            statsd: reporting.statsd,
+            watermarks: reporting.watermarks,
+        }
+    }
+
     /// Polls until the last poll or a stop; what the polls did, and the
     /// watermark sender for the stop's.
     pub fn run(mut self) -> (RunTotals, Option<Watermarks>) {
@@ -66,11 +106,7 @@ impl Poller {
                 break;
             }
             let started = Instant::now();
-            let stamp = PollStamp {
-                poll_id,
-                timestamp_ns: unix_nanos(),
-                ..PollStamp::default()
-            };
+            let stamp = PollStamp::now(poll_id);
             if let Some(closes) = &self.closes {
                 closes.last_poll.store(poll_id, Relaxed);
             }

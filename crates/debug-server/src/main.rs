@@ -11,18 +11,17 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use xtcp::export::text::text_line;
-use xtcp_feed::auth::FeedKeys;
+use xtcp_feed::auth::{FeedKeyArgs, FeedKeys};
 use xtcp_feed::datagram::{check_datagram, decode_datagram, Datagram};
 use xtcp_feed::proto::Record;
 use xtcp_feed::receiver::{bind_receiver, nothing_yet};
 use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
-use xtcp_service::cli::{parse_or_exit, Generate};
+use xtcp_service::cli::{parse_or_exit_with, Generate};
 use xtcp_service::counters::{exit_line, Tally};
 use xtcp_service::shutdown::{Shutdown, SignalThread};
 
@@ -68,15 +67,8 @@ struct Cli {
     #[command(flatten)]
     generate: Generate,
 
-    /// Read only datagrams signed with the key in this file (as the
-    /// exporter's --feed-key); given twice, either key.
-    #[arg(
-        long,
-        env = "XTCP_DEBUG_FEED_KEY",
-        value_name = "FILE",
-        value_delimiter = ','
-    )]
-    feed_key: Vec<PathBuf>,
+    #[command(flatten)]
+    feed_key: FeedKeyArgs,
 }
 
 xtcp_service::counters! {
@@ -90,7 +82,10 @@ xtcp_service::counters! {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse_or_exit::<Cli>(|c| &c.generate) {
+    let cli = match parse_or_exit_with::<Cli>(
+        FeedKeyArgs::with_env(Cli::command(), "XTCP_DEBUG_FEED_KEY"),
+        |c| &c.generate,
+    ) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -117,7 +112,7 @@ fn open(cli: &Cli) -> io::Result<UdpSocket> {
 }
 
 fn serve(cli: &Cli) -> io::Result<(Totals, Loss)> {
-    let keys = FeedKeys::open(&cli.feed_key, "xtcp-debug-server")
+    let keys = FeedKeys::open(&cli.feed_key.paths(), "xtcp-debug-server")
         .map_err(|e| io::Error::other(format!("--feed-key: {e}")))?;
     let socket = open(cli)?;
     let shutdown = Shutdown::new();

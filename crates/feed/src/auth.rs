@@ -105,6 +105,31 @@ impl FeedKey {
 #[derive(Debug, Clone)]
 pub struct FeedKeys(Vec<FeedKey>);
 
+/// A receiver's `--feed-key` (the forwarder's, the debug server's): the
+/// flag every receiver spells the same way. Each names its environment
+/// variable with [`Self::with_env`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct FeedKeyArgs {
+    /// Accept only datagrams signed with the key in this file (as the
+    /// exporter's --feed-key); given twice, either key (for a rotation).
+    #[arg(long = "feed-key", value_name = "FILE", value_delimiter = ',')]
+    feed_key: Vec<PathBuf>,
+}
+
+impl FeedKeyArgs {
+    /// `command` with `--feed-key` read from `var` too.
+    pub fn with_env(command: clap::Command, var: &'static str) -> clap::Command {
+        command.mut_arg("feed_key", |a| a.env(var))
+    }
+
+    /// The key files given; a blank one (`VAR=` in an environment file) is
+    /// none.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let given = self.feed_key.iter().filter(|p| !p.as_os_str().is_empty());
+        given.cloned().collect()
+    }
+}
+
 impl FeedKeys {
     /// The keys in `paths`: `None` for none, else 1 to [`MAX_KEYS`] of
     /// them, opened as [`FeedKey::open`] does.
@@ -139,6 +164,30 @@ impl FeedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    #[derive(clap::Parser)]
+    struct Receiver {
+        #[command(flatten)]
+        keys: FeedKeyArgs,
+    }
+
+    /// The flag each receiver shares: its own environment variable, a list
+    /// or the flag twice.
+    #[test]
+    fn a_receivers_feed_key_flag_reads_its_own_variable() {
+        let mut command = FeedKeyArgs::with_env(Receiver::command(), "XTCP_TEST_FEED_KEY");
+        let arg = command.get_arguments().find(|a| a.get_id() == "feed_key");
+        assert_eq!(
+            arg.and_then(|a| a.get_env()),
+            Some(std::ffi::OsStr::new("XTCP_TEST_FEED_KEY"))
+        );
+        let args = ["r", "--feed-key", "a,b", "--feed-key", "c"];
+        let matches = command.try_get_matches_from_mut(args).unwrap();
+        let parsed = Receiver::from_arg_matches(&matches).unwrap();
+        let want = ["a", "b", "c"].map(PathBuf::from);
+        assert_eq!(parsed.keys.paths(), want);
+    }
 
     fn key(byte: u8) -> FeedKey {
         FeedKey::new(&[byte; MIN_KEY_LEN]).unwrap()

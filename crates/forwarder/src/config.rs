@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use xtcp_feed::auth::FeedKeyArgs;
 use xtcp_service::cli::{parse_duration, parse_positive_duration, ranged, Generate};
 
 /// librdkafka's bound for its integer settings (a C `int`).
@@ -145,15 +146,8 @@ struct Cli {
     #[command(flatten)]
     generate: Generate,
 
-    /// Forward only datagrams signed with the key in this file (as the
-    /// exporter's --feed-key); given twice, either key (for a rotation).
-    #[arg(
-        long,
-        env = "XTCP_FORWARDER_FEED_KEY",
-        value_name = "FILE",
-        value_delimiter = ','
-    )]
-    feed_key: Vec<PathBuf>,
+    #[command(flatten)]
+    feed_key: FeedKeyArgs,
 }
 
 /// What a command line asks for.
@@ -191,8 +185,10 @@ impl ForwarderConfig {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args)?;
-        if let Some(text) = cli.generate.text(Cli::command()) {
+        let mut command = FeedKeyArgs::with_env(Cli::command(), "XTCP_FORWARDER_FEED_KEY");
+        let matches = command.try_get_matches_from_mut(args)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        if let Some(text) = cli.generate.text(command) {
             return Ok(Parsed::Print(text));
         }
         Ok(Parsed::Run(ForwarderConfig {
@@ -208,12 +204,7 @@ impl ForwarderConfig {
             flush_timeout: cli.flush_timeout,
             recv_buffer: cli.recv_buffer,
             prom_listen: (!cli.no_prom).then_some(cli.prom_listen),
-            // Blank (`XTCP_FORWARDER_FEED_KEY=`): none.
-            feed_keys: cli
-                .feed_key
-                .into_iter()
-                .filter(|p| !p.as_os_str().is_empty())
-                .collect(),
+            feed_keys: cli.feed_key.paths(),
         }))
     }
 }

@@ -33,10 +33,10 @@ xtcp_service::counters! {
     delivered_records "Records in those messages." => "xtcp_forwarder_delivered_records_total", exit "delivered_records";
     delivery_failed "not acknowledged within --delivery-timeout, or refused by the broker" => "xtcp_forwarder_dropped_messages_total" ["reason" = "delivery_failed"];
     shutdown "still queued when --flush-timeout ran out at exit" => "xtcp_forwarder_dropped_messages_total" ["reason" = "shutdown"];
-    queue_full_records "queue_full" => "xtcp_forwarder_dropped_records_total" ["reason" = "queue_full"], exit "dropped_records";
-    produce_failed_records "delivery_failed (refused by the producer)" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
-    delivery_failed_records "delivery_failed (not acknowledged)" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
-    shutdown_records "shutdown" => "xtcp_forwarder_dropped_records_total" ["reason" = "shutdown"], exit "dropped_records";
+    queue_full_records "the queue was full" => "xtcp_forwarder_dropped_records_total" ["reason" = "queue_full"], exit "dropped_records";
+    produce_failed_records "refused by the producer" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
+    delivery_failed_records "not acknowledged, or refused by the broker" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
+    shutdown_records "still queued at exit" => "xtcp_forwarder_dropped_records_total" ["reason" = "shutdown"], exit "dropped_records";
 }
 
 impl ForwarderTotals {

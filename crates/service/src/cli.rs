@@ -61,8 +61,20 @@ impl Generate {
 pub fn parse_or_exit<C: clap::Parser + clap::CommandFactory>(
     generate: impl Fn(&C) -> &Generate,
 ) -> Result<C, ExitCode> {
-    let cli = C::try_parse().map_err(|e| exit_for(&e))?;
-    if let Some(text) = generate(&cli).text(C::command()) {
+    parse_or_exit_with(C::command(), generate)
+}
+
+/// [`parse_or_exit`] with `command`, `C`'s own changed at run time (such as
+/// an environment variable named by the program, `FeedKeyArgs::with_env`).
+pub fn parse_or_exit_with<C: clap::FromArgMatches>(
+    mut command: clap::Command,
+    generate: impl Fn(&C) -> &Generate,
+) -> Result<C, ExitCode> {
+    let cli = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|m| C::from_arg_matches(&m))
+        .map_err(|e| exit_for(&e.format(&mut command)))?;
+    if let Some(text) = generate(&cli).text(command) {
         print!("{text}");
         return Err(ExitCode::SUCCESS);
     }

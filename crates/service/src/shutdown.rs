@@ -93,23 +93,29 @@ impl Shutdown {
 
     /// Runs `hook` at the stop (or an abort), or now if that has come.
     pub fn on_stop(&self, hook: Hook) {
-        let mut state = lock(&self.inner.state);
-        if self.is_stopping() {
-            drop(state);
-            hook();
-        } else {
-            state.on_stop.push(hook);
-        }
+        self.add_hook(hook, Self::is_stopping, |s| &mut s.on_stop);
     }
 
     /// Runs `hook` at an abort, or now if one has come.
     pub fn on_abort(&self, hook: Hook) {
+        self.add_hook(hook, Self::is_aborted, |s| &mut s.on_abort);
+    }
+
+    /// Keeps `hook` in the list `hooks` picks, or runs it now when `come`
+    /// says its moment has come (checked under the lock the moment's own
+    /// run of the list takes, so a hook is never missed).
+    fn add_hook(
+        &self,
+        hook: Hook,
+        come: fn(&Self) -> bool,
+        hooks: fn(&mut State) -> &mut Vec<Hook>,
+    ) {
         let mut state = lock(&self.inner.state);
-        if self.is_aborted() {
+        if come(self) {
             drop(state);
             hook();
         } else {
-            state.on_abort.push(hook);
+            hooks(&mut state).push(hook);
         }
     }
 

@@ -1,86 +1,28 @@
-//! Dump files, the format `ss` writes with `-D FILE` and reads from the file
-//! named by `TCPDIAG_FILE`: the netlink messages of a `sock_diag` dump as
-//! the kernel sent them, each header and payload padded to 4 bytes, ended by
-//! `NLMSG_DONE`.
-//!
-//! `--capture FILE` writes the socket messages of every dump, byte for byte
-//! as received, then one `NLMSG_DONE` at exit (`ss` stops reading at the
-//! first `NLMSG_DONE`, so the families' own are left out: `ss` then reads
-//! both families). `--replay FILE` decodes such a file, or one `ss -D`
-//! wrote, instead of asking the kernel: its socket messages go through the
-//! same sampling, decoding, encoding and destination as a poll's, as one
-//! poll. It reads past every `NLMSG_DONE` (`ss -D` writes one per family).
+//! `--replay FILE`: decodes a dump file (one `--capture` wrote, or `ss -D`:
+//! the format is in [`crate::pipeline::capture`]) instead of asking the
+//! kernel. Its socket messages go through the same sampling, decoding,
+//! encoding and destination as a poll's, as one poll. It reads past every
+//! `NLMSG_DONE` (`ss -D` writes one per family).
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, Family};
 use crate::counting::{DumpTotals, TcpInfoLengths};
-use crate::export::record::PollStamp;
-use crate::export::record::RecordEncoder;
+use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
 use crate::identity::Identity;
-use crate::pipeline::closes::unix_nanos;
-use crate::pipeline::inetdiager::RecordWriter;
-use crate::pipeline::report::FirstOfEach;
-use crate::pipeline::report::RunTotals;
+use crate::pipeline::report::{FirstOfEach, RunTotals};
+use crate::pipeline::run::{kernel_release, setup, RunError};
 use crate::pipeline::sample::Sampler;
-use crate::pipeline::{kernel_release, setup, RunError};
+use crate::pipeline::writer::RecordWriter;
 use crate::wire::message::{
-    messages, put_header, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, SOCK_DIAG_BY_FAMILY,
-    TCPDIAG_GETSOCK,
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK,
 };
 use crate::wire::request::{AF_INET, AF_INET6};
 use crate::wire::TailLayout;
 use xtcp_service::counters::Tally;
-
-/// `--capture`: the file the inetdiagers append socket messages to.
-pub struct Capture {
-    file: Mutex<BufWriter<File>>,
-}
-
-impl Capture {
-    pub fn create(path: &Path) -> io::Result<Arc<Capture>> {
-        let file = File::create(path)?;
-        Ok(Arc::new(Capture {
-            file: Mutex::new(BufWriter::new(file)),
-        }))
-    }
-
-    /// Appends the socket messages of one received datagram, byte for byte
-    /// as received (a last message without its padding gets it).
-    pub fn datagram(&self, datagram: &[u8]) -> io::Result<()> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        for msg in messages(datagram) {
-            // The netlinker framed the datagram already.
-            let Ok(msg) = msg else { break };
-            if matches!(msg.msg_type, SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK) {
-                // The payload lies in `datagram`, right after its header.
-                let start =
-                    msg.payload.as_ptr() as usize - datagram.as_ptr() as usize - NLMSG_HDRLEN;
-                let len = NLMSG_HDRLEN + msg.payload.len();
-                let padded = len.next_multiple_of(4);
-                let end = (start + padded).min(datagram.len());
-                file.write_all(&datagram[start..end])?;
-                file.write_all(&[0; 3][..start + padded - end])?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends the file with `NLMSG_DONE` and writes it out.
-    pub fn finish(&self) -> io::Result<()> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let mut header = [0u8; NLMSG_HDRLEN];
-        put_header(&mut header, NLMSG_HDRLEN as u32 + 4, NLMSG_DONE, 0, 0);
-        file.write_all(&header)?;
-        // The kernel's int payload: 0, no error.
-        file.write_all(&[0; 4])?;
-        file.flush()
-    }
-}
 
 /// Socket messages handed to the writer at once, as a dump's datagram would.
 const CHUNK: usize = 32 * 1024;
@@ -165,14 +107,9 @@ pub fn replay(config: &Config, identity: &Identity, path: &Path) -> Result<RunTo
         Sampler::new(config.sampling_modulus),
         tail,
     );
-    let stamp = PollStamp {
-        poll_id: 1,
-        timestamp_ns: unix_nanos(),
-        ..PollStamp::default()
-    };
     let mut replay = Replay {
         writer: &mut writer,
-        stamp,
+        stamp: PollStamp::now(1),
         families: Vec::new(),
         said: FirstOfEach::new("warning: --replay"),
     };
