@@ -42,7 +42,6 @@ use crate::shutdown::Shutdown;
 use crate::wire::request::{AF_INET, AF_INET6};
 use xtcp_feed::proto::RecordKind;
 use xtcp_feed::receiver::socket_drops;
-use xtcp_service::counters::Tally;
 
 /// `enum sknetlink_groups` of `include/uapi/linux/sock_diag.h`.
 const SKNLGRP_INET_TCP_DESTROY: u32 = 1;
@@ -201,7 +200,6 @@ pub struct Closer {
 
 impl Closer {
     pub fn run(mut self, shutdown: &Shutdown) -> CloseTotals {
-        let mut totals = CloseTotals::default();
         if let Some(w) = self.state.sockets().values().next() {
             self.metrics
                 .table
@@ -217,7 +215,7 @@ impl Closer {
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     shutdown.abort(format!("waiting for close messages: {e}"));
-                    return totals;
+                    return self.metrics.closes.totals();
                 }
             };
             let mut released = false;
@@ -225,8 +223,8 @@ impl Closer {
                 match event.data() {
                     RELEASE_TOKEN => released = true,
                     inode => {
-                        if !self.drain(inode, &mut buf, &mut totals, &mut output_closed, shutdown) {
-                            return totals;
+                        if !self.drain(inode, &mut buf, &mut output_closed, shutdown) {
+                            return self.metrics.closes.totals();
                         }
                     }
                 }
@@ -235,9 +233,9 @@ impl Closer {
                 // Closes already queued are read before the exit.
                 let inodes: Vec<u64> = self.state.sockets().keys().copied().collect();
                 for inode in inodes {
-                    self.drain(inode, &mut buf, &mut totals, &mut output_closed, shutdown);
+                    self.drain(inode, &mut buf, &mut output_closed, shutdown);
                 }
-                return totals;
+                return self.metrics.closes.totals();
             }
         }
     }
@@ -248,7 +246,6 @@ impl Closer {
         &mut self,
         inode: u64,
         buf: &mut [u8],
-        totals: &mut CloseTotals,
         output_closed: &mut bool,
         shutdown: &Shutdown,
     ) -> bool {
@@ -270,7 +267,7 @@ impl Closer {
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break,
                 Err(Errno::ENOBUFS) => {
-                    self.overrun(inode, &socket, totals);
+                    self.overrun(inode, &socket);
                     continue;
                 }
                 Err(e) => {
@@ -298,12 +295,12 @@ impl Closer {
         }
         // Drops while the queue stayed full raise no new ENOBUFS: the
         // counter is read after every batch too.
-        self.note_drops(inode, &socket, totals);
+        self.note_drops(inode, &socket);
         let (flushed, send_error) = self.writer.flush(written, &mut tally);
         if let Some(e) = send_error {
             self.said.say("send", &e);
         }
-        self.count(&CloseTotals::of_written(&tally), totals);
+        self.count(&CloseTotals::of_written(&tally));
         match flushed {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
@@ -320,49 +317,43 @@ impl Closer {
 
     /// `ENOBUFS`: the kernel dropped messages. Counts them, doubles the
     /// buffer up to [`MAX_CLOSE_BUFFER`], and says so.
-    fn overrun(&mut self, inode: u64, socket: &CloseSocket, totals: &mut CloseTotals) {
-        self.note_drops(inode, socket, totals);
+    fn overrun(&mut self, inode: u64, socket: &CloseSocket) {
+        self.note_drops(inode, socket);
         let was = socket.buffer();
         let grown = (was * 2).min(MAX_CLOSE_BUFFER);
         if grown > was {
             let _ = socket.set_buffer(grown);
         }
         let now = socket.buffer();
-        self.count(
-            &CloseTotals {
-                overruns: 1,
-                ..CloseTotals::default()
-            },
-            totals,
-        );
+        self.count(&CloseTotals {
+            overruns: 1,
+            ..CloseTotals::default()
+        });
         self.metrics.table.close_buffer.set(now as i64);
         xtcp_service::say!(
             "xtcp: warning: close messages lost ({} so far), the kernel's queue for them full \
              ({was} bytes); receive buffer now {now} bytes",
-            totals.lost
+            self.metrics.closes.totals().lost
         );
     }
 
     /// Counts the messages the kernel dropped on the namespace's socket
     /// since the last look.
-    fn note_drops(&self, inode: u64, socket: &CloseSocket, totals: &mut CloseTotals) {
+    fn note_drops(&self, inode: u64, socket: &CloseSocket) {
         let drops = socket.drops();
         let lost = self.state.sockets().get_mut(&inode).map_or(0, |w| {
             let lost = drops.wrapping_sub(w.drops_seen);
             w.drops_seen = drops;
             u64::from(lost)
         });
-        self.count(
-            &CloseTotals {
-                lost,
-                ..CloseTotals::default()
-            },
-            totals,
-        );
+        self.count(&CloseTotals {
+            lost,
+            ..CloseTotals::default()
+        });
     }
 
-    fn count(&self, counted: &CloseTotals, totals: &mut CloseTotals) {
-        totals.add(counted);
+    /// Counts into the metrics, whose totals are the run's.
+    fn count(&self, counted: &CloseTotals) {
         self.metrics.closes.add(&[], counted);
     }
 }

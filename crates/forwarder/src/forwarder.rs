@@ -183,7 +183,6 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
         ids: Vec::new(),
         keys,
         watch: LossWatch::new(watched, DEFAULT_RUN_LIMIT),
-        loss: Loss::default(),
     };
     while !shutdown.is_stopping() {
         metrics
@@ -256,8 +255,6 @@ struct Feed<'a> {
     /// With `--feed-key`: only datagrams signed with one of these pass.
     keys: Option<FeedKeys>,
     watch: LossWatch,
-    /// What the metrics show of the loss so far.
-    loss: Loss,
 }
 
 impl Feed<'_> {
@@ -323,12 +320,11 @@ impl Feed<'_> {
     }
 
     /// Brings the loss metrics up to `loss`.
-    fn count_loss(&mut self, loss: Loss) {
+    fn count_loss(&self, loss: Loss) {
         let m = self.metrics;
-        m.loss.add(&[], &loss.since(&self.loss));
+        m.loss.add(&[], &loss.since(&m.loss.totals()));
         m.gauges.runs_tracked.set(self.watch.runs() as i64);
         m.gauges.runs_silent.set(self.watch.silent_runs() as i64);
-        self.loss = loss;
     }
 }
 
