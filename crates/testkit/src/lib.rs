@@ -241,13 +241,79 @@ pub fn open(v6: bool, client_base: u16) -> io::Result<Scenario> {
         congestion: None,
         tos: None,
     });
-    // Let delayed ACKs and the last FIN/ACK land so counters and states settle.
-    std::thread::sleep(Duration::from_millis(300));
+    settle(v6, tw_port)?;
     Ok(Scenario {
         expected,
         _open: open,
         _listener: listener,
     })
+}
+
+/// Waits until the scenario's sockets reach the states it promises: every
+/// byte acked (delayed ACKs landed), the TIME_WAIT client in TIME_WAIT and
+/// its server end gone. On a loaded host the softirq work that moves them
+/// can lag the syscalls by hundreds of milliseconds, and a dump taken in
+/// between sees a socket in FIN_WAIT2, or none while it changes places in
+/// the kernel's hash. Reads `/proc/thread-self/net`, the calling thread's
+/// namespace (`/proc/net` is the process's).
+fn settle(v6: bool, tw_port: u16) -> io::Result<()> {
+    const TIME_WAIT: u8 = STATE_TIME_WAIT as u8;
+    let path = format!("/proc/thread-self/net/tcp{}", if v6 { "6" } else { "" });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = std::fs::read_to_string(&path)?;
+        let rows: Vec<ProcTcpRow> = table
+            .lines()
+            .skip(1)
+            .filter_map(ProcTcpRow::parse)
+            .collect();
+        let settled = rows.iter().all(|r| r.queued == 0)
+            && rows
+                .iter()
+                .any(|r| r.local_port == tw_port && r.state == TIME_WAIT)
+            && !rows
+                .iter()
+                .any(|r| r.local_port == LISTEN_PORT && r.remote_port == tw_port);
+        if settled {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "the scenario's sockets did not settle in 30 s: {rows:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The parts of a `/proc/net/tcp` line [`settle`] needs.
+#[derive(Debug)]
+struct ProcTcpRow {
+    local_port: u16,
+    remote_port: u16,
+    state: u8,
+    /// Bytes not yet acked plus bytes not yet read (the accept backlog of a
+    /// listener).
+    queued: u64,
+}
+
+impl ProcTcpRow {
+    /// `sl local rem st tx_queue:rx_queue ...`, addresses as `HEX:PORT`.
+    fn parse(line: &str) -> Option<Self> {
+        let mut fields = line.split_whitespace().skip(1);
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit_once(':')?.1, 16).ok();
+        let local_port = port(fields.next()?)?;
+        let remote_port = port(fields.next()?)?;
+        let state = u8::from_str_radix(fields.next()?, 16).ok()?;
+        let (tx, rx) = fields.next()?.split_once(':')?;
+        let queued = u64::from_str_radix(tx, 16).ok()? + u64::from_str_radix(rx, 16).ok()?;
+        Some(Self {
+            local_port,
+            remote_port,
+            state,
+            queued,
+        })
+    }
 }
 
 fn connect_from(
