@@ -140,6 +140,8 @@ impl TcpInfoLengths {
 #[derive(Debug, Clone)]
 pub struct DumpReport {
     pub family: Family,
+    /// The namespace dumped (0 in a sum over namespaces).
+    pub netns_inode: u64,
     pub totals: DumpTotals,
     pub tcp_info_lengths: TcpInfoLengths,
     /// From the request to `NLMSG_DONE`; `None` if it never came.
@@ -155,6 +157,7 @@ impl DumpReport {
     pub fn empty(family: Family) -> Self {
         DumpReport {
             family,
+            netns_inode: 0,
             totals: DumpTotals::default(),
             tcp_info_lengths: TcpInfoLengths::default(),
             done_after: Some(Duration::ZERO),
@@ -163,8 +166,8 @@ impl DumpReport {
         }
     }
 
-    /// Adds the dump of the same family in another namespace: namespaces
-    /// are dumped one after the other, so times add up, and `NLMSG_DONE`
+    /// Adds the dump of the same family in another namespace: times add up
+    /// (with dumps side by side, to more than the poll took), and `NLMSG_DONE`
     /// counts as having come only if it came in every one.
     pub fn merge(&mut self, other: &DumpReport) {
         self.totals.add(&other.totals);

@@ -16,7 +16,7 @@
 
 pub mod statsd;
 
-use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{CounterVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use xtcp_service::counters::CounterMetrics;
 
 use crate::config::Family;
@@ -37,7 +37,13 @@ xtcp_service::metrics_table! {
     poll_duration: HistogramVec "xtcp_poll_duration_seconds" ["family"]
         "Time from a family's dump request to its last record sent (summed over the namespaces polled).";
     netns: IntGauge "xtcp_netns" []
-        "Network namespaces the last poll dumped (1 without --netns and --all-netns).";
+        "Network namespaces the last poll covered (1 without --netns and --all-netns), empty ones included.";
+    netns_empty: IntGauge "xtcp_netns_empty" []
+        "Namespaces the last poll did not dump because their socket counts said they had no TCP socket.";
+    netns_tables: IntGaugeVec "xtcp_netns_tables" ["table"]
+        "Namespaces covered by the last poll, by their TCP table: own, shared (the host's, walked whole by every dump of each), unknown (kernels before 6.1).";
+    netns_dump_seconds: CounterVec "xtcp_netns_dump_seconds_total" ["table"]
+        "Time from dump requests to NLMSG_DONE, summed over the dumps of namespaces that share the host's TCP table (shared) and of the others (other).";
     netns_errors: IntCounter "xtcp_netns_errors_total" []
         "Selected namespaces a poll could not dump (gone, not a namespace, no permission), counted at every poll that misses them.";
     // Netlinkers (their dump counters are in crate::counting).
@@ -228,6 +234,7 @@ pub(crate) mod tests {
         tcp_info_lengths.add(None, 1);
         DumpReport {
             family: family(AF_INET),
+            netns_inode: 0,
             totals: DumpTotals {
                 datagrams: 2,
                 bytes: 9000,

@@ -133,6 +133,7 @@ impl Drop for Dump {
         let done_ns = self.done_ns.load(Relaxed);
         let report = DumpReport {
             family: self.family,
+            netns_inode: self.stamp.netns_inode,
             totals: self.counters.snapshot(),
             tcp_info_lengths: *self
                 .tcp_info_lengths

@@ -1,7 +1,8 @@
 //! One dump's part of the pipeline (both families, or one family with
 //! `--dump-layout per-family`), shared by the poller and the dump's
 //! netlinkers: its netlink sockets (one per namespace polled), the epoll
-//! set the netlinkers wait on, its receive buffers and its current dump.
+//! set the netlinkers wait on, its receive buffers and its current dumps
+//! (one per namespace being dumped).
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +17,7 @@ use crate::pipeline::dump::Dump;
 use crate::pipeline::pool::BufferPool;
 use crate::pipeline::sock_diag::SockDiagSocket;
 
-/// One dump's sockets (one per namespace), buffers and current dump, shared
+/// One dump's sockets (one per namespace), buffers and current dumps, shared
 /// by the poller and the dump's netlinkers; `family.af` is `AF_UNSPEC` for
 /// the one dump of both families.
 pub struct FamilyState {
@@ -27,8 +28,9 @@ pub struct FamilyState {
     pub epoll: Epoll,
     sockets: Mutex<HashMap<u64, Arc<SockDiagSocket>>>,
     pub pool: Arc<BufferPool>,
-    /// The dump replies are currently expected for.
-    pub current: Mutex<Option<Arc<Dump>>>,
+    /// The dumps replies are currently expected for, by namespace inode
+    /// (the epoll token of the namespace's socket).
+    current: Mutex<HashMap<u64, Arc<Dump>>>,
     /// Datagrams of no current dump (the tail of an abandoned one).
     pub stale_datagrams: AtomicU64,
 }
@@ -47,7 +49,7 @@ impl FamilyState {
             epoll,
             sockets: Mutex::default(),
             pool,
-            current: Mutex::new(None),
+            current: Mutex::default(),
             stale_datagrams: AtomicU64::new(0),
         })
     }
@@ -78,16 +80,35 @@ impl FamilyState {
         self.sockets().get(&token).cloned()
     }
 
-    pub fn current(&self) -> MutexGuard<'_, Option<Arc<Dump>>> {
+    fn dumps(&self) -> MutexGuard<'_, HashMap<u64, Arc<Dump>>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ends `dump` as the current one (if it still is): no more replies are
-    /// expected for it.
+    /// The dump replies on the socket with this epoll token are expected
+    /// for, if any.
+    pub fn current(&self, token: u64) -> Option<Arc<Dump>> {
+        self.dumps().get(&token).cloned()
+    }
+
+    /// Makes `dump` the current one of its namespace, before its request
+    /// goes out (a netlinker that sees the first reply must find it).
+    pub fn publish(&self, dump: Arc<Dump>) {
+        self.dumps().insert(dump.stamp.netns_inode, dump);
+    }
+
+    /// Ends `dump` as its namespace's current one (if it still is): no more
+    /// replies are expected for it.
     pub fn retire(&self, dump: &Arc<Dump>) {
-        let mut current = self.current();
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, dump)) {
-            *current = None;
+        let mut dumps = self.dumps();
+        let inode = dump.stamp.netns_inode;
+        if dumps.get(&inode).is_some_and(|c| Arc::ptr_eq(c, dump)) {
+            dumps.remove(&inode);
         }
+    }
+
+    /// Retires every current dump `expired` says the kernel stopped
+    /// answering.
+    pub fn expire(&self, mut expired: impl FnMut(&Dump) -> bool) {
+        self.dumps().retain(|_, d| !expired(d));
     }
 }

@@ -65,8 +65,11 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
     loop {
         // A batch is handed over when full, and before the netlinker would
         // sleep: held, it would keep its dump from finishing.
-        let socket = match wait_readable(family, !batch.is_empty()) {
-            Ok(Ready::Socket(socket)) => socket,
+        // The namespace of the batch in hand goes on while it has
+        // datagrams, so that batches stay full with dumps side by side.
+        let holding = batch.first().map(|r| r.dump.stamp.netns_inode);
+        let (token, socket) = match wait_readable(family, holding) {
+            Ok(Ready::Socket(token, socket)) => (token, socket),
             Ok(Ready::Released) => {
                 hand_over(&tx, &mut batch, shutdown);
                 return;
@@ -89,7 +92,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         // this dump or is stale, never to a later one (the next dump starts
         // only once every clone of this one is dropped), and the dump cannot
         // be retired by another netlinker's NLMSG_DONE in between.
-        let dump = family.current().clone();
+        let dump = family.current(token);
         let Some(mut buf) = family.pool.get(shutdown.abort_signal()) else {
             return;
         };
@@ -105,7 +108,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
                 continue;
             }
         };
-        let Some((dump, sockets)) = claim(family, &socket, dump, &buf[..len]) else {
+        let Some((dump, sockets)) = claim(family, token, &socket, dump, &buf[..len]) else {
             continue;
         };
         if sockets {
@@ -127,6 +130,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
 /// malformed datagram, counted as such.
 fn claim(
     family: &FamilyState,
+    token: u64,
     socket: &Arc<SockDiagSocket>,
     cloned: Option<Arc<Dump>>,
     datagram: &[u8],
@@ -140,7 +144,7 @@ fn claim(
     let ours = |d: &Arc<Dump>| Some(d.seq) == seq && Arc::ptr_eq(&d.socket, socket);
     let dump = match cloned {
         Some(d) if ours(&d) => d,
-        _ => match family.current().clone() {
+        _ => match family.current(token) {
             Some(d) if ours(&d) => d,
             _ => {
                 family.stale_datagrams.fetch_add(1, Relaxed);
@@ -183,8 +187,8 @@ fn claim(
 
 /// What [`wait_readable`] found.
 enum Ready {
-    /// A socket with a datagram.
-    Socket(Arc<SockDiagSocket>),
+    /// A socket with a datagram, and its epoll token.
+    Socket(u64, Arc<SockDiagSocket>),
     /// Nothing yet, and the caller asked not to wait.
     Nothing,
     /// The netlinkers are released: exit.
@@ -192,10 +196,12 @@ enum Ready {
 }
 
 /// Waits until one of the family's sockets has a datagram and returns it
-/// (with `poll_only`, returns at once); level-triggered: a socket another
-/// netlinker drains first makes `recv` say `WouldBlock`.
-fn wait_readable(family: &FamilyState, poll_only: bool) -> Result<Ready, Errno> {
+/// with its token, `holding`'s if it is ready; while `holding` a batch,
+/// returns at once. Level-triggered: a socket another netlinker drains
+/// first makes `recv` say `WouldBlock`.
+fn wait_readable(family: &FamilyState, holding: Option<u64>) -> Result<Ready, Errno> {
     let mut events = [EpollEvent::empty(); 4];
+    let poll_only = holding.is_some();
     let timeout = if poll_only {
         EpollTimeout::ZERO
     } else {
@@ -212,8 +218,13 @@ fn wait_readable(family: &FamilyState, poll_only: bool) -> Result<Ready, Errno> 
             return Ok(Ready::Released);
         }
         // A socket removed since the event (its namespace went) is skipped.
-        if let Some(socket) = ready.iter().find_map(|e| family.socket(e.data())) {
-            return Ok(Ready::Socket(socket));
+        let tokens = ready.iter().map(EpollEvent::data);
+        let held = tokens.clone().filter(|&t| Some(t) == holding);
+        let socket = held
+            .chain(tokens)
+            .find_map(|t| Some((t, family.socket(t)?)));
+        if let Some((token, socket)) = socket {
+            return Ok(Ready::Socket(token, socket));
         }
         if poll_only {
             return Ok(Ready::Nothing);

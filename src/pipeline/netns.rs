@@ -12,11 +12,18 @@
 //! namespace alive, so closing them is what lets a deleted namespace go.
 //! Threads do not depend on the namespaces: the family's netlinkers read
 //! every socket of the family through one epoll set.
+//!
+//! The same thread opens the namespace's `sockstat` files, which count its
+//! TCP sockets (the kernel keeps the counts per namespace), and reads the
+//! size of its TCP table. Before each poll the poller reads the counts and
+//! does not dump a namespace with no TCP socket: a dump walks the whole
+//! table whatever it finds, and a namespace without a table of its own
+//! walks the host's (`docs/operations.md`, "Container hosts").
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +34,7 @@ use crate::config::NetnsSelection;
 use crate::pipeline::closes::{CloseSocket, CloseState};
 use crate::pipeline::family::FamilyState;
 use crate::pipeline::sock_diag::SockDiagSocket;
+use crate::wire::request::{AF_INET, AF_INET6, BOUND_INACTIVE};
 
 /// Where `ip netns add` mounts named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -41,6 +49,135 @@ pub struct Namespace {
     pub inode: u64,
     /// One socket per family, in the order of the families.
     pub sockets: Vec<Arc<SockDiagSocket>>,
+    pub table: Table,
+    counts: SockStat,
+}
+
+impl Namespace {
+    /// Whether a dump of family `af` (`AF_UNSPEC`: both) asking for `states`
+    /// may find a socket: `false` only when the namespace's counts say it
+    /// has no TCP socket of the family hashed and none in TIME_WAIT.
+    /// Sockets that are bound but neither listening nor connected are not
+    /// counted, so a dump asking for them always runs.
+    pub fn may_have_sockets(&self, af: u8, states: u32) -> bool {
+        if states & BOUND_INACTIVE != 0 {
+            return true;
+        }
+        let Ok(counts) = self.counts.read() else {
+            return true;
+        };
+        let hashed = match af {
+            AF_INET => counts.v4,
+            AF_INET6 => counts.v6,
+            _ => counts.v4.zip(counts.v6).map(|(a, b)| a + b),
+        };
+        // An unknown count (no IPv6 in the kernel) is dumped.
+        hashed.is_none_or(|n| n > 0) || counts.time_wait > 0
+    }
+}
+
+/// A namespace's TCP table: its own (`net.ipv4.tcp_child_ehash_entries` was
+/// set when it was made) or the host's, shared with every namespace made
+/// without one. Every dump of the namespace walks all of its buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Own {
+        buckets: u64,
+    },
+    Shared {
+        buckets: u64,
+    },
+    /// Kernels before 6.1 have one table for all, and no sysctl to say so.
+    Unknown,
+}
+
+impl Table {
+    /// `net.ipv4.tcp_ehash_entries` as read inside the namespace: its
+    /// table's buckets, negative when it is the host's.
+    fn parse(sysctl: &str) -> Table {
+        match sysctl.trim().parse::<i64>() {
+            Ok(n) if n < 0 => Table::Shared {
+                buckets: n.unsigned_abs(),
+            },
+            Ok(n) => Table::Own {
+                buckets: n.unsigned_abs(),
+            },
+            Err(_) => Table::Unknown,
+        }
+    }
+
+    /// The calling thread's namespace's.
+    fn read() -> Table {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries")
+            .map_or(Table::Unknown, |s| Table::parse(&s))
+    }
+
+    /// Its `table` label in the metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Table::Own { .. } => "own",
+            Table::Shared { .. } => "shared",
+            Table::Unknown => "unknown",
+        }
+    }
+}
+
+/// A namespace's `/proc/net/sockstat` and `sockstat6`, opened inside it:
+/// an open file keeps answering for the namespace it was opened in.
+struct SockStat {
+    v4: File,
+    /// `None` without IPv6.
+    v6: Option<File>,
+}
+
+/// TCP sockets a namespace has, per its `sockstat` files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpCounts {
+    /// Hashed (listening, connecting, connected, closing) per family;
+    /// `None` when the count is not there.
+    v4: Option<u64>,
+    v6: Option<u64>,
+    /// In TIME_WAIT, both families.
+    time_wait: u64,
+}
+
+impl SockStat {
+    /// The calling thread's namespace's.
+    fn open() -> io::Result<SockStat> {
+        let v4 = File::open("/proc/thread-self/net/sockstat")?;
+        let v6 = File::open("/proc/thread-self/net/sockstat6").ok();
+        Ok(SockStat { v4, v6 })
+    }
+
+    fn read(&self) -> io::Result<TcpCounts> {
+        let read = |f: &File| -> io::Result<String> {
+            // One page holds either file; `read_at` from 0 makes the kernel
+            // write it anew.
+            let mut buf = [0u8; 1024];
+            let n = f.read_at(&mut buf, 0)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        let v4 = read(&self.v4)?;
+        let v6 = self.v6.as_ref().map(read).transpose()?;
+        Ok(TcpCounts {
+            v4: field(&v4, "TCP:", "inuse"),
+            v6: v6.as_deref().and_then(|t| field(t, "TCP6:", "inuse")),
+            time_wait: field(&v4, "TCP:", "tw").unwrap_or(0),
+        })
+    }
+}
+
+/// In a `sockstat` text, the number after `key` on the line that starts
+/// with `line` (`TCP: inuse 3 orphan 0 tw 1 alloc 5 mem 1`).
+fn field(text: &str, line: &str, key: &str) -> Option<u64> {
+    let rest = text.lines().find_map(|l| l.strip_prefix(line))?;
+    let mut words = rest.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == key {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
 }
 
 /// A namespace to poll, before it is opened.
@@ -125,9 +262,14 @@ impl Namespaces {
                 self.closes.as_deref(),
             );
             match opened {
-                Ok((sockets, close)) => {
+                Ok(Opened {
+                    dumps,
+                    close,
+                    counts,
+                    table,
+                }) => {
                     let sockets: Vec<Arc<SockDiagSocket>> =
-                        sockets.into_iter().map(Arc::new).collect();
+                        dumps.into_iter().map(Arc::new).collect();
                     let registered = families
                         .iter()
                         .zip(&sockets)
@@ -143,6 +285,8 @@ impl Namespaces {
                             name: target_name,
                             inode,
                             sockets,
+                            table,
+                            counts,
                         }),
                         Err(e) => {
                             self.forget(inode, families);
@@ -340,15 +484,24 @@ fn gone(e: &io::Error) -> bool {
     )
 }
 
-/// `count` dump sockets in the namespace at `path` (`None`: this one), and
-/// its close socket with `closes`. The namespace is entered by a thread of
-/// its own, so no other thread moves.
+/// What is opened inside a namespace.
+struct Opened {
+    dumps: Vec<SockDiagSocket>,
+    /// With `--close-records`.
+    close: Option<CloseSocket>,
+    counts: SockStat,
+    table: Table,
+}
+
+/// `count` dump sockets in the namespace at `path` (`None`: this one), its
+/// close socket with `closes`, its socket counts and its table. The
+/// namespace is entered by a thread of its own, so no other thread moves.
 fn open_sockets(
     path: Option<&Path>,
     count: usize,
     timeout: Duration,
     closes: Option<&CloseState>,
-) -> io::Result<(Vec<SockDiagSocket>, Option<CloseSocket>)> {
+) -> io::Result<Opened> {
     let open_all = || {
         let dumps = (0..count)
             .map(|_| SockDiagSocket::open(timeout))
@@ -357,7 +510,15 @@ fn open_sockets(
             .map(|c| CloseSocket::open(&c.families, c.buffer))
             .transpose()
             .map_err(|e| io::Error::new(e.kind(), format!("joining the close groups: {e}")))?;
-        Ok((dumps, close))
+        let counts = SockStat::open().map_err(|e| {
+            io::Error::new(e.kind(), format!("/proc/thread-self/net/sockstat: {e}"))
+        })?;
+        Ok(Opened {
+            dumps,
+            close,
+            counts,
+            table: Table::read(),
+        })
     };
     let Some(path) = path else {
         return open_all();

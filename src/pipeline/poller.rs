@@ -10,6 +10,7 @@
 //! ones, and on stop lets the poll in flight finish before it releases the
 //! netlinkers.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::closes::CloseState;
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::FamilyState;
-use crate::pipeline::netns::Namespaces;
+use crate::pipeline::netns::{Namespaces, Table};
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::sock_diag::SockDiagSocket;
 use crate::pipeline::watermark::Watermarks;
@@ -70,6 +71,77 @@ pub struct Poller {
     health: Arc<Health>,
     statsd: Option<Statsd>,
     watermarks: Option<Watermarks>,
+    /// The shared-table warning is said once a run.
+    warned_shared_table: bool,
+}
+
+/// What the dumps of one poll did.
+#[derive(Default)]
+struct PollDumps {
+    /// One per family, summed over the namespaces.
+    reports: Vec<DumpReport>,
+    /// Namespaces where a dump was abandoned.
+    abandoned: Vec<u64>,
+    /// Namespaces not dumped: they had no TCP socket.
+    empty: usize,
+    /// Namespaces dumped that share the host's table.
+    shared_table_namespaces: usize,
+    /// Time from the requests to `NLMSG_DONE`, summed over every dump, and
+    /// over those of namespaces that share the host's table.
+    dump_time: Duration,
+    shared_table_time: Duration,
+}
+
+/// Namespaces dumped side by side: as many as the dumps have netlinkers.
+fn dumps_at_once(families: &[Arc<FamilyState>]) -> usize {
+    families
+        .iter()
+        .map(|f| f.family.netlinkers)
+        .max()
+        .unwrap_or(1)
+}
+
+/// A namespace whose dumps are running.
+struct InFlight {
+    /// Dump reports still to come.
+    reports: usize,
+    table: Table,
+    abandoned: bool,
+}
+
+/// Above this share of a poll's dump time, namespaces that walk the host's
+/// table are worth a warning (`docs/operations.md`, "Container hosts").
+pub const SHARED_TABLE_WARN_SHARE: f64 = 0.5;
+
+/// The warning for a poll of several namespaces in which those sharing the
+/// host's table took more than [`SHARED_TABLE_WARN_SHARE`] of the dump time.
+fn shared_table_warning(
+    poll_id: u64,
+    dumps: &PollDumps,
+    namespaces: &Namespaces,
+) -> Option<String> {
+    let dumped = namespaces.iter().count() - dumps.empty;
+    let share = dumps.shared_table_time.as_secs_f64() / dumps.dump_time.as_secs_f64();
+    // No dump time at all makes the share NaN, which is not above it.
+    if dumped < 2
+        || dumps.shared_table_namespaces == 0
+        || share.is_nan()
+        || share <= SHARED_TABLE_WARN_SHARE
+    {
+        return None;
+    }
+    let buckets = namespaces.iter().find_map(|n| match n.table {
+        Table::Shared { buckets } => Some(buckets),
+        _ => None,
+    })?;
+    Some(format!(
+        "warning: poll {poll_id}: {} of {dumped} namespaces dumped share the host's TCP table \
+         ({buckets} buckets, walked whole by each of their dumps) and took {:.0}% of the dump \
+         time; give them tables of their own with net.ipv4.tcp_child_ehash_entries set before \
+         they are made (docs/operations.md, \"Container hosts\"). Said once.",
+        dumps.shared_table_namespaces,
+        share * 100.0
+    ))
 }
 
 impl Poller {
@@ -79,7 +151,11 @@ impl Poller {
         targets: Targets,
         reporting: Reporting,
     ) -> Self {
-        let (report_tx, report_rx) = bounded(targets.families.len());
+        let window = dumps_at_once(&targets.families);
+        // Room for every report of the dumps in flight: the poller itself
+        // drops a dump whose request failed or that it expires, and must
+        // not wait on its own channel.
+        let (report_tx, report_rx) = bounded(targets.families.len() * window);
         Poller {
             families: targets.families,
             namespaces: targets.namespaces,
@@ -93,6 +169,7 @@ impl Poller {
             health: reporting.health,
             statsd: reporting.statsd,
             watermarks: reporting.watermarks,
+            warned_shared_table: false,
         }
     }
 
@@ -115,13 +192,13 @@ impl Poller {
                 xtcp_service::say!("warning: poll {poll_id}: {problem}");
             }
             totals.netns_errors += problems.len() as u64;
-            let Some((reports, abandoned)) = self.dump_namespaces(&stamp) else {
+            let Some(dumps) = self.dump_namespaces(&stamp) else {
                 break; // aborted
             };
             // The kernel may still be in an abandoned dump, and a socket runs
             // one dump at a time (the next request would get EBUSY): the
             // namespace's sockets are replaced at the next refresh.
-            for inode in abandoned {
+            for &inode in &dumps.abandoned {
                 self.namespaces.reopen(inode, &self.families);
             }
             if let Some(changes) = &self.changes {
@@ -137,9 +214,9 @@ impl Poller {
             }
             let long = took.as_secs_f64()
                 > self.config.frequency.as_secs_f64() * self.config.polling_safety_buffer;
-            self.report(poll_id, &reports, took, long);
-            self.observe(&reports, long, problems.len());
-            totals.add_poll(&reports, long);
+            self.report(poll_id, &dumps, took, long);
+            self.observe(&dumps, long, problems.len());
+            totals.add_poll(&dumps.reports, long);
             if poll_id == self.config.max_loops {
                 break;
             }
@@ -163,36 +240,52 @@ impl Poller {
         !self.shutdown.wait_stop(wait)
     }
 
-    /// Dumps every family of each namespace in turn; one report per family,
-    /// summed over the namespaces, and the namespaces where a dump was
-    /// abandoned. `None` if the pipeline aborts.
-    fn dump_namespaces(&self, stamp: &PollStamp) -> Option<(Vec<DumpReport>, Vec<u64>)> {
-        let mut abandoned = Vec::new();
-        let mut merged: Vec<DumpReport> = self
-            .families
-            .iter()
-            .map(|f| DumpReport::empty(f.family))
-            .collect();
+    /// Dumps every family of each namespace with a TCP socket, up to as
+    /// many namespaces at once as the dumps have netlinkers (the kernel
+    /// walks a namespace's table inside `recv`, so one netlinker takes the
+    /// namespaces in turn). `None` if the pipeline aborts.
+    fn dump_namespaces(&self, stamp: &PollStamp) -> Option<PollDumps> {
+        let window = dumps_at_once(&self.families);
+        let mut poll = PollDumps {
+            reports: self
+                .families
+                .iter()
+                .map(|f| DumpReport::empty(f.family))
+                .collect(),
+            ..PollDumps::default()
+        };
+        let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
         for ns in self.namespaces.iter() {
             let stamp = PollStamp {
                 netns_inode: ns.inode,
                 netns_name: Arc::clone(&ns.name),
                 ..stamp.clone()
             };
+            let mut started = 0;
             for (family, socket) in self.families.iter().zip(&ns.sockets) {
-                self.start_dump(family, socket, stamp.clone());
-            }
-            let reports = self.collect(self.families.len())?;
-            if reports.iter().any(|r| r.totals.timeouts > 0) {
-                abandoned.push(ns.inode);
-            }
-            for report in reports {
-                if let Some(m) = merged.iter_mut().find(|m| m.family == report.family) {
-                    m.merge(&report);
+                if ns.may_have_sockets(family.family.af, self.config.states) {
+                    self.start_dump(family, socket, stamp.clone());
+                    started += 1;
                 }
             }
+            if started == 0 {
+                poll.empty += 1;
+                continue;
+            }
+            let dumping = InFlight {
+                reports: started,
+                table: ns.table,
+                abandoned: false,
+            };
+            in_flight.insert(ns.inode, dumping);
+            while in_flight.len() >= window {
+                self.collect_one(&mut in_flight, &mut poll)?;
+            }
         }
-        Some((merged, abandoned))
+        while !in_flight.is_empty() {
+            self.collect_one(&mut in_flight, &mut poll)?;
+        }
+        Some(poll)
     }
 
     fn start_dump(&self, family: &FamilyState, socket: &Arc<SockDiagSocket>, stamp: PollStamp) {
@@ -204,9 +297,7 @@ impl Poller {
             stamp,
             self.report_tx.clone(),
         ));
-        // Published before the request goes out, so a netlinker that sees
-        // the first reply finds its dump.
-        *family.current() = Some(Arc::clone(&dump));
+        family.publish(Arc::clone(&dump));
         let c = &self.config;
         let filter = c.filter.as_ref().map_or(&[][..], |f| f.program());
         let request = filtered_dump_request(family.family.af, c.states, c.extensions, filter, seq);
@@ -217,44 +308,93 @@ impl Poller {
         }
     }
 
-    /// Waits for `expected` dump reports; `None` if the pipeline aborts.
-    fn collect(&self, expected: usize) -> Option<Vec<DumpReport>> {
-        let mut reports = Vec::with_capacity(expected);
-        while reports.len() < expected {
+    /// Waits for the next dump report and adds it to `poll`, ending its
+    /// namespace's entry in `in_flight` with its last; `None` if the
+    /// pipeline aborts.
+    fn collect_one(
+        &self,
+        in_flight: &mut HashMap<u64, InFlight>,
+        poll: &mut PollDumps,
+    ) -> Option<()> {
+        let report = loop {
             select! {
-                recv(self.report_rx) -> r => reports.extend(r.ok()),
+                recv(self.report_rx) -> r => if let Ok(r) = r { break r },
                 recv(self.shutdown.abort_signal()) -> _ => return None,
                 default(TIMEOUT_CHECK) => self.expire_silent_dumps(),
             }
+        };
+        let inode = report.netns_inode;
+        if let Some(ns) = in_flight.get_mut(&inode) {
+            ns.reports -= 1;
+            ns.abandoned |= report.totals.timeouts > 0;
+            let took = report.done_after.unwrap_or(report.finished_after);
+            poll.dump_time += took;
+            if matches!(ns.table, Table::Shared { .. }) {
+                poll.shared_table_time += took;
+            }
+            if ns.reports == 0 {
+                let ns = in_flight.remove(&inode).expect("just found");
+                poll.shared_table_namespaces +=
+                    usize::from(matches!(ns.table, Table::Shared { .. }));
+                if ns.abandoned {
+                    poll.abandoned.push(inode);
+                }
+            }
         }
-        reports.sort_by_key(|r| r.family.af);
-        Some(reports)
+        if let Some(m) = poll.reports.iter_mut().find(|m| m.family == report.family) {
+            m.merge(&report);
+        }
+        Some(())
     }
 
     fn expire_silent_dumps(&self) {
         let timeout = self.config.netlink_timeout;
         for family in &self.families {
-            let mut current = family.current();
-            if let Some(dump) = current.as_ref().filter(|d| d.idle_for() > timeout) {
-                dump.counters.count(|t| &mut t.timeouts);
-                dump.note_error(
-                    "timeout",
-                    format!(
-                        "no reply for {} (--netlink-timeout)",
-                        humantime::format_duration(timeout)
-                    ),
-                );
-                *current = None;
-            }
+            family.expire(|dump| {
+                let silent = dump.idle_for() > timeout;
+                if silent {
+                    dump.counters.count(|t| &mut t.timeouts);
+                    dump.note_error(
+                        "timeout",
+                        format!(
+                            "no reply for {} (--netlink-timeout)",
+                            humantime::format_duration(timeout)
+                        ),
+                    );
+                }
+                silent
+            });
         }
     }
 
     /// Moves the poll into the metrics and sends statsd what changed.
-    fn observe(&mut self, reports: &[DumpReport], long: bool, netns_errors: usize) {
-        self.metrics
-            .table
-            .netns
-            .set(self.namespaces.iter().count() as i64);
+    fn observe(&mut self, dumps: &PollDumps, long: bool, netns_errors: usize) {
+        let reports = &dumps.reports;
+        let table = &self.metrics.table;
+        table.netns.set(self.namespaces.iter().count() as i64);
+        table.netns_empty.set(dumps.empty as i64);
+        for kind in [
+            Table::Own { buckets: 0 },
+            Table::Shared { buckets: 0 },
+            Table::Unknown,
+        ] {
+            let label = kind.label();
+            let count = self
+                .namespaces
+                .iter()
+                .filter(|n| n.table.label() == label)
+                .count();
+            table
+                .netns_tables
+                .with_label_values(&[label])
+                .set(count as i64);
+        }
+        let shared = dumps.shared_table_time.as_secs_f64();
+        let dump_seconds = &table.netns_dump_seconds;
+        dump_seconds.with_label_values(&["shared"]).inc_by(shared);
+        dump_seconds
+            .with_label_values(&["other"])
+            .inc_by(dumps.dump_time.as_secs_f64() - shared);
         self.metrics.table.netns_errors.inc_by(netns_errors as u64);
         let pools: Vec<PoolState> = reports
             .iter()
@@ -282,7 +422,8 @@ impl Poller {
             .map(|f| &**f)
     }
 
-    fn report(&self, poll_id: u64, reports: &[DumpReport], took: Duration, long: bool) {
+    fn report(&mut self, poll_id: u64, dumps: &PollDumps, took: Duration, long: bool) {
+        let reports = &dumps.reports[..];
         if self.config.verbose {
             let buffers: Vec<usize> = reports
                 .iter()
@@ -300,6 +441,12 @@ impl Poller {
                 self.config.polling_safety_buffer,
                 humantime::format_duration(self.config.frequency)
             );
+        }
+        if !self.warned_shared_table {
+            if let Some(warning) = shared_table_warning(poll_id, dumps, &self.namespaces) {
+                xtcp_service::say!("{warning}");
+                self.warned_shared_table = true;
+            }
         }
     }
 }

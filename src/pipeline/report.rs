@@ -170,6 +170,7 @@ mod tests {
                 netlinkers: 1,
                 inetdiagers: 1,
             },
+            netns_inode: 0,
             totals,
             tcp_info_lengths: Default::default(),
             done_after: None,

@@ -20,6 +20,11 @@ use crate::common::{
 use serde_json::Value;
 use xtcp_testkit::{established_pairs, Netns, Pairs};
 
+/// What the exporter keeps open per namespace with the default layout: one
+/// dump socket (both families) and the namespace's `sockstat` and
+/// `sockstat6`, which tell an empty namespace.
+const NAMESPACE_FDS: usize = 3;
+
 /// A namespace with `pairs` IPv4 connections held open.
 struct Populated {
     ns: Netns,
@@ -193,9 +198,8 @@ fn named_namespaces_missing_appearing_deleted_and_recreated() {
     let b = Populated::new("nsb", 7);
     assert_eq!(b.name(), b_name);
     assert_eq!(exporter.next_poll(&ours), expect(&[&a, &b]));
-    // One more socket (one dump of both families) for the new namespace,
-    // no thread.
-    assert_eq!(exporter.footprint(), (fds + 1, threads));
+    // One namespace's descriptors more, no thread.
+    assert_eq!(exporter.footprint(), (fds + NAMESPACE_FDS, threads));
 
     drop(a);
     assert_eq!(exporter.next_poll(&ours), expect(&[&b]));
@@ -209,7 +213,7 @@ fn named_namespaces_missing_appearing_deleted_and_recreated() {
     let a2 = Populated::new("nsa", 3);
     assert_eq!(a2.name(), a_name);
     assert_eq!(exporter.next_poll(&ours), expect(&[&a2, &b]));
-    assert_eq!(exporter.footprint(), (fds + 1, threads));
+    assert_eq!(exporter.footprint(), (fds + NAMESPACE_FDS, threads));
 
     let stderr = exporter.stop();
     assert!(
@@ -245,7 +249,7 @@ fn all_netns_follows_run_netns() {
     let c = Populated::new("allc", 4);
     let d = Populated::new("alld", 2);
     assert_eq!(exporter.next_poll(&ours), expect(&[&c, &d]));
-    assert_eq!(exporter.footprint(), (fds + 2, threads));
+    assert_eq!(exporter.footprint(), (fds + 2 * NAMESPACE_FDS, threads));
 
     drop(c);
     drop(d);
@@ -433,8 +437,8 @@ fn all_netns_finds_namespaces_held_by_mounts_and_processes() {
     drop(docker);
     drop(named);
     assert_eq!(exporter.next_poll(&ours), expect(&[]));
-    // One socket per namespace gone, no thread more or less.
-    assert_eq!(exporter.footprint(), (fds - 3, threads));
+    // Three namespaces' descriptors gone, no thread more or less.
+    assert_eq!(exporter.footprint(), (fds - 3 * NAMESPACE_FDS, threads));
     let stderr = exporter.stop();
     assert_eq!(
         stopped_value(&stderr, "xtcp", "", "netns_errors"),

@@ -21,10 +21,17 @@
 //!
 //! `--repeat N` does it all N times, one round after the other.
 //!
-//! Prints one line per dump: `floor <dump> sockets N datagrams N bytes N`.
+//! `--netns NAME` (repeated) makes the dumps in each of these namespaces
+//! (under /run/netns) in turn, on sockets opened in each once at the start,
+//! as the exporter keeps them.
+//!
+//! Prints one line per dump: `floor <dump> sockets N datagrams N bytes N`
+//! (`floor <namespace>/<dump> ...` with `--netns`).
 
 use std::process::ExitCode;
 use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
 
 use clap::{Parser, ValueEnum};
 
@@ -64,6 +71,54 @@ struct Args {
     /// exporter polls), so that a poll's cost can be told from the start's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+    /// Dump in this namespace (a name under /run/netns) instead of this
+    /// one; repeated, in each in turn.
+    #[arg(long = "netns", value_name = "NAME")]
+    namespaces: Vec<String>,
+}
+
+/// The sockets of one namespace: one per dump of the plan, in its order.
+struct Namespace {
+    /// Empty: the floor's own namespace.
+    name: String,
+    sockets: Vec<SockDiagSocket>,
+}
+
+/// Opens `count` sockets in each namespace of `names` (or, with none, in
+/// this one), entering each on a thread of its own.
+fn open_namespaces(names: &[String], count: usize) -> Result<Vec<Namespace>, String> {
+    let open = || {
+        (0..count)
+            .map(|_| SockDiagSocket::open(Duration::from_secs(5)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())
+    };
+    if names.is_empty() {
+        return Ok(vec![Namespace {
+            name: String::new(),
+            sockets: open()?,
+        }]);
+    }
+    names
+        .iter()
+        .map(|name| {
+            let path = format!("/run/netns/{name}");
+            let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            let sockets = std::thread::scope(|s| {
+                s.spawn(|| {
+                    setns(&file, CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| format!("entering {path}: {e}"))?;
+                    open()
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
+            })?;
+            Ok(Namespace {
+                name: name.clone(),
+                sockets,
+            })
+        })
+        .collect()
 }
 
 /// One dump to drain: what it asks for and its name in the output.
@@ -93,8 +148,7 @@ fn request(dump: &Dump, seq: u32) -> Vec<u8> {
     )
 }
 
-fn drain(dump: &Dump) -> Result<Drained, DumpError> {
-    let socket = SockDiagSocket::open(Duration::from_secs(5))?;
+fn drain(dump: &Dump, socket: &SockDiagSocket) -> Result<Drained, DumpError> {
     let mut reader = socket.dump_with(|seq| request(dump, seq))?;
     let mut buf = vec![0u8; DUMP_DATAGRAM_MAX];
     let mut drained = Drained::default();
@@ -168,9 +222,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let count = threads.iter().map(Vec::len).sum();
+    let namespaces = match open_namespaces(&args.namespaces, count) {
+        Ok(namespaces) => namespaces,
+        Err(e) => {
+            xtcp_service::say!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut whole = true;
     for _ in 0..args.repeat {
-        whole &= round(&threads);
+        whole &= round(&threads, &namespaces);
     }
     if whole {
         ExitCode::SUCCESS
@@ -179,18 +241,36 @@ fn main() -> ExitCode {
     }
 }
 
-/// Drains every dump once, each thread its own in parallel, and prints
-/// them; `false` if a dump failed.
-fn round(threads: &[Vec<Dump>]) -> bool {
+/// Drains every dump once in every namespace, each thread its own dumps in
+/// parallel (namespace after namespace), and prints them; `false` if a
+/// dump failed.
+fn round(threads: &[Vec<Dump>], namespaces: &[Namespace]) -> bool {
     let results: Vec<(String, Result<Drained, String>)> = std::thread::scope(|s| {
+        let mut first = 0;
         let handles: Vec<_> = threads
             .iter()
             .map(|dumps| {
-                let names: Vec<String> = dumps.iter().map(|d| d.name.clone()).collect();
+                // This thread's dumps' sockets are at `first..` in each
+                // namespace.
+                let at = first;
+                first += dumps.len();
+                let names: Vec<String> = namespaces
+                    .iter()
+                    .flat_map(|ns| {
+                        dumps.iter().map(move |d| match &*ns.name {
+                            "" => d.name.clone(),
+                            netns => format!("{netns}/{}", d.name),
+                        })
+                    })
+                    .collect();
                 let handle = s.spawn(move || {
-                    dumps
+                    namespaces
                         .iter()
-                        .map(|d| drain(d).map_err(|e| e.to_string()))
+                        .flat_map(|ns| {
+                            dumps.iter().enumerate().map(move |(i, d)| {
+                                drain(d, &ns.sockets[at + i]).map_err(|e| e.to_string())
+                            })
+                        })
                         .collect::<Vec<_>>()
                 });
                 (names, handle)

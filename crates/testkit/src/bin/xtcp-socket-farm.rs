@@ -12,6 +12,13 @@
 //! program with `--worker`, each holding at most `--per-process` connections
 //! on its own listener port (20001, 20002, ...) inside the namespace. Any
 //! number of sockets fits: 200k sockets take 25 workers.
+//!
+//! `--namespaces N` makes a container host instead: N namespaces
+//! (`xtcp-NAME0-<pid>`, ...), each with `--pairs` connections per family on
+//! a listener per family (`--pairs 0`: no socket at all), all held by this
+//! process; `ready` names them, comma-separated. `--own-table BUCKETS` gives
+//! each its own TCP table (`net.ipv4.tcp_child_ehash_entries`, set in this
+//! namespace while they are made, then put back).
 
 use xtcp_testkit as scenario;
 
@@ -55,6 +62,14 @@ struct Cli {
     /// Most connections one worker process opens (2 descriptors each).
     #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u64).range(1..=9000))]
     per_process: u64,
+    /// Make this many namespaces, each with --pairs connections per family,
+    /// all held by this process.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2000))]
+    namespaces: Option<u64>,
+    /// With --namespaces: give each a TCP table of its own, of this many
+    /// buckets (rounded up to a power of 2 by the kernel).
+    #[arg(long, requires = "namespaces")]
+    own_table: Option<u32>,
     /// Internal: be a worker in this existing namespace.
     #[arg(long, hide = true, requires_all = ["family", "port"])]
     worker: Option<String>,
@@ -68,7 +83,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (&cli.worker, cli.family, cli.port) {
         (Some(ns), Some(family), Some(port)) => worker(ns, family, port, cli.pairs, cli.traffic),
-        _ => farm(&cli),
+        _ => match cli.namespaces {
+            Some(count) => container_host(&cli, count as usize),
+            None => farm(&cli),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +131,62 @@ fn farm(cli: &Cli) -> Result<(), Error> {
     }
     drop(ns);
     Ok(())
+}
+
+/// `--namespaces`: `count` namespaces of `--pairs` connections per family.
+fn container_host(cli: &Cli, count: usize) -> Result<(), Error> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let namespaces = with_child_table(cli.own_table, || {
+        (0..count)
+            .map(|i| scenario::Netns::create(&format!("{}{i}", cli.netns)))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    let mut held = Vec::new();
+    for ns in &namespaces {
+        if cli.pairs == 0 {
+            continue;
+        }
+        let pairs = std::thread::scope(|s| {
+            s.spawn(|| -> Result<_, Error> {
+                ns.enter()?;
+                let mut pairs = Vec::new();
+                for host in [
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, FIRST_PORT)),
+                    SocketAddr::from((Ipv6Addr::LOCALHOST, FIRST_PORT)),
+                ] {
+                    pairs.push(scenario::established_pairs(host, cli.pairs, cli.traffic)?);
+                }
+                Ok(pairs)
+            })
+            .join()
+            .map_err(|_| "a namespace's thread panicked")?
+        })?;
+        held.extend(pairs);
+    }
+    let sockets: usize = held.iter().map(|p| p.streams.len() + 1).sum();
+    let names: Vec<&str> = namespaces.iter().map(|n| n.name()).collect();
+    println!("ready {} {sockets}", names.join(","));
+    wait_for_stop()?;
+    drop(held);
+    drop(namespaces);
+    Ok(())
+}
+
+/// Runs `make` with `net.ipv4.tcp_child_ehash_entries` set to `buckets`
+/// (when given) in this namespace, then puts the old value back.
+fn with_child_table<T>(buckets: Option<u32>, make: impl FnOnce() -> T) -> Result<T, Error> {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
+    let Some(buckets) = buckets else {
+        return Ok(make());
+    };
+    let old = std::fs::read_to_string(SYSCTL)
+        .map_err(|e| format!("{SYSCTL}: {e} (--own-table needs Linux 6.1)"))?;
+    std::fs::write(SYSCTL, buckets.to_string())?;
+    let made = make();
+    std::fs::write(SYSCTL, old.trim())?;
+    Ok(made)
 }
 
 fn spawn_worker(
