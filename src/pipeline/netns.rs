@@ -54,16 +54,25 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Whether a dump of family `af` (`AF_UNSPEC`: both) asking for `states`
-    /// may find a socket: `false` only when the namespace's counts say it
-    /// has no TCP socket of the family hashed and none in TIME_WAIT.
-    /// Sockets that are bound but neither listening nor connected are not
-    /// counted, so a dump asking for them always runs.
-    pub fn may_have_sockets(&self, af: u8, states: u32) -> bool {
+    /// What the namespace's counts say about its TCP sockets for a poll
+    /// asking for `states`; `None` when they cannot tell (read once a poll,
+    /// whatever the number of dumps). Sockets that are bound but neither
+    /// listening nor connected are not counted, so a poll asking for them
+    /// cannot tell.
+    pub fn counts(&self, states: u32) -> Option<TcpCounts> {
         if states & BOUND_INACTIVE != 0 {
-            return true;
+            return None;
         }
-        let Ok(counts) = self.counts.read() else {
+        self.counts.read().ok()
+    }
+}
+
+impl TcpCounts {
+    /// Whether a dump of family `af` (`AF_UNSPEC`: both) may find a socket:
+    /// `false` only when there is none of the family hashed and none in
+    /// TIME_WAIT. An unknown count (no IPv6 in the kernel) is dumped.
+    pub fn may_have(counts: Option<&TcpCounts>, af: u8) -> bool {
+        let Some(counts) = counts else {
             return true;
         };
         let hashed = match af {
@@ -71,7 +80,6 @@ impl Namespace {
             AF_INET6 => counts.v6,
             _ => counts.v4.zip(counts.v6).map(|(a, b)| a + b),
         };
-        // An unknown count (no IPv6 in the kernel) is dumped.
         hashed.is_none_or(|n| n > 0) || counts.time_wait > 0
     }
 }
@@ -112,6 +120,9 @@ impl Table {
             .map_or(Table::Unknown, |s| Table::parse(&s))
     }
 
+    /// Every `table` label, in the metrics' order.
+    pub const LABELS: [&'static str; 3] = ["own", "shared", "unknown"];
+
     /// Its `table` label in the metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -132,7 +143,7 @@ struct SockStat {
 
 /// TCP sockets a namespace has, per its `sockstat` files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TcpCounts {
+pub struct TcpCounts {
     /// Hashed (listening, connecting, connected, closing) per family;
     /// `None` when the count is not there.
     v4: Option<u64>,

@@ -26,7 +26,7 @@ use crate::pipeline::changes::ChangeTracker;
 use crate::pipeline::closes::CloseState;
 use crate::pipeline::dump::Dump;
 use crate::pipeline::family::FamilyState;
-use crate::pipeline::netns::{Namespaces, Table};
+use crate::pipeline::netns::{Namespaces, Table, TcpCounts};
 use crate::pipeline::report::{dump_warning, poll_line, RunTotals};
 use crate::pipeline::sock_diag::SockDiagSocket;
 use crate::pipeline::watermark::Watermarks;
@@ -261,9 +261,10 @@ impl Poller {
                 netns_name: Arc::clone(&ns.name),
                 ..stamp.clone()
             };
+            let counts = ns.counts(self.config.states);
             let mut started = 0;
             for (family, socket) in self.families.iter().zip(&ns.sockets) {
-                if ns.may_have_sockets(family.family.af, self.config.states) {
+                if TcpCounts::may_have(counts.as_ref(), family.family.af) {
                     self.start_dump(family, socket, stamp.clone());
                     started += 1;
                 }
@@ -373,12 +374,7 @@ impl Poller {
         let table = &self.metrics.table;
         table.netns.set(self.namespaces.iter().count() as i64);
         table.netns_empty.set(dumps.empty as i64);
-        for kind in [
-            Table::Own { buckets: 0 },
-            Table::Shared { buckets: 0 },
-            Table::Unknown,
-        ] {
-            let label = kind.label();
+        for label in Table::LABELS {
             let count = self
                 .namespaces
                 .iter()
