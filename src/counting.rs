@@ -48,7 +48,7 @@ xtcp_service::counters! {
     malformed "a datagram could not be framed (lost)" => "xtcp_netlink_errors_total" ["kind" = "malformed"], exit "netlink_errors", warn "netlink datagrams lost";
     kernel_errors "the kernel ended a dump with an error" => "xtcp_netlink_errors_total" ["kind" = "kernel"], exit "netlink_errors", warn "kernel errors";
     request_errors "the dump request could not be sent" => "xtcp_netlink_errors_total" ["kind" = "request"], exit "netlink_errors", warn "requests not sent";
-    timeouts "nothing came for --netlink-timeout while a netlinker was free to receive (waiting on a full channel does not count), and the dump was abandoned" => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "dumps abandoned (nothing received for --netlink-timeout)";
+    timeouts "nothing came for --netlink-timeout while a netlinker was free to receive (waiting on a full channel does not count, nor waiting for its turn while another namespace's dump is read), and the dump was abandoned" => "xtcp_netlink_errors_total" ["kind" = "timeout"], exit "timeouts", warn "dumps abandoned (nothing received for --netlink-timeout)";
     interrupted "Dumps with a datagram flagged NLM_F_DUMP_INTR: the socket table changed under the dump, so a socket may be missing or repeated in that poll." => "xtcp_netlink_interrupted_dumps_total", unit Dumps, exit "interrupted", warn "datagrams flagged NLM_F_DUMP_INTR (sockets may be missing or repeated)";
 }
 
@@ -148,6 +148,9 @@ pub struct DumpReport {
     pub done_after: Option<Duration>,
     /// From the request to the last record sent.
     pub finished_after: Duration,
+    /// Spent in the kernel's walk: in the request's `send` and the replies'
+    /// `recv` (the clock of a dump waiting its turn does not run).
+    pub kernel_time: Duration,
     /// The first problem of each kind, to say what went wrong.
     pub first_errors: Vec<String>,
 }
@@ -162,6 +165,7 @@ impl DumpReport {
             tcp_info_lengths: TcpInfoLengths::default(),
             done_after: Some(Duration::ZERO),
             finished_after: Duration::ZERO,
+            kernel_time: Duration::ZERO,
             first_errors: Vec::new(),
         }
     }
@@ -174,6 +178,7 @@ impl DumpReport {
         self.tcp_info_lengths.merge(&other.tcp_info_lengths);
         self.done_after = self.done_after.zip(other.done_after).map(|(a, b)| a + b);
         self.finished_after += other.finished_after;
+        self.kernel_time += other.kernel_time;
         self.first_errors.extend(other.first_errors.iter().cloned());
     }
 }

@@ -43,7 +43,7 @@ xtcp_service::metrics_table! {
     netns_tables: IntGaugeVec "xtcp_netns_tables" ["table"]
         "Namespaces covered by the last poll, by their TCP table: own, shared (the host's, walked whole by every dump of each), unknown (kernels before 6.1).";
     netns_dump_seconds: CounterVec "xtcp_netns_dump_seconds_total" ["table"]
-        "Time from dump requests to NLMSG_DONE, summed over the dumps of namespaces that share the host's TCP table (shared) and of the others (other).";
+        "Time the kernel spent walking socket tables for dumps (in the requests' send and the replies' recv), summed over the dumps of namespaces that share the host's TCP table (shared) and of the others (other).";
     netns_errors: IntCounter "xtcp_netns_errors_total" []
         "Selected namespaces a poll could not dump (gone, not a namespace, no permission), counted at every poll that misses them.";
     // Netlinkers (their dump counters are in crate::counting).
@@ -258,6 +258,7 @@ pub(crate) mod tests {
             tcp_info_lengths,
             done_after: Some(Duration::from_millis(125)),
             finished_after: Duration::from_millis(250),
+            kernel_time: Duration::from_millis(100),
             first_errors: Vec::new(),
         }
     }

@@ -35,6 +35,7 @@ pub struct Dump {
     /// the output is slow, not the kernel, so the clock does not run.
     blocked_on_output: AtomicU32,
     done_ns: AtomicU64,
+    kernel_ns: AtomicU64,
     first_errors: Mutex<Vec<String>>,
     report_tx: Sender<DumpReport>,
 }
@@ -60,6 +61,7 @@ impl Dump {
             last_progress_ns: AtomicU64::new(0),
             blocked_on_output: AtomicU32::new(0),
             done_ns: AtomicU64::new(0),
+            kernel_ns: AtomicU64::new(0),
             first_errors: Mutex::new(Vec::new()),
             report_tx,
         }
@@ -90,6 +92,12 @@ impl Dump {
     pub fn blocked_on_output(&self) -> OutputBlocked<'_> {
         self.blocked_on_output.fetch_add(1, Relaxed);
         OutputBlocked(self)
+    }
+
+    /// Adds time spent in a syscall of this dump's where the kernel walks
+    /// its table (the request's `send`, a reply's `recv`).
+    pub fn add_kernel_time(&self, took: Duration) {
+        self.kernel_ns.fetch_add(took.as_nanos() as u64, Relaxed);
     }
 
     pub fn mark_done(&self) {
@@ -141,6 +149,7 @@ impl Drop for Dump {
                 .unwrap_or_else(|e| e.into_inner()),
             done_after: (done_ns != 0).then(|| Duration::from_nanos(done_ns)),
             finished_after: self.started.elapsed(),
+            kernel_time: Duration::from_nanos(*self.kernel_ns.get_mut()),
             first_errors: std::mem::take(
                 self.first_errors
                     .get_mut()

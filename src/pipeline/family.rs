@@ -107,8 +107,17 @@ impl FamilyState {
     }
 
     /// Retires every current dump `expired` says the kernel stopped
-    /// answering.
-    pub fn expire(&self, mut expired: impl FnMut(&Dump) -> bool) {
-        self.dumps().retain(|_, d| !expired(d));
+    /// answering, unless one is still `progressing`: then the netlinkers are
+    /// busy with it, and the others wait their turn (their replies queue in
+    /// their sockets), however long that takes.
+    pub fn expire(
+        &self,
+        progressing: impl Fn(&Dump) -> bool,
+        mut expired: impl FnMut(&Dump) -> bool,
+    ) {
+        let mut dumps = self.dumps();
+        if !dumps.values().any(|d| progressing(d)) {
+            dumps.retain(|_, d| !expired(d));
+        }
     }
 }

@@ -96,7 +96,10 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         let Some(mut buf) = family.pool.get(shutdown.abort_signal()) else {
             return;
         };
-        let len = match socket.recv(&mut buf, false) {
+        let began = Instant::now();
+        let received = socket.recv(&mut buf, false);
+        let took = began.elapsed();
+        let len = match received {
             Ok(len) => len,
             Err(DumpError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -111,6 +114,7 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         let Some((dump, sockets)) = claim(family, token, &socket, dump, &buf[..len]) else {
             continue;
         };
+        dump.add_kernel_time(took);
         if sockets {
             // A batch holds one dump: the tail of the last one goes first.
             let other = batch.first().is_some_and(|r| !Arc::ptr_eq(&r.dump, &dump));

@@ -3,7 +3,9 @@
 //! [`Dump`] per enabled family and send its request, then wait until every
 //! dump is finished (all records sent), abandoning a dump the kernel stops
 //! answering for `--netlink-timeout` (time a netlinker waits on a full
-//! channel does not count: that is a slow output, and the dump goes on).
+//! channel does not count: that is a slow output, and the dump goes on;
+//! nor does a dump's wait for its turn while another namespace's dump of
+//! the family makes progress).
 //! The sockets of a namespace with an abandoned dump are replaced before
 //! its next request. A family's dumps of all namespaces
 //! add up to its report of the poll. It reports each poll, counts long
@@ -86,19 +88,27 @@ struct PollDumps {
     empty: usize,
     /// Namespaces dumped that share the host's table.
     shared_table_namespaces: usize,
-    /// Time from the requests to `NLMSG_DONE`, summed over every dump, and
-    /// over those of namespaces that share the host's table.
+    /// Time the kernel spent walking (`DumpReport::kernel_time`), summed
+    /// over every dump, and over those of namespaces that share the host's
+    /// table.
     dump_time: Duration,
     shared_table_time: Duration,
 }
 
-/// Namespaces dumped side by side: as many as the dumps have netlinkers.
+/// Namespaces whose dumps may be in flight at once, per netlinker. One at a
+/// time would leave every thread idle at each namespace's end: the poller
+/// waits for the report, the netlinker for the next request, the inetdiager
+/// for the next batch, and each wakes the next (three wake-ups per
+/// namespace, which cost more than a small namespace's dump). A few queued
+/// requests keep them busy; the kernel holds each one's replies in its
+/// socket's receive buffer until a netlinker reads them.
+const DUMPS_IN_FLIGHT_PER_NETLINKER: usize = 8;
+
+/// Namespaces dumped side by side: as many netlinkers as the dumps have
+/// read them in parallel, each with a few more queued.
 fn dumps_at_once(families: &[Arc<FamilyState>]) -> usize {
-    families
-        .iter()
-        .map(|f| f.family.netlinkers)
-        .max()
-        .unwrap_or(1)
+    let netlinkers = families.iter().map(|f| f.family.netlinkers).max();
+    netlinkers.unwrap_or(1) * DUMPS_IN_FLIGHT_PER_NETLINKER
 }
 
 /// A namespace whose dumps are running.
@@ -136,8 +146,8 @@ fn shared_table_warning(
     })?;
     Some(format!(
         "warning: poll {poll_id}: {} of {dumped} namespaces dumped share the host's TCP table \
-         ({buckets} buckets, walked whole by each of their dumps) and took {:.0}% of the dump \
-         time; give them tables of their own with net.ipv4.tcp_child_ehash_entries set before \
+         ({buckets} buckets, walked whole by each of their dumps) and took {:.0}% of the kernel's \
+         dump time; give them tables of their own with net.ipv4.tcp_child_ehash_entries set before \
          they are made (docs/operations.md, \"Container hosts\"). Said once.",
         dumps.shared_table_namespaces,
         share * 100.0
@@ -240,10 +250,11 @@ impl Poller {
         !self.shutdown.wait_stop(wait)
     }
 
-    /// Dumps every family of each namespace with a TCP socket, up to as
-    /// many namespaces at once as the dumps have netlinkers (the kernel
-    /// walks a namespace's table inside `recv`, so one netlinker takes the
-    /// namespaces in turn). `None` if the pipeline aborts.
+    /// Dumps every family of each namespace with a TCP socket, up to
+    /// [`dumps_at_once`] namespaces at once: the kernel walks a namespace's
+    /// table in the request's `send` (as far as one reply datagram takes
+    /// it) and then inside `recv`, so dumps run side by side only with more
+    /// than one netlinker. `None` if the pipeline aborts.
     fn dump_namespaces(&self, stamp: &PollStamp) -> Option<PollDumps> {
         let window = dumps_at_once(&self.families);
         let mut poll = PollDumps {
@@ -302,7 +313,10 @@ impl Poller {
         let c = &self.config;
         let filter = c.filter.as_ref().map_or(&[][..], |f| f.program());
         let request = filtered_dump_request(family.family.af, c.states, c.extensions, filter, seq);
-        if let Err(e) = socket.send(&request) {
+        let began = Instant::now();
+        let sent = socket.send(&request);
+        dump.add_kernel_time(began.elapsed());
+        if let Err(e) = sent {
             dump.counters.count(|t| &mut t.request_errors);
             dump.note_error("request", e);
             family.retire(&dump);
@@ -328,7 +342,7 @@ impl Poller {
         if let Some(ns) = in_flight.get_mut(&inode) {
             ns.reports -= 1;
             ns.abandoned |= report.totals.timeouts > 0;
-            let took = report.done_after.unwrap_or(report.finished_after);
+            let took = report.kernel_time;
             poll.dump_time += took;
             if matches!(ns.table, Table::Shared { .. }) {
                 poll.shared_table_time += took;
@@ -351,20 +365,23 @@ impl Poller {
     fn expire_silent_dumps(&self) {
         let timeout = self.config.netlink_timeout;
         for family in &self.families {
-            family.expire(|dump| {
-                let silent = dump.idle_for() > timeout;
-                if silent {
-                    dump.counters.count(|t| &mut t.timeouts);
-                    dump.note_error(
-                        "timeout",
-                        format!(
-                            "no reply for {} (--netlink-timeout)",
-                            humantime::format_duration(timeout)
-                        ),
-                    );
-                }
-                silent
-            });
+            family.expire(
+                |dump| dump.idle_for() <= timeout,
+                |dump| {
+                    let silent = dump.idle_for() > timeout;
+                    if silent {
+                        dump.counters.count(|t| &mut t.timeouts);
+                        dump.note_error(
+                            "timeout",
+                            format!(
+                                "no reply for {} (--netlink-timeout)",
+                                humantime::format_duration(timeout)
+                            ),
+                        );
+                    }
+                    silent
+                },
+            );
         }
     }
 

@@ -175,6 +175,7 @@ mod tests {
             tcp_info_lengths: Default::default(),
             done_after: None,
             finished_after: Duration::from_millis(3),
+            kernel_time: Duration::from_millis(1),
             first_errors: vec!["send: Connection refused".into()],
         }
     }

@@ -27,6 +27,7 @@ use nix::sys::socket::{SockProtocol, SockType};
 use nix::unistd::Pid;
 use serde_json::Value;
 use xtcp::wire::message::{NLMSG_NOOP, NLM_F_DUMP_INTR, NLM_F_MULTI};
+use xtcp_testkit::Netns;
 
 /// `xtcp` in the farm with these flags and `--dump-layout per-family`.
 fn xtcp(farm: &Farm, args: &[&str]) -> std::process::Command {
@@ -192,11 +193,17 @@ fn dump_intr_and_malformed_datagrams_are_counted_and_the_next_poll_is_whole() {
 /// netlinkers wait on the full channel and the kernel waits with them, which
 /// is a slow output, not a silent kernel. The poll is slow but whole: no
 /// dump is abandoned, nothing is stale, and memory stays at the pool's bound.
+/// A second namespace's dumps, requested while the farm's stall, wait their
+/// turn that long and are not abandoned either.
 #[test]
 fn a_slow_output_makes_a_poll_slow_but_whole() {
     let Some(farm) = Farm::new("stall") else {
         return;
     };
+    let queued = Netns::create("stallqueued").unwrap();
+    let _listener = in_ns(&queued, || {
+        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 40001)).unwrap()
+    });
     let mut running = stalled(
         &farm,
         &[
@@ -206,6 +213,11 @@ fn a_slow_output_makes_a_poll_slow_but_whole() {
             "500ms",
             "--max-loops",
             "3",
+            // The farm's namespace first, so that the other's dumps queue.
+            "--netns",
+            "/proc/self/ns/net",
+            "--netns",
+            queued.name(),
         ],
     );
     wait_stalled(running.child().id());
@@ -213,7 +225,7 @@ fn a_slow_output_makes_a_poll_slow_but_whole() {
     let stdout = drain(running.child().stdout.take().unwrap());
     let (stderr, polls) = finish(running, stdout);
 
-    let sockets = farm.keys.len() as u64;
+    let sockets = farm.keys.len() as u64 + 1;
     assert_eq!(
         polls,
         [(1, sockets), (2, sockets), (3, sockets)].into(),
@@ -249,25 +261,23 @@ fn a_dump_nobody_reads_is_abandoned_and_the_next_poll_is_whole() {
         return;
     };
     let receiver = Receiver::start(&farm.ns);
+    // Built before the clock starts (the first test to ask builds it).
+    let mut exporter = xtcp(
+        &farm,
+        &[
+            "--netlink-timeout",
+            "1s",
+            "--frequency",
+            "2s",
+            "--max-loops",
+            "4",
+            "--no-statsd",
+            "-v",
+        ],
+    );
+    exporter.stderr(Stdio::piped());
     let started = Instant::now();
-    let mut running = Running(Some(
-        xtcp(
-            &farm,
-            &[
-                "--netlink-timeout",
-                "1s",
-                "--frequency",
-                "2s",
-                "--max-loops",
-                "4",
-                "--no-statsd",
-                "-v",
-            ],
-        )
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
-    ));
+    let mut running = Running(Some(exporter.spawn().unwrap()));
     let pid = running.child().id();
     // Poll 1 at 0 s is whole. Stopped from 1 s: poll 2 (2 s) and poll 3
     // (4 s, on the old sockets it would be refused) hear nothing until the

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    can_run_in_netns, in_ns, serial, stopped_value, workspace_bin, Key, Need, Running,
+    can_run_in_netns, in_ns, metric, scrape, serial, stopped_value, workspace_bin, Key, Need,
+    Running,
 };
 use serde_json::Value;
 use xtcp_testkit::{established_pairs, Netns, Pairs};
@@ -24,6 +25,9 @@ use xtcp_testkit::{established_pairs, Netns, Pairs};
 /// dump socket (both families) and the namespace's `sockstat` and
 /// `sockstat6`, which tell an empty namespace.
 const NAMESPACE_FDS: usize = 3;
+
+/// The exporter's metrics port in its own namespace.
+const PROM_PORT: u16 = 9000;
 
 /// A namespace with `pairs` IPv4 connections held open.
 struct Populated {
@@ -36,6 +40,11 @@ struct Populated {
 impl Populated {
     fn new(tag: &str, pairs: usize) -> Populated {
         let ns = Netns::create(tag).expect("create network namespace (run the tests as root)");
+        Populated::holding(ns, pairs)
+    }
+
+    /// `ns` with `pairs` connections and their listener.
+    fn holding(ns: Netns, pairs: usize) -> Populated {
         let server = SocketAddr::from((Ipv4Addr::LOCALHOST, 40001));
         let held = in_ns(&ns, || established_pairs(server, pairs, false).unwrap());
         let keys: BTreeSet<Key> = held.keys().unwrap().into_iter().collect();
@@ -75,7 +84,8 @@ impl Exporter {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", home.name()])
             .arg(workspace_bin("xtcp"))
-            .args(["--frequency", "200ms", "--dest", "stdout", "--no-prom"])
+            .args(["--frequency", "200ms", "--dest", "stdout"])
+            .args(["--prom-listen", &format!("127.0.0.1:{PROM_PORT}")])
             .args(["--no-statsd"])
             .args(flags)
             .stdout(Stdio::piped())
@@ -445,4 +455,77 @@ fn all_netns_finds_namespaces_held_by_mounts_and_processes() {
         0,
         "{stderr}"
     );
+}
+
+/// A container host: namespaces made inside a parent namespace whose
+/// `tcp_child_ehash_entries` decides their table (0: the host's; 16: their
+/// own), one of them empty. The exporter dumps exactly the sockets of the
+/// populated ones, does not dump the empty one until it has a socket, says
+/// which table each has, and warns once that the shared tables take the
+/// dump time; with 2 netlinkers (dumps side by side) the sockets are the
+/// same.
+#[test]
+fn container_host_dumps_only_what_has_sockets_and_knows_each_table() {
+    if !can_run_in_netns(&[Need::Tool("nsenter")]) {
+        return;
+    }
+    let _serial = serial();
+    let home = Netns::create("chhome").unwrap();
+    let parent = Netns::create("chparent").unwrap();
+    parent
+        .sysctl("net.ipv4.tcp_child_ehash_entries", "0")
+        .unwrap();
+    let shared = Populated::holding(Netns::create_in(&parent, "chshared").unwrap(), 4);
+    let empty = Netns::create_in(&parent, "chempty").unwrap();
+    parent
+        .sysctl("net.ipv4.tcp_child_ehash_entries", "16")
+        .unwrap();
+    let own = Populated::holding(Netns::create_in(&parent, "chown").unwrap(), 3);
+    let names = [shared.name(), empty.name(), own.name()];
+    let selected = names.join(",");
+
+    for netlinkers in ["1", "2"] {
+        let exporter = Exporter::start(
+            &home,
+            &[
+                "--netns",
+                &selected,
+                "--netlinkers4",
+                netlinkers,
+                "--netlinkers6",
+                netlinkers,
+            ],
+        );
+        assert_eq!(exporter.next_poll(&names), expect(&[&shared, &own]));
+        let body = scrape(&home, PROM_PORT);
+        let value = |name: &str| metric::<f64>(&body, name);
+        assert_eq!(value("xtcp_netns"), Some(3.0), "{body}");
+        assert_eq!(value("xtcp_netns_empty"), Some(1.0), "{body}");
+        assert_eq!(value("xtcp_netns_tables{table=\"own\"}"), Some(1.0));
+        assert_eq!(value("xtcp_netns_tables{table=\"shared\"}"), Some(2.0));
+        assert_eq!(value("xtcp_netns_tables{table=\"unknown\"}"), Some(0.0));
+        for table in ["shared", "other"] {
+            let seconds = value(&format!(
+                "xtcp_netns_dump_seconds_total{{table=\"{table}\"}}"
+            ));
+            assert!(seconds.is_some_and(|s| s > 0.0), "{table}: {body}");
+        }
+        let stderr = exporter.stop();
+        let warnings = stderr.matches("share the host's TCP table").count();
+        assert_eq!(warnings, 1, "{stderr}");
+        assert!(stderr.contains("1 of 2 namespaces dumped"), "{stderr}");
+    }
+
+    // A socket in the empty namespace: dumped from the next poll on.
+    let exporter = Exporter::start(&home, &["--netns", &selected]);
+    assert_eq!(exporter.next_poll(&names), expect(&[&shared, &own]));
+    let listener = in_ns(&empty, || {
+        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 40001)).unwrap()
+    });
+    let port = listener.local_addr().unwrap().port();
+    let poll = exporter.next_poll(&names);
+    let seen = &poll[empty.name()];
+    assert_eq!(seen.keys, [(2, port, 0)].into());
+    assert_eq!(seen.inodes, [empty.inode().unwrap()].into());
+    exporter.stop();
 }

@@ -82,11 +82,12 @@ def measure(ns, argv):
         return wall, usage.ru_utime + usage.ru_stime, int(rss.read().split()[-1]) / 1024
 
 
-def xtcp_poll(ns, flags=(), polls=1):
-    """measure() of `polls` polls back to back with these extra flags, and
-    the records the receiver counted."""
+def xtcp_poll(ns, flags=(), polls=1, binary=None):
+    """measure() of `polls` polls back to back with these extra flags (of
+    `binary`, by default this tree's xtcp), and the records the receiver
+    counted."""
     receiver = start_receiver(ns, PORT, "count")
-    result = measure(ns, [f"{BIN}/xtcp", "--max-loops", str(polls), "--frequency", "1ms",
+    result = measure(ns, [binary or f"{BIN}/xtcp", "--max-loops", str(polls), "--frequency", "1ms",
                           "--no-prom", "--no-statsd", "--dest", f"udp:127.0.0.1:{PORT}", *flags])
     receiver.send_signal(signal.SIGTERM)
     _, err = receiver.communicate()

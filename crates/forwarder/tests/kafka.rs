@@ -408,7 +408,7 @@ fn without_a_broker_every_record_is_counted_as_dropped() {
     sender.send_to(b"\x0a\x02\xff\xff", listen).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let scrape = loop {
-        let body = scrape(&alone);
+        let body = scrape(&alone.ns, FORWARDER_PROM_PORT as u16);
         if body.contains("xtcp_forwarder_datagrams_total 22") {
             break body;
         }
@@ -454,29 +454,6 @@ fn alone_forwarder(alone: &Alone, args: &[&str]) -> Running {
     ));
     alone.wait_bound(UDP_PORT, &mut forwarder);
     forwarder
-}
-
-/// The forwarder's `/metrics` in `alone`'s namespace, once it serves.
-fn scrape(alone: &Alone) -> String {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let connected = in_ns(&alone.ns, || {
-            TcpStream::connect((Ipv4Addr::LOCALHOST, FORWARDER_PROM_PORT as u16))
-        });
-        if let Ok(mut s) = connected {
-            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).unwrap();
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the forwarder did not serve metrics"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -560,12 +537,6 @@ fn sigterm_forwards_what_is_queued_and_the_totals_balance() {
     assert_eq!(forwarder_total(&stderr, "dropped_records"), 100, "{stderr}");
 }
 
-fn metric(scrape: &str, name: &str) -> Option<u64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Driven into kernel drops (a small buffer, stopped during a burst, the
 /// last datagrams dropped too), the forwarder counts as lost exactly the
 /// records it did not receive, the tail from the run's stop watermark,
@@ -587,15 +558,15 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
             "0s",
         ],
     );
-    scrape(&alone); // serving, so bound
+    scrape(&alone.ns, FORWARDER_PROM_PORT as u16); // serving, so bound
     let pid = forwarder.child().id();
     let (datagrams, per) = (400, 5);
     let sent = overflow_receiver(&alone, pid, UDP_PORT, 0xfeed, datagrams, per);
     // The drop counter is read every second, holes are lost after 5 s.
     let deadline = Instant::now() + Duration::from_secs(20);
     let scraped = loop {
-        let body = scrape(&alone);
-        let got = |name| metric(&body, name).unwrap_or(0);
+        let body = scrape(&alone.ns, FORWARDER_PROM_PORT as u16);
+        let got = |name| metric::<u64>(&body, name).unwrap_or(0);
         let accounted =
             got("xtcp_forwarder_records_total") + got("xtcp_forwarder_records_lost_total");
         if accounted == sent && got("xtcp_forwarder_kernel_drops_total") > 0 {
@@ -607,12 +578,15 @@ fn the_forwarder_counts_exactly_what_the_kernel_dropped() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let drops = metric(&scraped, "xtcp_forwarder_kernel_drops_total").unwrap();
+    let drops = metric::<u64>(&scraped, "xtcp_forwarder_kernel_drops_total").unwrap();
     assert_eq!(
-        metric(&scraped, "xtcp_forwarder_runs_stopped_total"),
+        metric::<u64>(&scraped, "xtcp_forwarder_runs_stopped_total"),
         Some(1)
     );
-    assert_eq!(metric(&scraped, "xtcp_forwarder_watermarks_total"), Some(1));
+    assert_eq!(
+        metric::<u64>(&scraped, "xtcp_forwarder_watermarks_total"),
+        Some(1)
+    );
     let (status, stderr) = forwarder.terminate();
     assert!(status.success(), "{stderr}");
     let received = forwarder_total(&stderr, "records");
@@ -652,27 +626,33 @@ fn a_run_that_stops_talking_is_counted_silent() {
     sender.send_to(&mark, listen).unwrap();
     let silent = |body: &str| {
         (
-            metric(body, "xtcp_forwarder_runs_silent"),
-            metric(body, "xtcp_forwarder_runs_silent_total"),
+            metric::<u64>(body, "xtcp_forwarder_runs_silent"),
+            metric::<u64>(body, "xtcp_forwarder_runs_silent_total"),
         )
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     let body = loop {
-        let body = scrape(&alone);
+        let body = scrape(&alone.ns, FORWARDER_PROM_PORT as u16);
         if silent(&body) == (Some(1), Some(1)) {
             break body;
         }
         assert!(Instant::now() < deadline, "not silent:\n{body}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(metric(&body, "xtcp_forwarder_runs_heard_total"), Some(1));
-    assert_eq!(metric(&body, "xtcp_forwarder_records_lost_total"), Some(0));
+    assert_eq!(
+        metric::<u64>(&body, "xtcp_forwarder_runs_heard_total"),
+        Some(1)
+    );
+    assert_eq!(
+        metric::<u64>(&body, "xtcp_forwarder_records_lost_total"),
+        Some(0)
+    );
     // Its next poll: live again, still counted once.
     sender
         .send_to(&numbered_envelope(0xd1e, 4, 3), listen)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while silent(&scrape(&alone)) != (Some(0), Some(1)) {
+    while silent(&scrape(&alone.ns, FORWARDER_PROM_PORT as u16)) != (Some(0), Some(1)) {
         assert!(Instant::now() < deadline, "still silent");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -779,7 +759,7 @@ fn an_unprivileged_forwarder_says_its_receive_buffer_is_short() {
             .unwrap(),
     ));
     alone.wait_bound(UDP_PORT, &mut forwarder);
-    let scrape = scrape(&alone);
+    let scrape = scrape(&alone.ns, FORWARDER_PROM_PORT as u16);
     let granted = scrape
         .lines()
         .find_map(|l| l.strip_prefix("xtcp_forwarder_receive_buffer_bytes "))

@@ -295,6 +295,38 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// The metrics served on `127.0.0.1:port` of `ns` at `/metrics`, once
+/// something serves them (10 s at most).
+pub fn scrape(ns: &Netns, port: u16) -> String {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected = in_ns(ns, || {
+            std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        });
+        if let Ok(mut s) = connected {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing served metrics on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of the series `name` (with its labels, `x{a="b"}`) in a
+/// scrape.
+pub fn metric<T: std::str::FromStr>(scrape: &str, name: &str) -> Option<T> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn key(r: &Record) -> Key {
     (
         r.inet_diag_msg_family,

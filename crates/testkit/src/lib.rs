@@ -27,7 +27,11 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
+    run_ip(Command::new("ip").args(args), args)
+}
+
+fn run_ip(cmd: &mut Command, args: &[&str]) -> io::Result<()> {
+    let out = cmd.output()?;
     if out.status.success() {
         Ok(())
     } else {
@@ -45,15 +49,33 @@ impl Netns {
     /// benches bind, so a port a test's server binds is never one a client
     /// of a farm was given.
     pub fn create(tag: &str) -> io::Result<Netns> {
+        Self::create_with(tag, |name| ip(&["netns", "add", name]))
+    }
+
+    /// [`Self::create`] from inside `parent`, whose sysctls a new namespace
+    /// reads as it is made (`net.ipv4.tcp_child_ehash_entries`: its own TCP
+    /// table), leaving the host's untouched. `nsenter` switches only the
+    /// network namespace, so the name is mounted where the host sees it.
+    pub fn create_in(parent: &Netns, tag: &str) -> io::Result<Netns> {
+        Self::create_with(tag, |name| {
+            let args = ["netns", "add", name];
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{}", parent.name))
+                .arg("ip")
+                .args(args);
+            run_ip(&mut cmd, &args)
+        })
+    }
+
+    fn create_with(tag: &str, add: impl FnOnce(&str) -> io::Result<()>) -> io::Result<Netns> {
         let name = format!("xtcp-{tag}-{}", std::process::id());
         // A namespace left by a killed earlier run of the same pid: replace it.
         let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
+        add(&name)?;
         let ns = Netns { name };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
         let (low, high) = EPHEMERAL_PORTS;
-        let range = format!("net.ipv4.ip_local_port_range={low} {high}");
-        ip(&["netns", "exec", &ns.name, "sysctl", "-q", "-w", &range])?;
+        ns.sysctl("net.ipv4.ip_local_port_range", &format!("{low} {high}"))?;
         Ok(ns)
     }
 
@@ -69,6 +91,12 @@ impl Netns {
             .arg(program)
             .args(args);
         cmd
+    }
+
+    /// Writes `value` to the namespace's sysctl `key` (`net.ipv4.x`).
+    pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let setting = format!("{key}={value}");
+        ip(&["netns", "exec", &self.name, "sysctl", "-q", "-w", &setting])
     }
 
     /// The namespace's inode, as records carry it in `netns_inode`.
