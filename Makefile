@@ -7,7 +7,7 @@ FUZZ_MAX_LEN ?= 8192
 # Tools `cargo install` puts here (cargo-fuzz, tansu) are run by name.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run build build-shipped build-all install deb test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-forwarder bench-closes bench-changes bench-netns-scan bench-e2e bench-filter bench-netns soak footprint fixtures clean
+.PHONY: run build build-shipped build-all install deb test test-deps check lint fuzz-smoke fuzz bench bench-udp bench-forwarder bench-closes bench-changes bench-netns-scan bench-e2e bench-filter bench-netns bench-owner soak footprint fixtures clean
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -112,6 +112,10 @@ bench-filter: build-all
 ## bench-netns: a poll of 200 namespaces (shared tables, own tables, empty) against the kernel's floor making the same dumps, with 1 and 2 netlinkers (root; NAMESPACES, PAIRS, POLLS, REPS, CASES)
 bench-netns: build-all
 	python3 tools/bench/bench_netns.py
+
+## bench-owner: a poll of 100k sockets in a pod's container cgroup with and without the cgroup path and owner fields: CPU and bytes (root; SIZE, REPS)
+bench-owner: build-all
+	python3 tools/bench/bench_owner.py
 
 ## soak: 10 minutes of socket churn under a polling exporter, RSS/threads/descriptors sampled (root; SOAK_SECS; 30 s of it runs in make test)
 soak:

@@ -16,7 +16,9 @@
 //!   its command-line rules and its metrics endpoint are `xtcp_service`'s,
 //!   shared with the forwarder and the debug server).
 //! - [`identity`]: the hostname and instance every record carries.
+//! - [`attribution`]: whose connection a socket is, from its cgroup.
 
+pub mod attribution;
 pub mod config;
 pub mod counting;
 pub mod export;

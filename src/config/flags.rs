@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    Dest, DumpLayout, OutputFormat, DEFAULT_CLOSE_BUFFER, DEFAULT_PROM_LISTEN, DEFAULT_PROM_PATH,
-    DEFAULT_SNAPSHOT_EVERY, DEFAULT_STATSD_DST, DEFAULT_UDP_BATCH_BYTES, MAX_CLOSE_BUFFER,
-    MAX_UDP_PAYLOAD,
+    Dest, DumpLayout, OutputFormat, DEFAULT_CGROUP_CACHE, DEFAULT_CLOSE_BUFFER,
+    DEFAULT_PROM_LISTEN, DEFAULT_PROM_PATH, DEFAULT_SNAPSHOT_EVERY, DEFAULT_STATSD_DST,
+    DEFAULT_UDP_BATCH_BYTES, MAX_CLOSE_BUFFER, MAX_UDP_PAYLOAD,
 };
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
@@ -250,6 +250,21 @@ pub(super) struct Cli {
     /// every socket, so a consumer can rebuild the table.
     #[arg(long, env = "XTCP_SNAPSHOT_EVERY", default_value_t = DEFAULT_SNAPSHOT_EVERY, value_parser = ranged(1, 1_000_000))]
     pub(super) snapshot_every: u64,
+
+    /// Leave out the socket's cgroup path and what it tells (systemd unit,
+    /// container, pod) from records (docs/record.md, "Whose connection").
+    #[arg(long, env = "XTCP_NO_CGROUP_PATHS")]
+    pub(super) no_cgroup_paths: bool,
+
+    /// Most cgroups the map of the cgroup tree keeps (the shallowest
+    /// first); records of the others have no path.
+    #[arg(long, env = "XTCP_CGROUP_CACHE", default_value_t = DEFAULT_CGROUP_CACHE, value_parser = ranged(1, 10_000_000))]
+    pub(super) cgroup_cache: u64,
+
+    /// Walk the cgroup tree again for a socket's unknown cgroup at most
+    /// once per this long (a container started since the last walk).
+    #[arg(long, env = "XTCP_CGROUP_RESCAN", default_value = "5s", value_parser = parse_positive_duration)]
+    pub(super) cgroup_rescan: Duration,
 
     /// Also export a record for every TCP socket destroyed in a polled
     /// namespace, with its final state, as the kernel reports it

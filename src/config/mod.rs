@@ -34,6 +34,8 @@ pub const DEFAULT_CLOSE_BUFFER: u64 = 4 << 20;
 /// The most a close socket's receive buffer grows to after overruns. Socket
 /// memory is the kernel's, not the process's; 64 MiB hold ~160k messages.
 pub const MAX_CLOSE_BUFFER: usize = 64 << 20;
+/// `--cgroup-cache`: cgroups the map of the cgroup tree keeps.
+pub const DEFAULT_CGROUP_CACHE: u64 = 65_536;
 /// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
 pub const DEFAULT_UDP_BATCH_BYTES: usize = MAX_UDP_PAYLOAD;
 pub(super) const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
@@ -159,11 +161,24 @@ pub struct Config {
     pub close_buffer: Option<usize>,
     /// `--changes-only`: a full snapshot every this many polls, if on.
     pub snapshot_every: Option<u64>,
+    pub cgroups: CgroupPaths,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.
     pub statsd: Option<SocketAddr>,
     pub verbose: bool,
+}
+
+/// How cgroup ids are resolved to paths (`crate::attribution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupPaths {
+    /// Records carry their socket's cgroup path and owner; not with
+    /// `--no-cgroup-paths` or `--replay` (another host's ids).
+    pub enabled: bool,
+    /// `--cgroup-cache`: most cgroups kept.
+    pub cache: usize,
+    /// `--cgroup-rescan`: least time between two walks of the tree.
+    pub rescan: Duration,
 }
 
 /// `--netns` and `--all-netns`.

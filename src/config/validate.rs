@@ -3,7 +3,7 @@
 //! file.
 
 use super::flags::Cli;
-use super::{Config, Dest, Family, NetnsSelection, OutputFormat, PromEndpoint};
+use super::{CgroupPaths, Config, Dest, Family, NetnsSelection, OutputFormat, PromEndpoint};
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS};
 
 /// Smallest receive buffer on a kernel with `page`-byte pages: the kernel
@@ -108,6 +108,11 @@ impl Config {
             replay: cli.replay.clone(),
             close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
             snapshot_every: cli.changes_only.then_some(cli.snapshot_every),
+            cgroups: CgroupPaths {
+                enabled: !cli.no_cgroup_paths && cli.replay.is_none(),
+                cache: cli.cgroup_cache as usize,
+                rescan: cli.cgroup_rescan,
+            },
             prom: (!cli.no_prom && !cli.once).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),

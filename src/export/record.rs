@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::attribution::{
+    CgroupView, Owner, CONTAINER_ID_LEN, MAX_CGROUP_PATH_LEN, MAX_UNIT_LEN, POD_UID_LEN,
+};
 use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::identity::Identity;
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
@@ -19,8 +22,9 @@ use crate::wire::DiagSocket;
 use xtcp_feed::proto::{key, CongestionAlgorithm, RecordKind};
 
 /// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
-/// network namespace; 3: the instance; 4: the record kind).
-pub const SCHEMA_VERSION: u32 = 4;
+/// network namespace; 3: the instance; 4: the record kind; 5: the cgroup
+/// path and owner).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Longest `netns_name`: a file name under /run/netns, or a `--netns` path
 /// (the config refuses longer ones).
@@ -67,6 +71,8 @@ impl PollStamp {
 #[derive(Debug, Clone)]
 pub struct RecordEncoder {
     identity: Identity,
+    /// Resolves cgroup ids to owners; `None`: records have no path.
+    cgroups: Option<CgroupView>,
     counter: Arc<AtomicU64>,
     /// The next number to write, and the end of the reserved block.
     next: u64,
@@ -77,10 +83,18 @@ impl RecordEncoder {
     pub fn new(identity: Identity) -> Self {
         RecordEncoder {
             identity,
+            cgroups: None,
             counter: Arc::new(AtomicU64::new(0)),
             next: 1,
             end: 1,
         }
+    }
+
+    /// Records from now on carry their socket's cgroup path and owner,
+    /// resolved through `view` (clones too, each with its own view).
+    pub fn with_cgroups(mut self, view: CgroupView) -> Self {
+        self.cgroups = Some(view);
+        self
     }
 
     /// Reserves the numbers of the next `n` records. Numbers left over from
@@ -108,15 +122,19 @@ impl RecordEncoder {
     /// `TCP_CA_NAME_MAX`; the fuzz target checks the bound).
     pub fn max_record_len(&self) -> usize {
         // Length-delimited fields: hostname, namespace name, two addresses,
-        // congestion name, each with a key and a length varint; plus the
-        // writer's window slack.
+        // congestion name, the cgroup path, unit, container and pod, each
+        // with a key and a length varint; plus the writer's window slack.
         key::MAX_SCALAR_LEN
-            + 5 * FIELD_WINDOW
+            + 9 * FIELD_WINDOW
             + self.identity.hostname.len()
             + MAX_NETNS_NAME_LEN
             + 16
             + 16
             + TCP_CA_NAME_MAX
+            + MAX_CGROUP_PATH_LEN
+            + MAX_UNIT_LEN
+            + CONTAINER_ID_LEN
+            + POD_UID_LEN
             + FIELD_WINDOW
     }
 
@@ -132,7 +150,12 @@ impl RecordEncoder {
         if self.next == self.end {
             self.reserve(1);
         }
+        let owner = match (&mut self.cgroups, s.cgroup_id) {
+            (Some(cgroups), Some(id)) => cgroups.owner(id),
+            _ => None,
+        };
         let len = encode_fields(s, poll, &self.identity, self.next, buf)?;
+        let len = len + encode_owner(owner, &mut buf[len..])?;
         self.next += 1;
         Some(len)
     }
@@ -311,6 +334,20 @@ fn encode_fields(
         w.field(key::BBR_INFO_PACING_GAIN, b.pacing_gain().into())?;
         w.field(key::BBR_INFO_CWND_GAIN, b.cwnd_gain().into())?;
     }
+    Some(w.len())
+}
+
+/// The owner fields (190..), after every other: they come from the cgroup
+/// map, not the socket's bytes.
+fn encode_owner(owner: Option<&Owner>, buf: &mut [u8]) -> Option<usize> {
+    let Some(o) = owner else {
+        return Some(0);
+    };
+    let mut w = Writer::new(buf);
+    w.bytes(key::CGROUP_PATH, o.path.as_bytes())?;
+    w.bytes(key::SYSTEMD_UNIT, o.systemd_unit.as_bytes())?;
+    w.bytes(key::CONTAINER_ID, o.container_id.as_bytes())?;
+    w.bytes(key::POD_UID, o.pod_uid.as_bytes())?;
     Some(w.len())
 }
 

@@ -3,10 +3,13 @@
 //!
 //! `ESTAB 10.0.0.1:443 > 10.0.0.2:5555 cubic rtt 1.2/0.6ms cwnd 10 ... rq 0
 //! wq 0 cookie 0x2a poll 7`, then the record's kind unless it is a plain
-//! poll's, then `netns NAME` for a socket of another namespace.
+//! poll's, then `netns NAME` for a socket of another namespace, then
+//! `cgroup:PATH` as `ss -e` prints it and `service NAME` (pod, container
+//! or unit) when the path names one.
 
 use std::net::SocketAddr;
 
+use crate::attribution::service_of;
 use crate::wire::state;
 use xtcp_feed::proto::{Record, RecordKind};
 
@@ -81,6 +84,15 @@ pub fn text_line(r: &Record) -> String {
     if !r.netns_name.is_empty() {
         line.push_str(&format!(" netns {}", r.netns_name));
     }
+    // Whose: the cgroup as `ss -e` prints it, and the service it names
+    // when that is not the path itself.
+    if !r.cgroup_path.is_empty() {
+        line.push_str(&format!(" cgroup:{}", r.cgroup_path));
+        let service = service_of(&r.cgroup_path, &r.systemd_unit, &r.container_id, &r.pod_uid);
+        if service != r.cgroup_path {
+            line.push_str(&format!(" service {service}"));
+        }
+    }
     line
 }
 
@@ -118,5 +130,12 @@ mod tests {
         assert!(text_line(&v6).ends_with(" poll 0 closed netns blue"));
         v6.record_kind = RecordKind::Changed as i32;
         assert!(text_line(&v6).ends_with(" poll 0 changed netns blue"));
+        v6.cgroup_path = "/system.slice/nginx.service".into();
+        v6.systemd_unit = "nginx.service".into();
+        let whose = " netns blue cgroup:/system.slice/nginx.service service nginx.service";
+        assert!(text_line(&v6).ends_with(whose), "{}", text_line(&v6));
+        v6.cgroup_path = "/".into();
+        v6.systemd_unit.clear();
+        assert!(text_line(&v6).ends_with(" netns blue cgroup:/"));
     }
 }

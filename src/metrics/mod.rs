@@ -71,6 +71,15 @@ xtcp_service::metrics_table! {
     // Close records (--close-records).
     close_buffer: IntGauge "xtcp_close_receive_buffer_bytes" []
         "The receive buffer of the close sockets, as the kernel granted it.";
+    // Whose connection (the cgroup tree, crate::attribution).
+    cgroups_known: IntGauge "xtcp_cgroups" []
+        "Control groups the last walk of the cgroup2 tree mapped from id to path.";
+    cgroups_left_out: IntGauge "xtcp_cgroups_left_out" []
+        "Control groups the last walk left out: beyond --cgroup-cache (the shallowest are kept; a left-out cgroup's subtree is not walked) or a path over 4096 bytes.";
+    cgroup_walks: IntCounter "xtcp_cgroup_walks_total" []
+        "Walks of the cgroup2 tree: one at start, then one for a socket's unknown cgroup id at most every --cgroup-rescan.";
+    cgroup_misses: IntCounter "xtcp_cgroup_misses_total" []
+        "Records whose socket's cgroup id was not in the map (their cgroup_path is empty).";
     // The exporter itself.
     statsd_errors: IntCounter "xtcp_statsd_errors_total" []
         "statsd lines that could not be sent.";

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
 
+use crate::attribution;
 use crate::config::NetnsSelection;
 use crate::pipeline::closes::{CloseSocket, CloseState};
 use crate::pipeline::family::FamilyState;
@@ -476,12 +477,14 @@ fn holder_name(pid: u32) -> String {
     format!("pid/{pid}/{}", comm.trim())
 }
 
-/// The first 64-hex-digit word of a `/proc/PID/cgroup` text
+/// The container a `/proc/PID/cgroup` text names, in any hierarchy's path
 /// (`.../docker-ID.scope`, `/docker/ID`, `cri-containerd-ID.scope`).
 fn container_id(cgroup: &str) -> Option<&str> {
     cgroup
-        .split(|c: char| !c.is_ascii_hexdigit())
-        .find(|word| word.len() == 64)
+        .lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/').rev())
+        .find_map(attribution::container_id)
 }
 
 /// Whether opening a namespace failed because it went away after it was
@@ -562,6 +565,10 @@ mod tests {
             format!("0::/system.slice/docker-{id}.scope\n"),
             format!("12:memory:/docker/{id}\n0::/\n"),
             format!("0::/kubepods.slice/kubepods-pod1a2b.slice/cri-containerd-{id}.scope\n"),
+            format!(
+                "0::/system.slice/crio-conmon-{}.scope/x\n0::/x/crio-{id}.scope\n",
+                "5".repeat(64)
+            ),
         ] {
             assert_eq!(container_id(&cgroup), Some(id.as_str()), "{cgroup}");
         }

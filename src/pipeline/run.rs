@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::attribution::{find_cgroup2_root, CgroupCache, CgroupMetrics};
 use crate::config::{Config, Family};
 use crate::counting::CloseTotals;
 use crate::export::record::RecordEncoder;
@@ -101,6 +102,44 @@ impl Writers {
     }
 }
 
+/// The map of the cgroup tree records' paths come from, walked once now;
+/// `None`, said once, on a host without cgroup2.
+fn open_cgroups(config: &Config, metrics: &Metrics) -> Option<Arc<CgroupCache>> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(root) = find_cgroup2_root(&mountinfo) else {
+        xtcp_service::say!(
+            "xtcp: warning: no cgroup2 file system is mounted: records carry no cgroup path \
+             (--no-cgroup-paths leaves them out without this warning)"
+        );
+        return None;
+    };
+    let t = &metrics.table;
+    let cgroup_metrics = CgroupMetrics {
+        known: t.cgroups_known.clone(),
+        left_out: t.cgroups_left_out.clone(),
+        walks: t.cgroup_walks.clone(),
+        misses: t.cgroup_misses.clone(),
+    };
+    let c = config.cgroups;
+    let cache = CgroupCache::new(root, c.cache, c.rescan, cgroup_metrics);
+    if t.cgroups_known.get() == 0 {
+        xtcp_service::say!(
+            "xtcp: warning: the cgroup2 tree at {} cannot be read: records carry no cgroup \
+             path (--no-cgroup-paths leaves them out without this warning)",
+            cache.root().display()
+        );
+        return None;
+    }
+    if config.verbose {
+        xtcp_service::say!(
+            "xtcp: cgroup paths from {}: {} cgroups",
+            cache.root().display(),
+            t.cgroups_known.get()
+        );
+    }
+    Some(Arc::new(cache))
+}
+
 /// Everything a run needs, opened before the first thread starts.
 pub struct Opened {
     writers: Writers,
@@ -124,17 +163,23 @@ impl Opened {
         cgroup::check_fits(config)
             .map_err(|e| setup("checking the memory limit")(io::Error::other(e)))?;
         let kernel = kernel_release();
+        let metrics = Metrics::new(&config.dumps(), pool_capacity(config), &kernel, identity)
+            .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
+        let metrics = Arc::new(metrics);
+        let mut encoder = RecordEncoder::new(identity.clone());
+        if config.cgroups.enabled {
+            if let Some(cgroups) = open_cgroups(config, &metrics) {
+                encoder = encoder.with_cgroups(cgroups.view());
+            }
+        }
         let writers = Writers {
-            encoder: RecordEncoder::new(identity.clone()),
+            encoder,
             sampler: Sampler::new(config.sampling_modulus),
             tail: TailLayout::for_release(&kernel),
             changes: config
                 .snapshot_every
                 .map(|n| Arc::new(ChangeTracker::new(n))),
         };
-        let metrics = Metrics::new(&config.dumps(), pool_capacity(config), &kernel, identity)
-            .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
-        let metrics = Arc::new(metrics);
         let health = Arc::new(Health::new("poll completed"));
         let prom = open_prom(config, &metrics, &health)?;
         let statsd = config

@@ -146,7 +146,7 @@ fn record_doc_lists_every_field() {
         );
         fields += 1;
     }
-    assert_eq!(fields, 134);
+    assert_eq!(fields, 138);
 }
 
 /// The receivers' check (`xtcp_feed::check`, a walk that builds no record)
@@ -209,4 +209,75 @@ fn the_check_accepts_exactly_what_prost_decodes() {
         }
     }
     assert!(mutated > 40_000, "{mutated}");
+}
+
+/// A socket in a cgroup whose path names a systemd unit of the longest
+/// name, a container and a pod: the record carries them, canonically and
+/// within `max_record_len`; without a view, or for an id the tree lacks, it
+/// carries none.
+#[test]
+fn owner_fields_from_the_cgroup_tree() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use xtcp::attribution::{CgroupCache, CgroupMetrics};
+
+    let id = "0123456789abcdef".repeat(4);
+    let uid = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+    let unit = format!("{}.service", "u".repeat(255 - ".service".len()));
+    let root = tempfile::tempdir().unwrap();
+    let container = format!(
+        "kubepods-pod{}.slice/cri-containerd-{id}.scope",
+        uid.replace('-', "_")
+    );
+    let service = format!("system.slice/{unit}");
+    for dir in [&container, &service] {
+        std::fs::create_dir_all(root.path().join(dir)).unwrap();
+    }
+    let metric = |name: &str| prometheus::IntCounter::new(name, name).unwrap();
+    let gauge = |name: &str| prometheus::IntGauge::new(name, name).unwrap();
+    let metrics = CgroupMetrics {
+        known: gauge("k"),
+        left_out: gauge("l"),
+        walks: metric("w"),
+        misses: metric("m"),
+    };
+    let cache = Arc::new(CgroupCache::new(
+        root.path().into(),
+        100,
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    let in_cgroup = |relative: &str| {
+        let mut payload = synthetic();
+        let at = payload.len() - 8;
+        let ino = std::fs::metadata(root.path().join(relative)).unwrap().ino();
+        payload[at..].copy_from_slice(&ino.to_ne_bytes());
+        payload
+    };
+    let mut enc =
+        RecordEncoder::new(Identity::new("h".repeat(255), u64::MAX)).with_cgroups(cache.view());
+    for (relative, owner) in [(&container, ["", &id, uid]), (&service, [&unit, "", ""])] {
+        let bytes = encode(&mut enc, &in_cgroup(relative));
+        assert!(bytes.len() <= enc.max_record_len());
+        let r = Record::decode(bytes.as_slice()).unwrap();
+        assert_eq!(
+            r.encode_to_vec(),
+            bytes,
+            "field order and presence as prost"
+        );
+        assert_eq!(r.cgroup_path, format!("/{relative}"));
+        let got = [&r.systemd_unit, &r.container_id, &r.pod_uid].map(String::as_str);
+        assert_eq!(got, owner);
+    }
+
+    // An id the tree lacks: no owner, one miss; no view: no owner.
+    let unknown = encode(&mut enc, &synthetic());
+    assert_eq!(Record::decode(unknown.as_slice()).unwrap().cgroup_path, "");
+    assert_eq!(metrics.misses.get(), 1);
+    let plain = encode(
+        &mut RecordEncoder::new(Identity::new("h", 1)),
+        &in_cgroup(&service),
+    );
+    assert_eq!(Record::decode(plain.as_slice()).unwrap().cgroup_path, "");
 }

@@ -13,6 +13,7 @@
 
 use xtcp_testkit::harness as common;
 
+mod cgroups;
 mod changes;
 mod clickhouse;
 mod closes;

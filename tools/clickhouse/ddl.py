@@ -24,6 +24,10 @@ SCALARS = {
     "bytes": "String",
 }
 
+# Strings of few distinct values per host (the owner of a connection):
+# dictionary-encoded.
+LOW_CARDINALITY = {"netns_name", "cgroup_path", "systemd_unit", "container_id", "pod_uid"}
+
 # Addresses arrive as 4 or 16 network-order bytes; these render them.
 IP_ALIASES = [
     ("source_ip", "inet_diag_msg_socket_source"),
@@ -38,8 +42,8 @@ def record_fields(proto_text):
     fields = []
     for optional, kind, name, number in re.findall(
             r"^\s*(optional )?([\w.]+) (\w+) = (\d+);", body, re.M):
-        if kind in enums:
-            # ClickHouse maps a protobuf enum to its value names.
+        if kind in enums or name in LOW_CARDINALITY:
+            # An enum arrives as its value names; both repeat a few values.
             column = "LowCardinality(String)"
         else:
             column = SCALARS[kind]

@@ -298,18 +298,13 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 /// The metrics served on `127.0.0.1:port` of `ns` at `/metrics`, once
 /// something serves them (10 s at most).
 pub fn scrape(ns: &Netns, port: u16) -> String {
-    use std::io::Read;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let connected = in_ns(ns, || {
             std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         });
-        if let Ok(mut s) = connected {
-            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).unwrap();
-            return body;
+        if let Ok(s) = connected {
+            return get_metrics(s);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -317,6 +312,20 @@ pub fn scrape(ns: &Netns, port: u16) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The metrics served at `addr` (`HOST:PORT`) in this namespace.
+pub fn scrape_at(addr: &str) -> String {
+    get_metrics(std::net::TcpStream::connect(addr).unwrap())
+}
+
+fn get_metrics(mut s: std::net::TcpStream) -> String {
+    use std::io::Read;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 /// The value of the series `name` (with its labels, `x{a="b"}`) in a
