@@ -7,19 +7,23 @@
 //! or     := and { ("or" | "||") and }
 //! and    := unary { ("and" | "&&") unary }
 //! unary  := ("not" | "!") unary | "(" or ")" | test
-//! test   := ("sport" | "dport") port | ("src" | "dst") address
+//! test   := ("sport" | "dport") port | ("src" | "dst") address | "cgroup" path
 //! port   := ["=" | "=="] N | N "-" N | ">=" N | "<=" N | ">" N | "<" N
 //! address:= IPv4 or IPv6 address, optionally "/" prefix length
+//! path   := a cgroup2 path from its root, "/" first, as `ss -e` prints it
 //! ```
 //!
 //! `sport`/`src` are the local end, `dport`/`dst` the remote end, as in
-//! `ss`. `not` binds tightest, then `and`, then `or`. Errors name the
+//! `ss`. `cgroup` takes the sockets of exactly that cgroup (not of those
+//! below it), as `ss` does: its id is read at parse time from the cgroup2
+//! mount. `not` binds tightest, then `and`, then `or`. Errors name the
 //! character position (1-based) where the input stops making sense.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use crate::attribution::find_cgroup2_root;
 use crate::wire::bytecode::{compile, Expr, Side};
 
 /// Parentheses and `not`s deeper than this are refused, so a hostile
@@ -253,10 +257,13 @@ impl<'a> Parser<'_, 'a> {
             "dport" => self.port(Side::Remote)?,
             "src" => self.prefix(Side::Local)?,
             "dst" => self.prefix(Side::Remote)?,
+            "cgroup" => self.cgroup()?,
             other => {
                 return Err(self.error(
                     position,
-                    &format!("expected sport, dport, src, dst, 'not' or '(', found '{other}'"),
+                    &format!(
+                        "expected sport, dport, src, dst, cgroup, 'not' or '(', found '{other}'"
+                    ),
                 ))
             }
         };
@@ -309,6 +316,32 @@ impl<'a> Parser<'_, 'a> {
             }
         };
         Ok(Expr::Port { side, low, high })
+    }
+
+    /// A cgroup's path, resolved to its id: the inode of its directory
+    /// under the cgroup2 mount.
+    fn cgroup(&mut self) -> Result<Expr, FilterError> {
+        use std::os::unix::fs::MetadataExt;
+        let t = self.next("a cgroup path")?;
+        let fail = |message: String| self.error(t.position, &message);
+        let relative = t.text.strip_prefix('/').ok_or_else(|| {
+            fail(format!(
+                "'{}' is not a cgroup path (from the cgroup2 root, starting with '/')",
+                t.text
+            ))
+        })?;
+        if relative.split('/').any(|c| c == "..") {
+            return Err(fail(format!("'{}' leaves the cgroup2 tree", t.text)));
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let root = find_cgroup2_root(&mountinfo)
+            .ok_or_else(|| fail("no cgroup2 file system is mounted".to_string()))?;
+        let dir = root.join(relative);
+        match std::fs::metadata(&dir) {
+            Ok(meta) if meta.is_dir() => Ok(Expr::Cgroup { id: meta.ino() }),
+            Ok(_) => Err(fail(format!("{} is not a cgroup", dir.display()))),
+            Err(e) => Err(fail(format!("cgroup {}: {}: {e}", t.text, dir.display()))),
+        }
     }
 
     fn prefix(&mut self, side: Side) -> Result<Expr, FilterError> {
@@ -423,7 +456,7 @@ mod tests {
             ),
             (
                 "port 22",
-                "at character 1: expected sport, dport, src, dst, 'not' or '(', found 'port'",
+                "at character 1: expected sport, dport, src, dst, cgroup, 'not' or '(', found 'port'",
             ),
             ("(sport 1", "at character 9: ended where ')' was expected"),
             (
@@ -453,8 +486,13 @@ mod tests {
             ),
             (
                 "ü and x",
-                "at character 1: expected sport, dport, src, dst, 'not' or '(', found 'ü'",
+                "at character 1: expected sport, dport, src, dst, cgroup, 'not' or '(', found 'ü'",
             ),
+            (
+                "cgroup system.slice",
+                "at character 8: 'system.slice' is not a cgroup path (from the cgroup2 root, starting with '/')",
+            ),
+            ("cgroup /a/../..", "at character 8: '/a/../..' leaves the cgroup2 tree"),
         ] {
             assert_eq!(parse(text), Err(want.to_string()), "{text:?}");
         }
@@ -494,6 +532,7 @@ mod tests {
             dport,
             saddr: Ipv4Addr::LOCALHOST.into(),
             daddr: Ipv4Addr::from(daddr).into(),
+            cgroup_id: 0,
         };
         assert_eq!(run(f.program(), &e(20005, 80, [1, 1, 1, 1])), Some(true));
         assert_eq!(run(f.program(), &e(20005, 22, [1, 1, 1, 1])), Some(false));

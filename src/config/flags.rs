@@ -212,8 +212,9 @@ pub(super) struct Cli {
 
     /// Only sockets matching this expression, tested by the kernel, e.g.
     /// 'not (sport 22 or dst 10.0.0.0/8)'. Tests: sport/dport PORT, LOW-HIGH
-    /// or a comparison (>= 1024); src/dst ADDRESS[/LEN]; combined with and,
-    /// or, not and parentheses (docs/filter.md). Blank: every socket.
+    /// or a comparison (>= 1024); src/dst ADDRESS[/LEN]; cgroup PATH (as
+    /// `ss -e` prints it); combined with and, or, not and parentheses
+    /// (docs/filter.md). Blank: every socket.
     #[arg(long, env = "XTCP_FILTER", value_name = "EXPR")]
     pub(super) filter: Option<Filter>,
 

@@ -23,6 +23,7 @@ const INET_DIAG_BC_D_GE: u8 = 4;
 const INET_DIAG_BC_D_LE: u8 = 5;
 const INET_DIAG_BC_S_COND: u8 = 7;
 const INET_DIAG_BC_D_COND: u8 = 8;
+const INET_DIAG_BC_CGROUP_COND: u8 = 13;
 
 /// Largest program: the attribute's `u16` length holds its 4-byte header too.
 pub const MAX_PROGRAM_LEN: usize = u16::MAX as usize - 4;
@@ -52,6 +53,11 @@ pub enum Expr {
         side: Side,
         addr: IpAddr,
         len: u8,
+    },
+    /// The socket's cgroup v2 id is `id` (Linux 5.9+). Only full sockets
+    /// have one: TIME_WAIT and SYN_RECV sockets never match.
+    Cgroup {
+        id: u64,
     },
     Not(Box<Expr>),
     /// Every one holds (and, for an empty list, true).
@@ -153,6 +159,10 @@ impl Emitter {
                 cond.extend_from_slice(&bytes);
                 self.op(code, cond, fail);
             }
+            Expr::Cgroup { id } => {
+                // Read unaligned by the kernel, in host order.
+                self.op(INET_DIAG_BC_CGROUP_COND, id.to_ne_bytes().to_vec(), fail);
+            }
             Expr::And(all) => {
                 for e in all {
                     self.emit(e, fail)?;
@@ -225,6 +235,8 @@ pub(crate) mod tests {
         pub dport: u16,
         pub saddr: IpAddr,
         pub daddr: IpAddr,
+        /// 0 for a socket that is not full.
+        pub cgroup_id: u64,
     }
 
     fn prefix_match(addr: &[u8], want: &[u8], bits: u8) -> bool {
@@ -251,6 +263,9 @@ pub(crate) mod tests {
                 INET_DIAG_BC_S_LE => e.sport <= field(at + 6),
                 INET_DIAG_BC_D_GE => e.dport >= field(at + 6),
                 INET_DIAG_BC_D_LE => e.dport <= field(at + 6),
+                INET_DIAG_BC_CGROUP_COND => {
+                    u64::from_ne_bytes(op[4..12].try_into().unwrap()) == e.cgroup_id
+                }
                 code @ (INET_DIAG_BC_S_COND | INET_DIAG_BC_D_COND) => {
                     let addr = if code == INET_DIAG_BC_S_COND {
                         e.saddr
@@ -288,6 +303,7 @@ pub(crate) mod tests {
             let min_len = match program[at] {
                 INET_DIAG_BC_JMP => 4,
                 INET_DIAG_BC_S_GE | INET_DIAG_BC_S_LE | INET_DIAG_BC_D_GE | INET_DIAG_BC_D_LE => 8,
+                INET_DIAG_BC_CGROUP_COND => 12,
                 INET_DIAG_BC_S_COND | INET_DIAG_BC_D_COND => match program[at + 4] {
                     2 => 16,
                     10 => 28,
@@ -316,6 +332,7 @@ pub(crate) mod tests {
             dport,
             saddr: Ipv4Addr::new(10, 1, 2, 3).into(),
             daddr: Ipv6Addr::LOCALHOST.into(),
+            cgroup_id: 7,
         }
     }
 
@@ -448,6 +465,26 @@ pub(crate) mod tests {
         assert_eq!(
             compile(&long),
             Err(CompileError::PrefixTooLong { len: 33, max: 32 })
+        );
+    }
+
+    #[test]
+    fn cgroups_match_their_id_only() {
+        let c = compile(&Expr::Cgroup { id: 7 }).unwrap();
+        assert_eq!(c.len(), 12);
+        let mut e = entry(1, 1);
+        assert_eq!(run(&c, &e), Some(true));
+        e.cgroup_id = 8;
+        assert_eq!(run(&c, &e), Some(false));
+        // Not a full socket: no cgroup.
+        e.cgroup_id = 0;
+        assert_eq!(run(&c, &e), Some(false));
+        let either = compile(&or(Expr::Cgroup { id: 7 }, Expr::Cgroup { id: u64::MAX })).unwrap();
+        e.cgroup_id = u64::MAX;
+        assert_eq!(run(&either, &e), Some(true));
+        assert_eq!(
+            run(&compile(&not(Expr::Cgroup { id: 7 })).unwrap(), &e),
+            Some(true)
         );
     }
 

@@ -25,7 +25,7 @@ use xtcp_testkit::Netns;
 type Endpoints = (String, String);
 
 /// A cgroup the test made, removed on drop (once its processes are gone).
-struct TestCgroup(PathBuf);
+pub(crate) struct TestCgroup(pub(crate) PathBuf);
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
@@ -80,7 +80,7 @@ fn first_line(child: &mut Child) -> String {
 }
 
 /// Where cgroup2 is mounted, found as the exporter finds it.
-fn cgroup2_root() -> PathBuf {
+pub(crate) fn cgroup2_root() -> PathBuf {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     find_cgroup2_root(&mountinfo).expect("a cgroup2 mount")
 }
@@ -146,7 +146,10 @@ fn endpoint(ip: &str, port: u64) -> String {
 
 /// One poll of the namespaces (`xtcp --once`, JSON): each namespace's
 /// sockets and the owner fields of their records.
-fn xtcp_owners(namespaces: &[&str]) -> BTreeMap<String, BTreeMap<Endpoints, [String; 4]>> {
+fn xtcp_owners(
+    namespaces: &[&str],
+    flags: &[&str],
+) -> BTreeMap<String, BTreeMap<Endpoints, [String; 4]>> {
     let out = Command::new(workspace_bin("xtcp"))
         .args([
             "--once",
@@ -155,6 +158,7 @@ fn xtcp_owners(namespaces: &[&str]) -> BTreeMap<String, BTreeMap<Endpoints, [Str
             "--netns",
             &namespaces.join(","),
         ])
+        .args(flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "xtcp: {out:?}");
@@ -181,7 +185,7 @@ fn xtcp_owners(namespaces: &[&str]) -> BTreeMap<String, BTreeMap<Endpoints, [Str
 }
 
 #[test]
-fn every_record_carries_the_cgroup_path_ss_prints() {
+fn every_record_carries_the_cgroup_path_ss_prints_and_filters_by() {
     if !can_run_in_netns(&[Need::Tool("ss"), Need::Tool("nsenter")]) {
         return;
     }
@@ -217,7 +221,7 @@ fn every_record_carries_the_cgroup_path_ss_prints() {
         ),
     ];
     let namespaces: Vec<&str> = cases.iter().map(|(farm, _, _)| farm.ns.as_str()).collect();
-    let owners = xtcp_owners(&namespaces);
+    let owners = xtcp_owners(&namespaces, &[]);
     for (farm, path, [unit, container_id]) in &cases {
         let records = &owners[farm.ns.as_str()];
         let ss = ss_cgroups(&farm.ns);
@@ -237,18 +241,49 @@ fn every_record_carries_the_cgroup_path_ss_prints() {
         ];
         assert!(records.values().all(|owner| owner == &want), "{records:?}");
     }
+
+    // `--filter cgroup PATH`: the kernel returns exactly the sockets `ss -e`
+    // put in that cgroup above, as `ss ... cgroup PATH` does (which cannot
+    // name the root cgroup).
+    for (_, path, _) in &cases {
+        let filter = format!("cgroup {path}");
+        let filtered = xtcp_owners(&namespaces, &["--filter", &filter]);
+        for ns in &namespaces {
+            let got: Vec<&Endpoints> = filtered
+                .get(*ns)
+                .map(|r| r.keys().collect())
+                .unwrap_or_default();
+            let want: Vec<&Endpoints> = owners[*ns]
+                .iter()
+                .filter(|(_, owner)| &owner[0] == path)
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(got, want, "{filter} in {ns}");
+            if path != "/" {
+                let out = Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .args(["ss", "-tanH", "cgroup", path])
+                    .output()
+                    .unwrap();
+                let ss = String::from_utf8(out.stdout).unwrap();
+                assert_eq!(ss.lines().count(), want.len(), "{filter} in {ns}: {ss}");
+            }
+        }
+    }
 }
 
-/// A helper in a cgroup made after the exporter started, holding one
-/// connection and its listener (three sockets) in `ns`.
-fn sockets_in_new_cgroup(dir: &Path, ns: &Netns) -> Child {
-    const HOLD: &str = "import socket, sys
-l = socket.socket(); l.bind(('127.0.0.1', 40001)); l.listen()
-c = socket.create_connection(('127.0.0.1', 40001)); a, _ = l.accept()
-print('ready', flush=True); sys.stdin.read()";
+/// A helper in the cgroup `dir` holding one connection to `port` and its
+/// listener (three sockets) in `ns` until its stdin closes.
+pub(crate) fn sockets_in_cgroup(dir: &Path, ns: &Netns, port: u16) -> Child {
+    let hold = format!(
+        "import socket, sys
+l = socket.socket(); l.bind(('127.0.0.1', {port})); l.listen()
+c = socket.create_connection(('127.0.0.1', {port})); a, _ = l.accept()
+print('ready', flush=True); sys.stdin.read()"
+    );
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", ns.name()))
-        .args(["python3", "-c", HOLD])
+        .args(["python3", "-c", &hold])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     in_cgroup(&mut cmd, dir);
@@ -306,7 +341,7 @@ fn a_cgroup_made_after_the_start_is_found_by_one_walk_when_due() {
         }
         let cgroup = TestCgroup(root.join(format!("xtcp-it-new-{}.scope", std::process::id())));
         std::fs::create_dir(&cgroup.0).unwrap();
-        let mut helper = sockets_in_new_cgroup(&cgroup.0, &ns);
+        let mut helper = sockets_in_cgroup(&cgroup.0, &ns, 40001);
         let path = format!("/{}", cgroup.0.file_name().unwrap().to_string_lossy());
 
         // Two whole polls with the helper's sockets.

@@ -1,8 +1,8 @@
 //! `xtcp-top` through a real terminal: tmux runs it inside a farm's
 //! namespace where one connection of 5000 carries traffic; the captured
 //! pane shows that connection on top, sorted by rate and then by bytes, and
-//! `q` ends it; the pipeline's warnings keep to their own line. Needs root
-//! (the namespace) and tmux.
+//! `q` ends it; the pipeline's warnings keep to their own line; a service
+//! is shown alone under its name. Needs root (the namespace) and tmux.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cgroups::{cgroup2_root, sockets_in_cgroup, TestCgroup};
 use crate::common::*;
 
 /// A tmux server of its own with one session, named after the farm's
@@ -19,11 +20,12 @@ struct Tmux(String);
 
 impl Tmux {
     /// `xtcp-top` with `args` in `farm`'s namespace, on a server named
-    /// after the namespace.
+    /// after the namespace. Entered with `nsenter --net=`, which keeps the
+    /// cgroup2 mount that `ip netns exec` hides.
     fn start(farm: &Farm, args: &str) -> Tmux {
         let name = format!("xtcp-top-{}", farm.ns.name());
         let command = format!(
-            "ip netns exec {} {} {args}",
+            "nsenter --net=/run/netns/{} {} {args}",
             farm.ns.name(),
             workspace_bin("xtcp-top").display()
         );
@@ -118,7 +120,7 @@ impl Drop for Tmux {
 
 #[test]
 fn the_busiest_connection_is_on_top() {
-    let Some(farm) = Farm::needing("top", &[Need::Tool("tmux")]) else {
+    let Some(farm) = Farm::needing("top", &[Need::Tool("tmux"), Need::Tool("nsenter")]) else {
         return;
     };
     // One connection of the farm carries traffic, client to server: one
@@ -174,7 +176,7 @@ fn the_busiest_connection_is_on_top() {
 /// table, and `q` still ends the program at once.
 #[test]
 fn warnings_keep_to_their_line_and_a_busy_pipeline_still_quits() {
-    let Some(farm) = Farm::needing("topbusy", &[Need::Tool("tmux")]) else {
+    let Some(farm) = Farm::needing("topbusy", &[Need::Tool("tmux"), Need::Tool("nsenter")]) else {
         return;
     };
     let top = Tmux::start(&farm, "--frequency 5ms");
@@ -195,4 +197,54 @@ fn warnings_keep_to_their_line_and_a_busy_pipeline_still_quits() {
     assert!(screen[3].starts_with("NETNS"), "{text}");
     assert!(!screen[3..].iter().any(|l| l.contains("warning")), "{text}");
     top.quit();
+}
+
+/// `--service`: only the sockets of that service, named in the SERVICE
+/// column. A helper in a cgroup laid out as a systemd service holds a
+/// connection and its listener in the farm's namespace, beside the farm's
+/// 10002 sockets (in the test's own cgroup).
+#[test]
+fn a_service_is_shown_alone_under_its_name() {
+    let needs = [
+        Need::Tool("tmux"),
+        Need::Tool("nsenter"),
+        Need::Tool("python3"),
+    ];
+    let Some(farm) = Farm::needing("topservice", &needs) else {
+        return;
+    };
+    let unit = format!("xtcp-it-{}.service", std::process::id());
+    let cgroup = TestCgroup(cgroup2_root().join(&unit));
+    std::fs::create_dir(&cgroup.0).unwrap();
+    // Below the farm's listeners' 40001 and the clients' ephemeral ports.
+    let mut helper = sockets_in_cgroup(&cgroup.0, &farm.ns, 40501);
+
+    let top = Tmux::start(&farm, &format!("--frequency 300ms --service {unit}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let screen = top.screen().unwrap_or_default();
+        let whole = screen
+            .first()
+            .is_some_and(|head| head.starts_with("xtcp-top: 3 sockets"));
+        let rows: Vec<String> = screen
+            .iter()
+            .skip_while(|l| !l.starts_with("NETNS"))
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .cloned()
+            .collect();
+        if whole && rows.len() == 3 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{}", screen.join("\n"));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    top.quit();
+    drop(helper.stdin.take());
+    helper.wait().unwrap();
+    for row in &rows {
+        let columns: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(columns[1], unit, "{row}");
+        assert!(row.contains(":40501"), "{row}");
+    }
 }

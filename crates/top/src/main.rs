@@ -1,9 +1,10 @@
 //! `xtcp-top`: the host's TCP connections in a terminal, refreshed every
 //! poll, busiest first. It runs the exporter's pipeline in process (the
 //! same dump, decoding and records, no UDP) and shows each socket's
-//! namespace, state, endpoints, congestion control, RTT, retransmits, bytes
-//! and the rate its bytes moved since the poll before. Keys: `r` RTT, `t`
-//! retransmits, `b` bytes, `d` rate (the default), `q` quits.
+//! namespace, service (its pod, container, systemd unit or cgroup), state,
+//! endpoints, congestion control, RTT, retransmits, bytes and the rate its
+//! bytes moved since the poll before. Keys: `r` RTT, `t` retransmits, `b`
+//! bytes, `d` rate (the default), `q` quits.
 
 mod stderr;
 mod view;
@@ -38,6 +39,11 @@ struct Cli {
     /// language (docs/filter.md), run by the kernel.
     #[arg(long)]
     filter: Option<String>,
+
+    /// Show only the sockets whose service (as the SERVICE column shows it:
+    /// pod UID, container id, systemd unit or cgroup path) contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    service: Option<String>,
 
     /// Show only sockets in these states (as xtcp's --states).
     #[arg(long)]
@@ -123,7 +129,7 @@ fn run(cli: &Cli, config: &Config) -> Result<(), String> {
     let shown = show(
         &mut terminal,
         &rx,
-        View::new(cli.sort, cli.filter.clone()),
+        View::new(cli.sort, cli.filter.clone(), cli.service.clone()),
         &captured,
         &shutdown,
     );

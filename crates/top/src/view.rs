@@ -10,6 +10,7 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Paragraph, Row, Table};
 use ratatui::Frame;
+use xtcp::attribution::service_of;
 use xtcp::export::text::endpoint;
 use xtcp::wire::state;
 use xtcp_feed::proto::Record;
@@ -46,6 +47,7 @@ const QUIET: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 struct Conn {
     netns: String,
+    service: String,
     state: String,
     local: String,
     peer: String,
@@ -61,6 +63,8 @@ struct Conn {
 pub struct View {
     sort: SortKey,
     filter: Option<String>,
+    /// Only services containing this.
+    service: Option<String>,
     /// The last whole poll, sorted.
     shown: Vec<Conn>,
     shown_poll: u64,
@@ -75,10 +79,11 @@ pub struct View {
 }
 
 impl View {
-    pub fn new(sort: SortKey, filter: Option<String>) -> Self {
+    pub fn new(sort: SortKey, filter: Option<String>, service: Option<String>) -> Self {
         View {
             sort,
             filter,
+            service,
             shown: Vec::new(),
             shown_poll: 0,
             building: HashMap::new(),
@@ -104,6 +109,14 @@ impl View {
                 self.complete();
                 self.building_poll = r.poll_id;
             }
+            let service = service_of(&r.cgroup_path, &r.systemd_unit, &r.container_id, &r.pod_uid);
+            if self
+                .service
+                .as_ref()
+                .is_some_and(|want| !service.contains(want.as_str()))
+            {
+                continue;
+            }
             let key = (r.netns_inode, r.inet_diag_msg_socket_cookie);
             let total =
                 r.tcp_info_bytes_acked.unwrap_or(0) + r.tcp_info_bytes_received.unwrap_or(0);
@@ -121,6 +134,7 @@ impl View {
                 .unwrap_or("?");
             let conn = Conn {
                 netns: r.netns_name.clone(),
+                service: service.to_string(),
                 state: label.to_string(),
                 local: endpoint(
                     &r.inet_diag_msg_socket_source,
@@ -197,8 +211,9 @@ impl View {
         let [head, body] =
             Layout::vertical([Constraint::Length(3), Constraint::Min(1)]).areas(frame.area());
         let filter = self.filter.as_deref().unwrap_or("none");
+        let service = self.service.as_deref().unwrap_or("any");
         let text = format!(
-            "xtcp-top: {} sockets, poll {}, sorted by {}, filter: {filter}\n\
+            "xtcp-top: {} sockets, poll {}, sorted by {}, filter: {filter}, service: {service}\n\
              keys: r rtt, t retrans, b bytes, d rate, q quit\n{}",
             self.shown.len(),
             self.shown_poll,
@@ -207,16 +222,21 @@ impl View {
         );
         frame.render_widget(Paragraph::new(text), head);
         let header = Row::new([
-            "NETNS", "STATE", "LOCAL", "PEER", "CC", "RTT_MS", "RETRANS", "BYTES", "RATE_B/S",
+            "NETNS", "SERVICE", "STATE", "LOCAL", "PEER", "CC", "RTT_MS", "RETRANS", "BYTES",
+            "RATE_B/S",
         ])
         .style(Style::default().add_modifier(Modifier::BOLD));
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
         let rows = self.shown.iter().take(usize::from(body.height)).map(|c| {
             Row::new([
-                if c.netns.is_empty() {
-                    "-".to_string()
-                } else {
-                    c.netns.clone()
-                },
+                dash(&c.netns),
+                dash(&c.service),
                 c.state.clone(),
                 c.local.clone(),
                 c.peer.clone(),
@@ -229,6 +249,7 @@ impl View {
         });
         let widths = [
             Constraint::Length(12),
+            Constraint::Length(24),
             Constraint::Length(11),
             Constraint::Length(28),
             Constraint::Length(28),
