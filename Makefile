@@ -113,7 +113,7 @@ bench-filter: build-all
 bench-netns: build-all
 	python3 tools/bench/bench_netns.py
 
-## bench-owner: a poll of 100k sockets in a pod's container cgroup with and without the cgroup path and owner fields: CPU and bytes (root; SIZE, REPS)
+## bench-owner: a poll of 100k sockets in a pod's container cgroup, another cgroup churning beside it: default, --no-cgroup-paths and --processes, CPU and bytes, and ss -tanpH (root; SIZE, CHURN, REPS)
 bench-owner: build-all
 	python3 tools/bench/bench_owner.py
 

@@ -7,8 +7,8 @@
 //! skips paths over [`MAX_CGROUP_PATH_LEN`]; what it left out is counted.
 //!
 //! Lookups run in every record-writing thread, so a walk's result is an
-//! immutable [`Tree`] that each thread's [`CgroupView`] holds an `Arc` of;
-//! a thread notices a newer tree from one relaxed load per lookup. An
+//! immutable [`Tree`], published for each thread's [`CgroupView`] to read
+//! without a lock. An
 //! unknown id is a miss (counted, its record has no path). It starts a walk
 //! only if none ran for `--cgroup-rescan` and none is running (the thread
 //! does not wait for another's), and only once per id: an id a walk newer
@@ -20,12 +20,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
 
+use super::published::{Published, Reader};
 use super::Owner;
 
 /// Longest cgroup path kept (PATH_MAX); a deeper cgroup is left out.
@@ -58,8 +58,7 @@ pub struct CgroupCache {
     root: PathBuf,
     limit: usize,
     rescan: Duration,
-    tree: Mutex<Arc<Tree>>,
-    generation: AtomicU64,
+    tree: Published<Tree>,
     walk: Mutex<WalkState>,
     metrics: CgroupMetrics,
 }
@@ -109,8 +108,7 @@ impl CgroupCache {
             root,
             limit,
             rescan,
-            tree: Mutex::default(),
-            generation: AtomicU64::new(0),
+            tree: Published::default(),
             walk: Mutex::new(WalkState {
                 last: Instant::now(),
                 absent: HashSet::new(),
@@ -124,20 +122,14 @@ impl CgroupCache {
     /// A reader for one thread.
     pub fn view(self: &Arc<Self>) -> CgroupView {
         CgroupView {
-            tree: self.current(),
-            generation: self.generation.load(Relaxed),
+            tree: self.tree.reader(),
             cache: Arc::clone(self),
         }
     }
 
-    fn current(&self) -> Arc<Tree> {
-        Arc::clone(&self.tree.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
     fn install(&self, tree: Tree) {
         self.metrics.known.set(tree.owners.len() as i64);
-        *self.tree.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(tree);
-        self.generation.fetch_add(1, Relaxed);
+        self.tree.replace(tree);
         self.metrics.walks.inc();
     }
 
@@ -208,8 +200,7 @@ impl CgroupCache {
 /// One thread's reader of a [`CgroupCache`].
 pub struct CgroupView {
     cache: Arc<CgroupCache>,
-    tree: Arc<Tree>,
-    generation: u64,
+    tree: Reader<Tree>,
 }
 
 impl Clone for CgroupView {
@@ -223,19 +214,11 @@ impl CgroupView {
     /// The owner of cgroup `id`; `None` (counted) when the tree has no
     /// such cgroup even after a walk that was due.
     pub fn owner(&mut self, id: u64) -> Option<&Owner> {
-        self.refresh();
+        self.tree.refresh(&self.cache.tree);
         if !self.tree.owners.contains_key(&id) && self.cache.miss(id) {
-            self.refresh();
+            self.tree.refresh(&self.cache.tree);
         }
         self.tree.owners.get(&id)
-    }
-
-    fn refresh(&mut self) {
-        let generation = self.cache.generation.load(Relaxed);
-        if generation != self.generation {
-            self.tree = self.cache.current();
-            self.generation = generation;
-        }
     }
 }
 

@@ -20,6 +20,8 @@
 //!   systemd driver, with `_` for the UID's `-`).
 
 mod cache;
+pub mod processes;
+mod published;
 
 pub use cache::{find_cgroup2_root, CgroupCache, CgroupMetrics, CgroupView, MAX_CGROUP_PATH_LEN};
 

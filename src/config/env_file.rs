@@ -85,6 +85,7 @@ impl Config {
                     .unwrap_or(DEFAULT_SNAPSHOT_EVERY)
                     .to_string(),
             ),
+            ("PROCESSES", self.processes.to_string()),
             ("NO_CGROUP_PATHS", (!self.cgroups.enabled).to_string()),
             ("CGROUP_CACHE", self.cgroups.cache.to_string()),
             ("CGROUP_RESCAN", dur(self.cgroups.rescan)),

@@ -257,6 +257,13 @@ pub(super) struct Cli {
     #[arg(long, env = "XTCP_NO_CGROUP_PATHS")]
     pub(super) no_cgroup_paths: bool,
 
+    /// Add the processes holding each socket to its record: PID and
+    /// command, all of them when shared (docs/record.md, "Whose
+    /// connection"). Reads /proc/PID/fd of every process: new descriptors
+    /// only, once per poll with new sockets.
+    #[arg(long, env = "XTCP_PROCESSES")]
+    pub(super) processes: bool,
+
     /// Most cgroups the map of the cgroup tree keeps (the shallowest
     /// first); records of the others have no path.
     #[arg(long, env = "XTCP_CGROUP_CACHE", default_value_t = DEFAULT_CGROUP_CACHE, value_parser = ranged(1, 10_000_000))]

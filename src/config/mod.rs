@@ -162,6 +162,9 @@ pub struct Config {
     /// `--changes-only`: a full snapshot every this many polls, if on.
     pub snapshot_every: Option<u64>,
     pub cgroups: CgroupPaths,
+    /// `--processes`: records name their socket's processes (not with
+    /// `--replay`: another host's inodes).
+    pub processes: bool,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.

@@ -108,6 +108,7 @@ impl Config {
             replay: cli.replay.clone(),
             close_buffer: cli.close_records.then_some(cli.close_buffer as usize),
             snapshot_every: cli.changes_only.then_some(cli.snapshot_every),
+            processes: cli.processes && cli.replay.is_none(),
             cgroups: CgroupPaths {
                 enabled: !cli.no_cgroup_paths && cli.replay.is_none(),
                 cache: cli.cgroup_cache as usize,

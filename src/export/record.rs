@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::attribution::processes::{Lookup, ProcessView, MAX_COMMAND_LEN, MAX_PROCESSES_LEN};
 use crate::attribution::{
     CgroupView, Owner, CONTAINER_ID_LEN, MAX_CGROUP_PATH_LEN, MAX_UNIT_LEN, POD_UID_LEN,
 };
@@ -19,11 +20,11 @@ use crate::export::encode::{Writer, FIELD_WINDOW};
 use crate::identity::Identity;
 use crate::wire::inet_diag::TCP_CA_NAME_MAX;
 use crate::wire::DiagSocket;
-use xtcp_feed::proto::{key, CongestionAlgorithm, RecordKind};
+use xtcp_feed::proto::{key, CongestionAlgorithm, ProcessOwner, RecordKind};
 
 /// Bumped whenever fields are added to `proto/xtcp.proto` (2: the
 /// network namespace; 3: the instance; 4: the record kind; 5: the cgroup
-/// path and owner).
+/// path and owner, and the processes).
 pub const SCHEMA_VERSION: u32 = 5;
 
 /// Longest `netns_name`: a file name under /run/netns, or a `--netns` path
@@ -73,6 +74,8 @@ pub struct RecordEncoder {
     identity: Identity,
     /// Resolves cgroup ids to owners; `None`: records have no path.
     cgroups: Option<CgroupView>,
+    /// `--processes`: resolves socket inodes to their processes.
+    processes: Option<ProcessView>,
     counter: Arc<AtomicU64>,
     /// The next number to write, and the end of the reserved block.
     next: u64,
@@ -84,6 +87,7 @@ impl RecordEncoder {
         RecordEncoder {
             identity,
             cgroups: None,
+            processes: None,
             counter: Arc::new(AtomicU64::new(0)),
             next: 1,
             end: 1,
@@ -94,6 +98,13 @@ impl RecordEncoder {
     /// resolved through `view` (clones too, each with its own view).
     pub fn with_cgroups(mut self, view: CgroupView) -> Self {
         self.cgroups = Some(view);
+        self
+    }
+
+    /// Records from now on name their socket's processes (`--processes`),
+    /// resolved through `view`.
+    pub fn with_processes(mut self, view: ProcessView) -> Self {
+        self.processes = Some(view);
         self
     }
 
@@ -122,10 +133,11 @@ impl RecordEncoder {
     /// `TCP_CA_NAME_MAX`; the fuzz target checks the bound).
     pub fn max_record_len(&self) -> usize {
         // Length-delimited fields: hostname, namespace name, two addresses,
-        // congestion name, the cgroup path, unit, container and pod, each
-        // with a key and a length varint; plus the writer's window slack.
+        // congestion name, the cgroup path, unit, container and pod, the
+        // command and the processes, each with a key and a length varint;
+        // plus the writer's window slack.
         key::MAX_SCALAR_LEN
-            + 9 * FIELD_WINDOW
+            + 11 * FIELD_WINDOW
             + self.identity.hostname.len()
             + MAX_NETNS_NAME_LEN
             + 16
@@ -135,6 +147,8 @@ impl RecordEncoder {
             + MAX_UNIT_LEN
             + CONTAINER_ID_LEN
             + POD_UID_LEN
+            + MAX_COMMAND_LEN
+            + MAX_PROCESSES_LEN
             + FIELD_WINDOW
     }
 
@@ -154,8 +168,15 @@ impl RecordEncoder {
             (Some(cgroups), Some(id)) => cgroups.owner(id),
             _ => None,
         };
+        // Closes come as they happen, between polls: they take what the
+        // table knows and never make the closer wait for a scan.
+        let may_scan = poll.kind != RecordKind::Closed;
+        let processes = self.processes.as_mut().map(|p| {
+            let cgroup = owner.map(|o| &*o.path);
+            p.holders(s.msg.inode(), cgroup, poll.poll_id, may_scan)
+        });
         let len = encode_fields(s, poll, &self.identity, self.next, buf)?;
-        let len = len + encode_owner(owner, &mut buf[len..])?;
+        let len = len + encode_owner(owner, processes, &mut buf[len..])?;
         self.next += 1;
         Some(len)
     }
@@ -338,16 +359,32 @@ fn encode_fields(
 }
 
 /// The owner fields (190..), after every other: they come from the cgroup
-/// map, not the socket's bytes.
-fn encode_owner(owner: Option<&Owner>, buf: &mut [u8]) -> Option<usize> {
-    let Some(o) = owner else {
-        return Some(0);
-    };
+/// map and the process table, not the socket's bytes.
+fn encode_owner(
+    owner: Option<&Owner>,
+    processes: Option<Lookup<'_>>,
+    buf: &mut [u8],
+) -> Option<usize> {
     let mut w = Writer::new(buf);
-    w.bytes(key::CGROUP_PATH, o.path.as_bytes())?;
-    w.bytes(key::SYSTEMD_UNIT, o.systemd_unit.as_bytes())?;
-    w.bytes(key::CONTAINER_ID, o.container_id.as_bytes())?;
-    w.bytes(key::POD_UID, o.pod_uid.as_bytes())?;
+    if let Some(o) = owner {
+        w.bytes(key::CGROUP_PATH, o.path.as_bytes())?;
+        w.bytes(key::SYSTEMD_UNIT, o.systemd_unit.as_bytes())?;
+        w.bytes(key::CONTAINER_ID, o.container_id.as_bytes())?;
+        w.bytes(key::POD_UID, o.pod_uid.as_bytes())?;
+    }
+    let state = match processes {
+        None => ProcessOwner::Unspecified,
+        Some(Lookup::Found(h)) => {
+            w.uint(key::PROCESS_ID, h.pid)?;
+            w.bytes(key::PROCESS_COMMAND, h.command.as_bytes())?;
+            w.bytes(key::PROCESSES, h.listed.as_bytes())?;
+            w.uint(key::PROCESS_COUNT, h.count)?;
+            ProcessOwner::Found
+        }
+        Some(Lookup::NoInode) => ProcessOwner::None,
+        Some(Lookup::NotFound) => ProcessOwner::NotFound,
+    };
+    w.uint(key::PROCESS_OWNER, state as u32)?;
     Some(w.len())
 }
 

@@ -5,13 +5,15 @@
 //! wq 0 cookie 0x2a poll 7`, then the record's kind unless it is a plain
 //! poll's, then `netns NAME` for a socket of another namespace, then
 //! `cgroup:PATH` as `ss -e` prints it and `service NAME` (pod, container
-//! or unit) when the path names one.
+//! or unit) when the path names one, then with `--processes` `processes
+//! PID/COMMAND,...` (`none` for a socket without inode, `unknown` when no
+//! visible process holds it).
 
 use std::net::SocketAddr;
 
 use crate::attribution::service_of;
 use crate::wire::state;
-use xtcp_feed::proto::{Record, RecordKind};
+use xtcp_feed::proto::{ProcessOwner, Record, RecordKind};
 
 /// `10.0.0.1:443`, `[::1]:80`; `?:PORT` for an address of another length.
 pub fn endpoint(addr: &[u8], port: u32) -> String {
@@ -93,6 +95,13 @@ pub fn text_line(r: &Record) -> String {
             line.push_str(&format!(" service {service}"));
         }
     }
+    // With --processes: who holds it, or why nobody is named.
+    match r.process_owner() {
+        ProcessOwner::Unspecified => {}
+        ProcessOwner::Found => line.push_str(&format!(" processes {}", r.processes)),
+        ProcessOwner::None => line.push_str(" processes none"),
+        ProcessOwner::NotFound => line.push_str(" processes unknown"),
+    }
     line
 }
 
@@ -137,5 +146,10 @@ mod tests {
         v6.cgroup_path = "/".into();
         v6.systemd_unit.clear();
         assert!(text_line(&v6).ends_with(" netns blue cgroup:/"));
+        v6.process_owner = ProcessOwner::Found as i32;
+        v6.processes = "7/nginx,9/nginx".into();
+        assert!(text_line(&v6).ends_with(" cgroup:/ processes 7/nginx,9/nginx"));
+        v6.process_owner = ProcessOwner::None as i32;
+        assert!(text_line(&v6).ends_with(" cgroup:/ processes none"));
     }
 }

@@ -80,6 +80,15 @@ xtcp_service::metrics_table! {
         "Walks of the cgroup2 tree: one at start, then one for a socket's unknown cgroup id at most every --cgroup-rescan.";
     cgroup_misses: IntCounter "xtcp_cgroup_misses_total" []
         "Records whose socket's cgroup id was not in the map (their cgroup_path is empty).";
+    // --processes (crate::attribution::processes).
+    process_sockets: IntGauge "xtcp_process_sockets" []
+        "With --processes: socket inodes the process table holds (those some process's descriptors point to).";
+    process_scans: IntCounter "xtcp_process_scans_total" []
+        "With --processes: scans of /proc: one at start, then at most one per poll that has a socket the table lacks.";
+    process_descriptors_read: IntCounter "xtcp_process_descriptors_read_total" []
+        "With --processes: descriptors looked at (stat of /proc/PID/fd/N) by the scans: new ones, or all after an inode no scan explained.";
+    process_not_found: IntCounter "xtcp_process_not_found_total" []
+        "With --processes: records whose socket has an inode no visible process holds (process_owner NOT_FOUND).";
     // The exporter itself.
     statsd_errors: IntCounter "xtcp_statsd_errors_total" []
         "statsd lines that could not be sent.";

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::attribution::processes::{ProcessMetrics, ProcessTable};
 use crate::attribution::{find_cgroup2_root, CgroupCache, CgroupMetrics};
 use crate::config::{Config, Family};
 use crate::counting::CloseTotals;
@@ -167,10 +168,27 @@ impl Opened {
             .map_err(|e| setup("registering metrics")(io::Error::other(e)))?;
         let metrics = Arc::new(metrics);
         let mut encoder = RecordEncoder::new(identity.clone());
-        if config.cgroups.enabled {
-            if let Some(cgroups) = open_cgroups(config, &metrics) {
-                encoder = encoder.with_cgroups(cgroups.view());
-            }
+        let cgroups = config
+            .cgroups
+            .enabled
+            .then(|| open_cgroups(config, &metrics))
+            .flatten();
+        if let Some(cgroups) = &cgroups {
+            encoder = encoder.with_cgroups(cgroups.view());
+        }
+        if config.processes {
+            let t = &metrics.table;
+            let processes = ProcessTable::new(
+                "/proc".into(),
+                cgroups.as_ref().map(|c| c.root().to_path_buf()),
+                ProcessMetrics {
+                    sockets: t.process_sockets.clone(),
+                    scans: t.process_scans.clone(),
+                    descriptors_read: t.process_descriptors_read.clone(),
+                    not_found: t.process_not_found.clone(),
+                },
+            );
+            encoder = encoder.with_processes(Arc::new(processes).view());
         }
         let writers = Writers {
             encoder,

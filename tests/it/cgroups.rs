@@ -6,7 +6,7 @@
 //! namespace (`ip netns exec` would hide the cgroup2 mount), and `ss` runs
 //! in each through `nsenter --net=`, which keeps it. Needs root.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -106,18 +106,26 @@ fn in_cgroup(cmd: &mut Command, dir: &Path) {
     }
 }
 
-/// `ss -taneH` in `ns`: every socket's endpoints and the path after
-/// `cgroup:`.
-fn ss_cgroups(ns: &str) -> BTreeMap<Endpoints, String> {
+/// The lines of `ss OPTIONS` run in `ns` through `nsenter --net=`.
+fn ss_lines(ns: &str, options: &str) -> Vec<String> {
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
-        .args(["ss", "-taneH"])
+        .args(["ss", options])
         .output()
         .unwrap();
     assert!(out.status.success(), "ss: {out:?}");
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `ss -taneH` in `ns`: every socket's endpoints and the path after
+/// `cgroup:`.
+fn ss_cgroups(ns: &str) -> BTreeMap<Endpoints, String> {
+    ss_lines(ns, "-taneH")
+        .iter()
         .map(|line| {
             let words: Vec<&str> = line.split_whitespace().collect();
             let cgroup = words
@@ -144,12 +152,9 @@ fn endpoint(ip: &str, port: u64) -> String {
     }
 }
 
-/// One poll of the namespaces (`xtcp --once`, JSON): each namespace's
-/// sockets and the owner fields of their records.
-fn xtcp_owners(
-    namespaces: &[&str],
-    flags: &[&str],
-) -> BTreeMap<String, BTreeMap<Endpoints, [String; 4]>> {
+/// One poll of the namespaces (`xtcp --once`, JSON, with `flags`): its
+/// records.
+fn xtcp_once(namespaces: &[&str], flags: &[&str]) -> Vec<Value> {
     let out = Command::new(workspace_bin("xtcp"))
         .args([
             "--once",
@@ -162,24 +167,44 @@ fn xtcp_owners(
         .output()
         .unwrap();
     assert!(out.status.success(), "xtcp: {out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// A record's string field, "" when absent.
+fn text(r: &Value, k: &str) -> String {
+    r[k].as_str().unwrap_or_default().to_string()
+}
+
+/// A record's socket as `ss` prints its endpoints.
+fn endpoints_of(r: &Value) -> Endpoints {
+    let port = |k: &str| r[k].as_u64().unwrap_or(0);
+    (
+        endpoint(
+            &text(r, "inet_diag_msg_socket_source"),
+            port("inet_diag_msg_socket_source_port"),
+        ),
+        endpoint(
+            &text(r, "inet_diag_msg_socket_destination"),
+            port("inet_diag_msg_socket_destination_port"),
+        ),
+    )
+}
+
+/// One poll of the namespaces: each namespace's sockets and the owner
+/// fields of their records.
+fn xtcp_owners(
+    namespaces: &[&str],
+    flags: &[&str],
+) -> BTreeMap<String, BTreeMap<Endpoints, [String; 4]>> {
     let mut by_ns: BTreeMap<String, BTreeMap<Endpoints, [String; 4]>> = BTreeMap::new();
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let r: Value = serde_json::from_str(line).unwrap();
-        let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
-        let port = |k: &str| r[k].as_u64().unwrap_or(0);
-        let endpoints = (
-            endpoint(
-                &text("inet_diag_msg_socket_source"),
-                port("inet_diag_msg_socket_source_port"),
-            ),
-            endpoint(
-                &text("inet_diag_msg_socket_destination"),
-                port("inet_diag_msg_socket_destination_port"),
-            ),
-        );
-        let owner = ["cgroup_path", "systemd_unit", "container_id", "pod_uid"].map(text);
-        let seen = by_ns.entry(text("netns_name")).or_default();
-        assert!(seen.insert(endpoints, owner).is_none(), "{line}");
+    for r in xtcp_once(namespaces, flags) {
+        let owner = ["cgroup_path", "systemd_unit", "container_id", "pod_uid"].map(|k| text(&r, k));
+        let seen = by_ns.entry(text(&r, "netns_name")).or_default();
+        assert!(seen.insert(endpoints_of(&r), owner).is_none(), "{r}");
     }
     by_ns
 }
@@ -405,4 +430,107 @@ fn a_hidden_cgroup_tree_is_said_once() {
         ],
         "{stderr}"
     );
+}
+
+/// `ss -tanpH` in `ns`: every socket's endpoints and the PIDs and commands
+/// of its `users:(("COMMAND",pid=N,fd=M),...)`, empty for none.
+fn ss_processes(ns: &str) -> BTreeMap<Endpoints, BTreeSet<(u32, String)>> {
+    ss_lines(ns, "-tanpH")
+        .iter()
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let endpoints = (words[3].to_string(), words[4].to_string());
+            let users = line.split_once("users:(").map_or("", |(_, u)| u);
+            let holders = users
+                .split("(\"")
+                .skip(1)
+                .map(|user| {
+                    let (command, rest) = user.split_once("\",pid=").unwrap();
+                    let pid = rest.split(',').next().unwrap().parse().unwrap();
+                    (pid, command.to_string())
+                })
+                .collect();
+            (endpoints, holders)
+        })
+        .collect()
+}
+
+/// A helper holding, in `ns`, a listener and both ends of a connection,
+/// shared with a child it forked (two holders each), and a TIME_WAIT
+/// socket (no process).
+fn shared_and_time_wait(ns: &Netns, port: u16) -> Child {
+    let hold = format!(
+        "import os, socket, sys
+l = socket.socket(); l.bind(('127.0.0.1', {port})); l.listen()
+c = socket.create_connection(('127.0.0.1', {port})); a, _ = l.accept()
+c.close(); a.close()
+c = socket.create_connection(('127.0.0.1', {port})); a, _ = l.accept()
+if os.fork() == 0:
+    sys.stdin.read(); os._exit(0)
+print('ready', flush=True); sys.stdin.read(); os.wait()"
+    );
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .args(["python3", "-c", &hold])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(first_line(&mut child).trim(), "ready");
+    child
+}
+
+/// `--processes` against `ss -p`, socket by socket: a farm's worker
+/// processes, sockets two processes share, and a TIME_WAIT socket, which
+/// has no process and says so.
+#[test]
+fn records_name_the_processes_ss_names() {
+    if !can_run_in_netns(&[
+        Need::Tool("ss"),
+        Need::Tool("nsenter"),
+        Need::Tool("python3"),
+    ]) {
+        return;
+    }
+    let _serial = serial();
+    let farm = farm_in(&cgroup2_root(), "procfarm");
+    let ns = Netns::create("procshared").unwrap();
+    let mut helper = shared_and_time_wait(&ns, 40001);
+    for name in [farm.ns.as_str(), ns.name()] {
+        let mut records = BTreeMap::new();
+        for r in xtcp_once(&[name], &["--processes"]) {
+            let holders: BTreeSet<(u32, String)> = text(&r, "processes")
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    let (pid, command) = h.split_once('/').unwrap();
+                    (pid.parse().unwrap(), command.to_string())
+                })
+                .collect();
+            let owner = text(&r, "process_owner");
+            let want_owner = if holders.is_empty() {
+                "PROCESS_OWNER_NONE"
+            } else {
+                "PROCESS_OWNER_FOUND"
+            };
+            assert_eq!(owner, want_owner, "{r}");
+            assert_eq!(
+                r["process_count"].as_u64().unwrap_or(0) as usize,
+                holders.len(),
+                "{r}"
+            );
+            records.insert(endpoints_of(&r), holders);
+        }
+        let ss = ss_processes(name);
+        assert_eq!(records, ss, "{name}");
+        if name == ns.name() {
+            // The listener and the connection's two ends, shared by the
+            // fork; the TIME_WAIT socket, nobody's.
+            let counts: Vec<usize> = ss.values().map(BTreeSet::len).collect();
+            assert_eq!(counts.iter().filter(|&&n| n == 2).count(), 3, "{ss:?}");
+            assert_eq!(counts.iter().filter(|&&n| n == 0).count(), 1, "{ss:?}");
+        }
+    }
+    drop(helper.stdin.take());
+    helper.wait().unwrap();
 }

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Serializer;
 
-use crate::proto::{CongestionAlgorithm, RecordKind};
+use crate::proto::{CongestionAlgorithm, ProcessOwner, RecordKind};
 
 /// 4 bytes -> "10.0.0.1", 16 bytes -> "::1", empty -> "", anything else -> hex
 /// (only a malformed record from a peer can hold another length).
@@ -32,6 +32,12 @@ fn by_name<S: Serializer>(value: i32, name: Option<&str>, s: S) -> Result<S::Ok,
 pub fn congestion_algorithm<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
     let name = CongestionAlgorithm::try_from(*value).ok();
     by_name(*value, name.map(|c| c.as_str_name()), s)
+}
+
+/// `PROCESS_OWNER_FOUND`.
+pub fn process_owner<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+    let name = ProcessOwner::try_from(*value).ok();
+    by_name(*value, name.map(|o| o.as_str_name()), s)
 }
 
 /// `RECORD_KIND_CLOSED`.
