@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
@@ -33,6 +34,11 @@ pub struct FamilyState {
     current: Mutex<HashMap<u64, Arc<Dump>>>,
     /// Datagrams of no current dump (the tail of an abandoned one).
     pub stale_datagrams: AtomicU64,
+    /// When a netlinker last received a datagram or stopped waiting on a
+    /// full channel, ns after `started`; and how many wait now.
+    started: Instant,
+    last_activity_ns: AtomicU64,
+    output_waits: AtomicU32,
 }
 
 /// The epoll token of the shutdown release fd (no inode is `u64::MAX`).
@@ -51,6 +57,9 @@ impl FamilyState {
             pool,
             current: Mutex::default(),
             stale_datagrams: AtomicU64::new(0),
+            started: Instant::now(),
+            last_activity_ns: AtomicU64::new(0),
+            output_waits: AtomicU32::new(0),
         })
     }
 
@@ -107,17 +116,41 @@ impl FamilyState {
     }
 
     /// Retires every current dump `expired` says the kernel stopped
-    /// answering, unless one is still `progressing`: then the netlinkers are
-    /// busy with it, and the others wait their turn (their replies queue in
-    /// their sockets), however long that takes.
-    pub fn expire(
-        &self,
-        progressing: impl Fn(&Dump) -> bool,
-        mut expired: impl FnMut(&Dump) -> bool,
-    ) {
-        let mut dumps = self.dumps();
-        if !dumps.values().any(|d| progressing(d)) {
-            dumps.retain(|_, d| !expired(d));
+    /// answering, unless the netlinkers were busy within `within` (a
+    /// datagram of any dump received, or a wait on a full channel): then the
+    /// other dumps wait their turn (their replies queue in their sockets),
+    /// however long that takes.
+    pub fn expire(&self, within: Duration, mut expired: impl FnMut(&Dump) -> bool) {
+        let idle = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(self.last_activity_ns.load(Relaxed)));
+        if self.output_waits.load(Relaxed) > 0 || idle <= within {
+            return;
         }
+        self.dumps().retain(|_, d| !expired(d));
+    }
+
+    /// A netlinker received a datagram of a dump of this family.
+    pub fn active(&self) {
+        let now = self.started.elapsed().as_nanos() as u64;
+        self.last_activity_ns.store(now, Relaxed);
+    }
+
+    /// Counts a netlinker waiting on a full channel until the guard drops
+    /// (which counts as activity).
+    pub fn waiting_on_output(&self) -> OutputWait<'_> {
+        self.output_waits.fetch_add(1, Relaxed);
+        OutputWait(self)
+    }
+}
+
+/// A netlinker of the family waiting on a full channel.
+pub struct OutputWait<'a>(&'a FamilyState);
+
+impl Drop for OutputWait<'_> {
+    fn drop(&mut self) {
+        self.0.active();
+        self.0.output_waits.fetch_sub(1, Relaxed);
     }
 }

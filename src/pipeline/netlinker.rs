@@ -71,11 +71,11 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
         let (token, socket) = match wait_readable(family, holding) {
             Ok(Ready::Socket(token, socket)) => (token, socket),
             Ok(Ready::Released) => {
-                hand_over(&tx, &mut batch, shutdown);
+                hand_over(family, &tx, &mut batch, shutdown);
                 return;
             }
             Ok(Ready::Nothing) => {
-                if !hand_over(&tx, &mut batch, shutdown) {
+                if !hand_over(family, &tx, &mut batch, shutdown) {
                     return;
                 }
                 continue;
@@ -115,14 +115,15 @@ pub fn run(family: &FamilyState, tx: Sender<Batch>, shutdown: &Shutdown) {
             continue;
         };
         dump.add_kernel_time(took);
+        family.active();
         if sockets {
             // A batch holds one dump: the tail of the last one goes first.
             let other = batch.first().is_some_and(|r| !Arc::ptr_eq(&r.dump, &dump));
-            if other && !hand_over(&tx, &mut batch, shutdown) {
+            if other && !hand_over(family, &tx, &mut batch, shutdown) {
                 return;
             }
             batch.push(ReceivedDatagram { buf, len, dump });
-            if batch.len() == HANDOFF_BATCH && !hand_over(&tx, &mut batch, shutdown) {
+            if batch.len() == HANDOFF_BATCH && !hand_over(family, &tx, &mut batch, shutdown) {
                 return;
             }
         }
@@ -240,7 +241,12 @@ fn wait_readable(family: &FamilyState, holding: Option<u64>) -> Result<Ready, Er
 /// counted, with its dump's timeout clock stopped (the output is slow, not
 /// the kernel). `false` when the pipeline is aborting or the inetdiagers
 /// are gone.
-fn hand_over(tx: &Sender<Batch>, batch: &mut Batch, shutdown: &Shutdown) -> bool {
+fn hand_over(
+    family: &FamilyState,
+    tx: &Sender<Batch>,
+    batch: &mut Batch,
+    shutdown: &Shutdown,
+) -> bool {
     let Some(dump) = batch.first().map(|r| Arc::clone(&r.dump)) else {
         return true;
     };
@@ -251,6 +257,7 @@ fn hand_over(tx: &Sender<Batch>, batch: &mut Batch, shutdown: &Shutdown) -> bool
         Err(TrySendError::Full(full)) => full,
     };
     let _blocked = dump.blocked_on_output();
+    let _waiting = family.waiting_on_output();
     let started = Instant::now();
     let sent = select! {
         send(tx, full) -> r => r.is_ok(),

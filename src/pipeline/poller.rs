@@ -365,23 +365,20 @@ impl Poller {
     fn expire_silent_dumps(&self) {
         let timeout = self.config.netlink_timeout;
         for family in &self.families {
-            family.expire(
-                |dump| dump.idle_for() <= timeout,
-                |dump| {
-                    let silent = dump.idle_for() > timeout;
-                    if silent {
-                        dump.counters.count(|t| &mut t.timeouts);
-                        dump.note_error(
-                            "timeout",
-                            format!(
-                                "no reply for {} (--netlink-timeout)",
-                                humantime::format_duration(timeout)
-                            ),
-                        );
-                    }
-                    silent
-                },
-            );
+            family.expire(timeout, |dump| {
+                let silent = dump.idle_for() > timeout;
+                if silent {
+                    dump.counters.count(|t| &mut t.timeouts);
+                    dump.note_error(
+                        "timeout",
+                        format!(
+                            "no reply for {} (--netlink-timeout)",
+                            humantime::format_duration(timeout)
+                        ),
+                    );
+                }
+                silent
+            });
         }
     }
 
