@@ -109,6 +109,8 @@ impl View {
                 self.complete();
                 self.building_poll = r.poll_id;
             }
+            // Every record of the poll, shown or not, says it is still coming.
+            self.last_record = Some(Instant::now());
             let service = service_of(&r.cgroup_path, &r.systemd_unit, &r.container_id, &r.pod_uid);
             if self
                 .service
@@ -152,7 +154,6 @@ impl View {
                 at_ns: r.poll_timestamp_ns,
             };
             self.building.insert(key, conn);
-            self.last_record = Some(Instant::now());
         }
     }
 
