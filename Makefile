@@ -85,7 +85,7 @@ bench:
 bench-udp: build-all
 	python3 tools/bench/bench_udp.py
 
-## bench-forwarder: the forwarder's CPU per record into a tansu broker at 100k-socket polls, every record delivered (root, tansu; PAIRS, POLLS, REPS, BASE=DIR of another build side by side, PERF=FILE)
+## bench-forwarder: the forwarder's CPU per record into a tansu broker at 100k-socket polls, every record delivered; then into its disk spool with no broker, and the spool's drain when one starts (root, tansu; PAIRS, POLLS, REPS, BASE=DIR of another build side by side, PERF=FILE, SPOOL=0 to skip the spool)
 bench-forwarder: build-all
 	python3 tools/bench/bench_forwarder.py
 

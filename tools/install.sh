@@ -1,17 +1,18 @@
 #!/bin/sh
 # `make install` (and `make deb`, into a staging root): the binaries, the
-# systemd unit, its environment file, the optional drop-ins, the operator
+# systemd units (the exporter's; the forwarder's service, socket and spool
+# drop-in), their environment files, the optional drop-ins, the operator
 # docs, the man pages and the shell completions.
 #
 #   PREFIX      /usr/local   binaries in PREFIX/bin, docs in PREFIX/share/doc/xtcp
-#   SYSCONFDIR  /etc         the environment file in SYSCONFDIR/xtcp/xtcp.env
+#   SYSCONFDIR  /etc         the environment files in SYSCONFDIR/xtcp/
 #   UNITDIR     PREFIX/lib/systemd/system
 #   DESTDIR     (empty)      staging root for packaging; paths inside the
 #                            unit stay without it
 #   BIN_DIR     target/release  where the built binaries are
 #
 # An existing environment file is never overwritten: the new one is put
-# beside it as xtcp.env.new.
+# beside it as NAME.env.new.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -26,21 +27,29 @@ for bin in xtcp xtcp-forwarder xtcp-debug-server xtcp-top; do
     install -D -m 0755 "$BIN_DIR/$bin" "$DESTDIR$PREFIX/bin/$bin"
 done
 
+# The units, with the paths inside them for PREFIX and SYSCONFDIR.
 unit=$(mktemp)
 trap 'rm -f "$unit"' EXIT
-sed -e "s#/usr/local/bin/xtcp#$PREFIX/bin/xtcp#" \
-    -e "s#/usr/local/share/doc/xtcp#$DOCDIR#" \
-    -e "s#/etc/xtcp/xtcp.env#$SYSCONFDIR/xtcp/xtcp.env#" \
-    bundle/systemd/xtcp.service >"$unit"
-install -D -m 0644 "$unit" "$DESTDIR$UNITDIR/xtcp.service"
+for name in xtcp.service xtcp-forwarder.service xtcp-forwarder.socket; do
+    sed -e "s#/usr/local/bin/xtcp#$PREFIX/bin/xtcp#" \
+        -e "s#/usr/local/share/doc/xtcp#$DOCDIR#" \
+        -e "s#/etc/xtcp/#$SYSCONFDIR/xtcp/#" \
+        "bundle/systemd/$name" >"$unit"
+    install -D -m 0644 "$unit" "$DESTDIR$UNITDIR/$name"
+done
+# The forwarder's spool, on unless this drop-in is removed.
+install -D -m 0644 bundle/systemd/spool.conf \
+    "$DESTDIR$UNITDIR/xtcp-forwarder.service.d/spool.conf"
 
-env_file=$DESTDIR$SYSCONFDIR/xtcp/xtcp.env
-if [ -e "$env_file" ]; then
-    install -D -m 0644 bundle/systemd/xtcp.env "$env_file.new"
-    echo "kept $env_file; the shipped one is $env_file.new"
-else
-    install -D -m 0644 bundle/systemd/xtcp.env "$env_file"
-fi
+for env in xtcp forwarder; do
+    env_file=$DESTDIR$SYSCONFDIR/xtcp/$env.env
+    if [ -e "$env_file" ]; then
+        install -D -m 0644 "bundle/systemd/$env.env" "$env_file.new"
+        echo "kept $env_file; the shipped one is $env_file.new"
+    else
+        install -D -m 0644 "bundle/systemd/$env.env" "$env_file"
+    fi
+done
 
 for drop_in in net-admin netns feed-key; do
     install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
@@ -60,5 +69,5 @@ for bin in xtcp xtcp-forwarder xtcp-debug-server xtcp-top; do
     "$BIN_DIR/$bin" --completions fish >"$SHARE/fish/vendor_completions.d/$bin.fish"
 done
 
-echo "installed xtcp under $DESTDIR$PREFIX; unit $DESTDIR$UNITDIR/xtcp.service"
-echo "next: systemctl daemon-reload && systemctl enable --now xtcp"
+echo "installed xtcp under $DESTDIR$PREFIX; units $DESTDIR$UNITDIR/xtcp.service, xtcp-forwarder.service and .socket"
+echo "next: systemctl daemon-reload && systemctl enable --now xtcp (and xtcp-forwarder.socket xtcp-forwarder)"

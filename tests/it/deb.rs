@@ -72,6 +72,10 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         "/usr/bin/xtcp-debug-server",
         "/usr/bin/xtcp-top",
         "/lib/systemd/system/xtcp.service",
+        "/lib/systemd/system/xtcp-forwarder.service",
+        "/lib/systemd/system/xtcp-forwarder.socket",
+        "/lib/systemd/system/xtcp-forwarder.service.d/spool.conf",
+        "/etc/xtcp/forwarder.env",
         ENV_FILE,
         "/usr/share/doc/xtcp/netns.conf",
         "/usr/share/man/man1/xtcp.1.gz",
@@ -84,10 +88,16 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         "conffiles",
     );
     assert!(conffiles.contains(ENV_FILE), "{conffiles}");
+    assert!(conffiles.contains("/etc/xtcp/forwarder.env"), "{conffiles}");
     succeeded(
         run(
             "systemd-analyze",
-            &["verify", "/lib/systemd/system/xtcp.service"],
+            &[
+                "verify",
+                "/lib/systemd/system/xtcp.service",
+                "/lib/systemd/system/xtcp-forwarder.service",
+                "/lib/systemd/system/xtcp-forwarder.socket",
+            ],
         ),
         "systemd-analyze verify",
     );

@@ -75,19 +75,23 @@ fn exposure(unit: &Path) -> (f64, String) {
     (value, text)
 }
 
-fn verify(unit: &Path) {
+/// `systemd-analyze verify` of units given together (a service beside the
+/// socket it requires).
+fn verify(units: &[&Path]) {
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(unit)
+        .args(units)
         .output()
         .unwrap();
     let text = succeeded(out, "systemd-analyze verify");
-    // verify exits 0 on some warnings; the unit must draw none.
-    let unit_name = unit.file_name().unwrap().to_str().unwrap();
-    assert!(
-        !text.lines().any(|l| l.contains(unit_name)),
-        "systemd-analyze verify:\n{text}"
-    );
+    // verify exits 0 on some warnings; the units must draw none.
+    for unit in units {
+        let unit_name = unit.file_name().unwrap().to_str().unwrap();
+        assert!(
+            !text.lines().any(|l| l.contains(unit_name)),
+            "systemd-analyze verify:\n{text}"
+        );
+    }
 }
 
 #[test]
@@ -105,6 +109,9 @@ fn installed_unit_verifies_and_is_hardened() {
         "bin/xtcp-debug-server",
         "bin/xtcp-top",
         "lib/systemd/system/xtcp.service",
+        "lib/systemd/system/xtcp-forwarder.service",
+        "lib/systemd/system/xtcp-forwarder.socket",
+        "lib/systemd/system/xtcp-forwarder.service.d/spool.conf",
         "share/doc/xtcp/net-admin.conf",
         "share/doc/xtcp/netns.conf",
         "share/doc/xtcp/feed-key.conf",
@@ -133,7 +140,7 @@ fn installed_unit_verifies_and_is_hardened() {
     assert!(text.contains(&format!("EnvironmentFile={}\n", env_file.display())));
     assert!(!text.contains("/usr/local"), "a path was not rewritten");
 
-    verify(&unit);
+    verify(&[&unit]);
     let (score, report) = exposure(&unit);
     assert!(score <= MAX_EXPOSURE, "exposure {score}:\n{report}");
     println!("exposure {score}");
@@ -145,7 +152,7 @@ fn installed_unit_verifies_and_is_hardened() {
         let conf = repo().join(format!("bundle/systemd/{drop_in}.conf"));
         let conf = std::fs::read_to_string(conf).unwrap();
         std::fs::write(&with_cap, format!("{text}\n{conf}")).unwrap();
-        verify(&with_cap);
+        verify(&[&with_cap]);
         let (with_cap_score, report) = exposure(&with_cap);
         assert!(report.contains(granted), "{report}");
         assert!(with_cap_score > score, "{granted} must cost something");
@@ -156,8 +163,10 @@ fn installed_unit_verifies_and_is_hardened() {
     let with_key = root.0.join("xtcp-feed-key.service");
     let conf = std::fs::read_to_string(repo().join("bundle/systemd/feed-key.conf")).unwrap();
     std::fs::write(&with_key, format!("{text}\n{conf}")).unwrap();
-    verify(&with_key);
+    verify(&[&with_key]);
     assert_eq!(exposure(&with_key).0, score);
+
+    forwarder_units_verify_and_are_hardened(&root.0, &usr);
 
     // A second install keeps the operator's environment file.
     std::fs::write(&env_file, "XTCP_FREQUENCY=1m\n").unwrap();
@@ -167,6 +176,34 @@ fn installed_unit_verifies_and_is_hardened() {
         std::fs::read_to_string(&env_file).unwrap(),
         "XTCP_FREQUENCY=1m\n"
     );
+}
+
+/// The forwarder's service and socket verify together (the socket names
+/// the service), the service is as hardened as the exporter's, with the
+/// spool drop-in too, and its paths were rewritten.
+fn forwarder_units_verify_and_are_hardened(root: &Path, usr: &Path) {
+    let units = usr.join("lib/systemd/system");
+    let service = units.join("xtcp-forwarder.service");
+    let text = std::fs::read_to_string(&service).unwrap();
+    let prefix = usr.to_str().unwrap();
+    assert!(
+        text.contains(&format!("ExecStart={prefix}/bin/xtcp-forwarder\n")),
+        "{text}"
+    );
+    let env_file = root.join("etc/xtcp/forwarder.env");
+    assert!(env_file.is_file());
+    assert!(text.contains(&format!("EnvironmentFile=-{}\n", env_file.display())));
+    assert!(!text.contains("/usr/local"), "a path was not rewritten");
+    let socket = units.join("xtcp-forwarder.socket");
+    verify(&[&service, &socket]);
+    let (score, report) = exposure(&service);
+    assert!(score <= MAX_EXPOSURE, "exposure {score}:\n{report}");
+    println!("forwarder exposure {score}");
+    let spool = std::fs::read_to_string(units.join("xtcp-forwarder.service.d/spool.conf")).unwrap();
+    let with_spool = root.join("xtcp-forwarder-spool.service");
+    std::fs::write(&with_spool, format!("{text}\n{spool}")).unwrap();
+    verify(&[&with_spool, &socket]);
+    assert_eq!(exposure(&with_spool).0, score);
 }
 
 /// Each `KEY=value` of the shipped environment file is a variable the

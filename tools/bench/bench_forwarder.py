@@ -14,6 +14,17 @@ acknowledged by the broker: receiving, checking, producing, compressing and
 delivering, everything. Then it is stopped, and its exit line must show
 every record delivered, none dropped, malformed or lost.
 
+Then, unless SPOOL=0, the disk spool: for each repetition a forwarder with
+`--spool-dir` (a fresh directory under /var/tmp) and no broker receives the
+same POLLS polls, every record spooled (the brokers are down from the
+start, so each message goes straight to disk); its CPU per record in is
+measured as above. Then the broker starts and the spool drains: the time
+from the topic's creation to the spool empty and every record
+acknowledged, the CPU per record out, and the forwarder's peak resident
+memory (VmHWM) over the whole run. The exit line must show every
+record delivered, none dropped or lost, and the spool directory must be
+empty.
+
 BASE=DIR also measures the `xtcp-forwarder` in DIR (a release build of
 another commit, say; several directories separated by `:`), with the same
 exporter, broker and farm, the order rotated every repetition, so every
@@ -23,10 +34,12 @@ PERF=FILE records the last run of this tree's forwarder with `perf record
 """
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from benchlib import BIN, RECV_BUFFER, start_farm, stop_farm, wait_udp_bound
@@ -36,6 +49,7 @@ POLLS = int(os.environ.get("POLLS", "5"))
 REPS = int(os.environ.get("REPS", "5"))
 BASE = os.environ.get("BASE")
 PERF = os.environ.get("PERF")
+SPOOL = os.environ.get("SPOOL", "1") != "0"
 BROKER = "127.0.0.1:9092"
 PROM = "127.0.0.1:9001"
 TOPIC = "xtcp"
@@ -75,8 +89,23 @@ def cpu_ns(pid):
 def scrape(ns, name):
     body = ns_run(ns, "curl", "-sf", f"http://{PROM}/metrics",
                   capture_output=True, text=True).stdout
-    m = re.search(rf"^{name} (\d+)$", body, re.M)
+    m = re.search(rf"^{re.escape(name)} (\d+)$", body, re.M)
     return int(m.group(1)) if m else None
+
+
+def peak_rss_mib(pid):
+    """The process's peak resident memory (VmHWM), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def wait_scrape(ns, name, at_least, what, limit=300):
+    deadline = time.time() + limit
+    while (scrape(ns, name) or 0) < at_least:
+        if time.time() > deadline:
+            sys.exit(f"{what}: {name} below {at_least}")
+        time.sleep(0.1)
 
 
 def exit_value(line, name):
@@ -84,47 +113,110 @@ def exit_value(line, name):
     return int(words[words.index(name) + 1])
 
 
-def one_run(ns, bindir, perf):
-    broker = start_broker(ns)
+def start_forwarder(ns, bindir, *extra):
     forwarder = subprocess.Popen(
         ["ip", "netns", "exec", ns, f"{bindir}/xtcp-forwarder", "--brokers", BROKER,
-         "--topic", TOPIC, "--recv-buffer", str(RECV_BUFFER)],
+         "--topic", TOPIC, "--recv-buffer", str(RECV_BUFFER), *extra],
         stderr=subprocess.PIPE, text=True)
     wait_udp_bound(ns, 13000)
     while scrape(ns, "xtcp_forwarder_datagrams_total") is None:
         time.sleep(0.05)
+    return forwarder
+
+
+def export(ns):
+    """POLLS polls of the farm into the forwarder; the records sent."""
+    xtcp = ns_run(ns, f"{BIN}/xtcp", "--max-loops", str(POLLS), "--frequency", "1s",
+                  "--no-prom", "--no-statsd", capture_output=True, text=True)
+    if xtcp.returncode != 0:
+        sys.exit(f"xtcp failed: {xtcp.stderr}")
+    stopped = next(l for l in xtcp.stderr.splitlines() if l.startswith("xtcp: stopped:"))
+    return exit_value(stopped.split(" | ")[1], "records")
+
+
+def stop_forwarder(forwarder, sent):
+    """SIGTERM; its exit line must show every record delivered."""
+    forwarder.send_signal(signal.SIGTERM)
+    _, err = forwarder.communicate()
+    line = next(l for l in err.splitlines() if l.startswith("xtcp-forwarder: stopped:"))
+    delivered = exit_value(line, "delivered_records")
+    bad = {k: exit_value(line, k) for k in ("dropped_records", "lost")}
+    if delivered != sent or any(bad.values()):
+        sys.exit(f"not every record delivered: sent {sent}\n{line}")
+
+
+def one_run(ns, bindir, perf):
+    broker = start_broker(ns)
+    forwarder = start_forwarder(ns, bindir)
     recorder = None
     if perf:
         recorder = subprocess.Popen(["perf", "record", "-g", "-q", "-o", perf,
                                      "-p", str(forwarder.pid)])
         time.sleep(1)
     before = cpu_ns(forwarder.pid)
-    xtcp = ns_run(ns, f"{BIN}/xtcp", "--max-loops", str(POLLS), "--frequency", "1s",
-                  "--no-prom", "--no-statsd", capture_output=True, text=True)
-    if xtcp.returncode != 0:
-        sys.exit(f"xtcp failed: {xtcp.stderr}")
-    stopped = next(l for l in xtcp.stderr.splitlines() if l.startswith("xtcp: stopped:"))
-    sent = exit_value(stopped.split(" | ")[1], "records")
-    deadline = time.time() + 120
-    while (scrape(ns, "xtcp_forwarder_delivered_records_total") or 0) < sent:
-        if time.time() > deadline:
-            sys.exit(f"the broker did not acknowledge {sent} records")
-        time.sleep(0.1)
+    sent = export(ns)
+    wait_scrape(ns, "xtcp_forwarder_delivered_records_total", sent, "the broker", 120)
     used = cpu_ns(forwarder.pid) - before
     if recorder:
         recorder.send_signal(signal.SIGINT)
         recorder.wait()
-    forwarder.send_signal(signal.SIGTERM)
-    _, err = forwarder.communicate()
+    stop_forwarder(forwarder, sent)
     broker.kill()
     broker.wait()
-    line = next(l for l in err.splitlines() if l.startswith("xtcp-forwarder: stopped:"))
-    delivered = exit_value(line, "delivered_records")
-    bad = {k: exit_value(line, k) for k in ("dropped_records", "lost")}
-    if delivered != sent or any(bad.values()):
-        sys.exit(f"not every record delivered: sent {sent}\n{line}")
     return {"us_per_record": used / 1e3 / sent, "records_per_poll": sent / POLLS,
             "cpu_ms_per_poll": used / 1e6 / POLLS}
+
+
+def spool_run(ns, bindir):
+    """The brokers away while POLLS polls arrive, then back."""
+    spool = tempfile.mkdtemp(prefix="xtcp-spool-bench-", dir="/var/tmp")
+    try:
+        forwarder = start_forwarder(ns, bindir, "--spool-dir", spool,
+                                    "--spool-bytes", str(64 << 30))
+        before = cpu_ns(forwarder.pid)
+        sent = export(ns)
+        wait_scrape(ns, 'xtcp_forwarder_spooled_records_total{reason="outage"}', sent,
+                    "spooling")
+        spooled = cpu_ns(forwarder.pid)
+        size = scrape(ns, "xtcp_forwarder_spool_bytes")
+        broker = start_broker(ns)
+        back = time.time()
+        wait_scrape(ns, "xtcp_forwarder_delivered_records_total", sent, "draining")
+        while scrape(ns, "xtcp_forwarder_spool_bytes"):
+            time.sleep(0.05)
+        drain = time.time() - back
+        drained = cpu_ns(forwarder.pid)
+        peak = peak_rss_mib(forwarder.pid)
+        stop_forwarder(forwarder, sent)
+        broker.kill()
+        broker.wait()
+        if os.listdir(spool):
+            sys.exit(f"the spool is not empty: {os.listdir(spool)}")
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    return {"records": sent, "mib": size / 2**20,
+            "us_in": (spooled - before) / 1e3 / sent,
+            "us_out": (drained - spooled) / 1e3 / sent,
+            "drain_s": drain, "out_per_s": sent / drain, "peak_mib": peak}
+
+
+def spool_table(ns, variants, names):
+    results = {name: [] for name in names}
+    for rep in range(REPS):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            results[name].append(spool_run(ns, variants[name]))
+    med = lambda name, k: statistics.median(r[k] for r in results[name])
+    print(f"\nThe spool: {POLLS} polls spooled with no broker, then drained into a "
+          f"new one; {REPS} runs, medians; every record delivered in every run\n")
+    print("| forwarder | records | spool MiB | in: us/record | in: records/s per core "
+          "| drain s | out: records/s | out: us/record | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {med(name, 'records'):.0f} | {med(name, 'mib'):.1f} | "
+              f"{med(name, 'us_in'):.3f} | {1e6 / med(name, 'us_in'):,.0f} | "
+              f"{med(name, 'drain_s'):.2f} | {med(name, 'out_per_s'):,.0f} | "
+              f"{med(name, 'us_out'):.3f} | {med(name, 'peak_mib'):.0f} |")
 
 
 def main():
@@ -140,8 +232,15 @@ def main():
             for name in order:
                 perf = PERF if PERF and name == "this tree" and rep == REPS - 1 else None
                 results[name].append(one_run(ns, variants[name], perf))
+        print_table(results, names, sockets)
+        if SPOOL:
+            # Only this tree: other builds may have no spool.
+            spool_table(ns, {"this tree": BIN}, ["this tree"])
     finally:
         stop_farm(farm)
+
+
+def print_table(results, names, sockets):
     med = lambda name, k: statistics.median(r[k] for r in results[name])
     print(f"{sockets} sockets in the farm, {POLLS} polls per run, {REPS} runs per "
           f"forwarder, medians; every record delivered in every run\n")

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 }
 
 fn open(cli: &Cli) -> io::Result<UdpSocket> {
-    let socket = bind_receiver(cli.listen, cli.recv_buffer, "xtcp-debug-server")
+    let socket = bind_receiver(cli.listen, cli.recv_buffer, "xtcp-debug-server", false)
         .map_err(|e| io::Error::new(e.kind(), format!("listening on udp:{}: {e}", cli.listen)))?;
     socket.set_read_timeout(Some(STOP_CHECK))?;
     Ok(socket)

@@ -13,26 +13,42 @@ use socket2::{Domain, Protocol, Socket, Type};
 const SK_MEMINFO_DROPS: usize = 8;
 
 /// A UDP socket bound to `listen` for receiving the records of exporters,
-/// with `recv_buffer` bytes of receive buffer asked for: a poll arrives as a
-/// burst, and a small buffer drops datagrams. `SO_RCVBUFFORCE` (needs
-/// `CAP_NET_ADMIN`) ignores `net.core.rmem_max`; without it `SO_RCVBUF` is
-/// capped there, and a warning prefixed with `program` says so.
+/// with `recv_buffer` bytes of receive buffer asked for (see
+/// [`adopt_receiver`]). With `reuse_port`, `SO_REUSEPORT` lets a new
+/// process of the same user bind beside this one before it stops, so that
+/// a restart by hand loses no datagram.
 pub fn bind_receiver(
     listen: SocketAddr,
     recv_buffer: usize,
     program: &str,
+    reuse_port: bool,
 ) -> io::Result<UdpSocket> {
     let socket = Socket::new(
         Domain::for_address(listen),
         Type::DGRAM, // socket2 sets SOCK_CLOEXEC
         Some(Protocol::UDP),
     )?;
-    let wanted = recv_buffer.min(i32::MAX as usize / 2);
-    if setsockopt(&socket, sockopt::RcvBufForce, &wanted).is_err() {
-        socket.set_recv_buffer_size(wanted)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     socket.bind(&listen.into())?;
-    let socket = UdpSocket::from(socket);
+    adopt_receiver(socket.into(), recv_buffer, program)
+}
+
+/// Asks for `recv_buffer` bytes of receive buffer on `socket`: a poll
+/// arrives as a burst, and a small buffer drops datagrams. `SO_RCVBUFFORCE`
+/// (needs `CAP_NET_ADMIN`) ignores `net.core.rmem_max`; without it
+/// `SO_RCVBUF` is capped there, and a warning prefixed with `program` says
+/// so.
+pub fn adopt_receiver(
+    socket: UdpSocket,
+    recv_buffer: usize,
+    program: &str,
+) -> io::Result<UdpSocket> {
+    let wanted = recv_buffer.min(i32::MAX as usize / 2);
+    if setsockopt(&socket, sockopt::RcvBufForce, &wanted).is_err() {
+        socket2::SockRef::from(&socket).set_recv_buffer_size(wanted)?;
+    }
     let granted = recv_buffer_len(&socket)?;
     if granted < wanted {
         xtcp_service::say!(
@@ -41,6 +57,32 @@ pub fn bind_receiver(
         );
     }
     Ok(socket)
+}
+
+/// The first socket systemd passed (socket activation: `LISTEN_PID` names
+/// this process and `LISTEN_FDS` is at least 1, the sockets from fd 3), if
+/// it is a UDP socket. A socket unit keeps it open while the service
+/// restarts, so the datagrams of that moment wait in its buffer.
+pub fn inherited_socket() -> io::Result<Option<UdpSocket>> {
+    const FIRST: std::os::fd::RawFd = 3;
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    if var("LISTEN_PID") != Some(std::process::id()) || var("LISTEN_FDS").unwrap_or(0) < 1 {
+        return Ok(None);
+    }
+    // SAFETY: by the socket-activation protocol fd 3 is open and given to
+    // this process, which takes it over once, here (LISTEN_PID is ours).
+    let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(FIRST) };
+    if socket.r#type()? != Type::DGRAM
+        || !socket.local_addr()?.is_ipv4() && !socket.local_addr()?.is_ipv6()
+    {
+        // Not ours to close: leave it open.
+        std::mem::forget(socket);
+        return Err(io::Error::other(
+            "the socket systemd passed (fd 3) is not a UDP socket",
+        ));
+    }
+    socket.set_cloexec(true)?;
+    Ok(Some(socket.into()))
 }
 
 /// Whether a failed receive on a socket with a read timeout only means

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::spool::MIN_BOUND;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use xtcp_feed::auth::FeedKeyArgs;
 use xtcp_service::cli::{parse_duration, parse_positive_duration, ranged, Generate};
@@ -139,6 +140,17 @@ struct Cli {
     )]
     prom_listen: SocketAddr,
 
+    /// Keep what cannot be delivered (a full queue, a delivery timed out,
+    /// the brokers down, the stop) in this directory, and produce it again
+    /// when the brokers are back, across restarts. Off unless given.
+    #[arg(long, env = "XTCP_FORWARDER_SPOOL_DIR", value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+
+    /// The spool's bound, bytes: at it, the oldest data is dropped and
+    /// counted.
+    #[arg(long, env = "XTCP_FORWARDER_SPOOL_BYTES", default_value_t = 1 << 30, value_parser = ranged(MIN_BOUND, u64::MAX))]
+    spool_bytes: u64,
+
     /// Do not serve metrics.
     #[arg(long, env = "XTCP_FORWARDER_NO_PROM")]
     no_prom: bool,
@@ -153,7 +165,7 @@ struct Cli {
 /// What a command line asks for.
 #[derive(Debug)]
 pub enum Parsed {
-    Run(ForwarderConfig),
+    Run(Box<ForwarderConfig>),
     /// `--man`, `--completions SHELL`: print this and exit 0.
     Print(String),
 }
@@ -176,6 +188,15 @@ pub struct ForwarderConfig {
     pub prom_listen: Option<SocketAddr>,
     /// `--feed-key` files, read at start.
     pub feed_keys: Vec<PathBuf>,
+    /// `--spool-dir` and `--spool-bytes`.
+    pub spool: Option<SpoolConfig>,
+}
+
+/// Where the spool is and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub bytes: u64,
 }
 
 impl ForwarderConfig {
@@ -191,7 +212,7 @@ impl ForwarderConfig {
         if let Some(text) = cli.generate.text(command) {
             return Ok(Parsed::Print(text));
         }
-        Ok(Parsed::Run(ForwarderConfig {
+        Ok(Parsed::Run(Box::new(ForwarderConfig {
             listen: cli.listen,
             brokers: cli.brokers,
             topic: cli.topic,
@@ -205,7 +226,11 @@ impl ForwarderConfig {
             recv_buffer: cli.recv_buffer,
             prom_listen: (!cli.no_prom).then_some(cli.prom_listen),
             feed_keys: cli.feed_key.paths(),
-        }))
+            spool: cli.spool_dir.map(|dir| SpoolConfig {
+                dir,
+                bytes: cli.spool_bytes,
+            }),
+        })))
     }
 }
 
@@ -218,7 +243,7 @@ mod tests {
         match ForwarderConfig::from_args(
             std::iter::once("xtcp-forwarder").chain(args.iter().copied()),
         ) {
-            Ok(Parsed::Run(config)) => Ok(config),
+            Ok(Parsed::Run(config)) => Ok(*config),
             Ok(Parsed::Print(text)) => Err(text),
             Err(e) => Err(first_line(&e.render().to_string())),
         }
@@ -237,6 +262,43 @@ mod tests {
         assert_eq!(c.prom_listen, Some("127.0.0.1:9001".parse().unwrap()));
         assert_eq!(parse(&["--no-prom"]).unwrap().prom_listen, None);
         assert_eq!(parse(&["--linger", "0ms"]).unwrap().linger, Duration::ZERO);
+        assert_eq!(c.spool, None);
+        assert_eq!(
+            parse(&["--spool-dir", "/var/spool/x"]).unwrap().spool,
+            Some(SpoolConfig {
+                dir: "/var/spool/x".into(),
+                bytes: 1 << 30
+            })
+        );
+    }
+
+    /// What the shipped environment file and spool drop-in set: each a
+    /// flag's variable, with a value the flag takes.
+    #[test]
+    fn the_shipped_variables_are_flags_with_values_they_take() {
+        let shipped = [
+            include_str!("../../../bundle/systemd/forwarder.env"),
+            include_str!("../../../bundle/systemd/spool.conf"),
+        ];
+        let command = Cli::command();
+        let mut seen = 0;
+        for line in shipped.iter().flat_map(|text| text.lines()) {
+            let line = line.strip_prefix("Environment=").unwrap_or(line);
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            let (key, value) = line.split_once('=').unwrap();
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == key))
+                .unwrap_or_else(|| panic!("{key} is no flag's variable"));
+            let flag = format!("--{}", arg.get_long().unwrap());
+            // systemd's specifier for the state directories' root.
+            let value = value.replace("%S", "/var/lib");
+            parse(&[&flag, &value]).unwrap_or_else(|e| panic!("{key}={value}: {e}"));
+            seen += 1;
+        }
+        assert_eq!(seen, 7);
     }
 
     #[test]
@@ -255,6 +317,7 @@ mod tests {
             (&["--delivery-timeout", "0s"][..], "longer than zero"),
             (&["--linger", "1h"][..], "librdkafka's 15m"),
             (&["--compression", "zip"][..], "--compression"),
+            (&["--spool-bytes", "1000"][..], "outside 1048576..="),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -14,28 +14,38 @@
 //! for up to `--flush-timeout`; what is still queued then is counted as
 //! dropped. Watermarks (`xtcp_feed::sequence`) are read for the loss count and
 //! not forwarded.
+//!
+//! With `--spool-dir`, what would be dropped for a full queue, a failed
+//! delivery or the stop goes to the disk spool instead (`spool`), and
+//! while the brokers are down new messages go there directly; the replay
+//! thread (`replay`) produces it again when they are back.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::ClientContext;
 use xtcp_feed::auth::FeedKeys;
 use xtcp_feed::datagram::{to_delimited, Datagram};
-use xtcp_feed::receiver::{bind_receiver, nothing_yet, recv_buffer_len};
+use xtcp_feed::receiver::{
+    adopt_receiver, bind_receiver, inherited_socket, nothing_yet, recv_buffer_len,
+};
 use xtcp_feed::sequence::{Loss, LossWatch, RecordId, DEFAULT_RUN_LIMIT};
 use xtcp_service::counters::{exit_line, Tally};
 use xtcp_service::metrics::Health;
 use xtcp_service::prom::{PromServer, PromThread};
 use xtcp_service::shutdown::Shutdown;
 
-use crate::config::ForwarderConfig;
+use crate::config::{ForwarderConfig, SpoolConfig};
 use crate::metrics::{ForwarderMetrics, ForwarderTotals};
+use crate::replay::{replay, Shared};
+use crate::spool::{Spool, Why};
 
 /// Largest UDP datagram.
 const MAX_DATAGRAM: usize = 65_536;
@@ -58,9 +68,17 @@ pub enum ForwarderError {
 }
 
 /// The delivery reports and client errors, counted.
-struct Context {
+pub struct Context {
     metrics: Arc<ForwarderMetrics>,
     health: Arc<Health>,
+    shared: Arc<Shared>,
+}
+
+/// What a message carries to its delivery report.
+pub struct Sent {
+    pub records: u64,
+    /// The spool segment it was read back from.
+    pub segment: Option<u64>,
 }
 
 impl ClientContext for Context {
@@ -76,6 +94,9 @@ impl ClientContext for Context {
         let code = error
             .rdkafka_error_code()
             .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.set_down(true);
+        }
         let counter = self.metrics.gauges.kafka_errors.with_label_values(&[&code]);
         counter.inc();
         // A broker that stays away repeats its errors every reconnect:
@@ -88,18 +109,42 @@ impl ClientContext for Context {
 }
 
 impl ProducerContext for Context {
-    /// Records in the message.
-    type DeliveryOpaque = usize;
+    type DeliveryOpaque = Box<Sent>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, records: usize) {
-        let records = records as u64;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Sent>) {
+        let records = sent.records;
         let counted = match result {
             Ok(_) => {
                 self.health.happened();
+                self.shared.set_down(false);
+                if sent.segment.is_some() {
+                    self.shared.replay_health.happened();
+                }
                 ForwarderTotals {
                     delivered_messages: 1,
                     delivered_records: records,
                     ..ForwarderTotals::default()
+                }
+            }
+            Err((e, message)) if self.shared.spool.is_some() => {
+                let why = self.shared.why(e.rdkafka_error_code());
+                if why == Some(Why::DeliveryFailed) {
+                    self.shared.set_down(true);
+                }
+                match (why, self.shared.spool()) {
+                    (Some(why), Some(mut spool)) => {
+                        spool.append(
+                            rdkafka::Message::payload(message).unwrap_or_default(),
+                            records,
+                            why,
+                        );
+                        ForwarderTotals::default()
+                    }
+                    _ => ForwarderTotals {
+                        delivery_failed: 1,
+                        delivery_failed_records: records,
+                        ..ForwarderTotals::default()
+                    },
                 }
             }
             // Purged at exit: what --flush-timeout did not deliver.
@@ -119,6 +164,9 @@ impl ProducerContext for Context {
             },
         };
         self.metrics.counters.add(&[], &counted);
+        if let Some(segment) = sent.segment {
+            self.shared.replay_reported(segment);
+        }
     }
 }
 
@@ -152,43 +200,140 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
     let health = Arc::new(Health::new("delivery"));
     let keys = FeedKeys::open(&config.feed_keys, "xtcp-forwarder")
         .map_err(|e| setup("--feed-key")(io::Error::other(e)))?;
-    let socket = bind_receiver(config.listen, config.recv_buffer, "xtcp-forwarder")
-        .map_err(setup(format!("binding --listen {}", config.listen)))?;
+    let socket = receiver(config)?;
     let granted = recv_buffer_len(&socket).map_err(setup("reading the receive buffer size"))?;
     metrics.gauges.receive_buffer.set(granted as i64);
     socket
         .set_read_timeout(Some(TICK))
         .map_err(setup("setting the receive timeout"))?;
+    let spool = config
+        .spool
+        .as_ref()
+        .map(|s| open_spool(s, &metrics))
+        .transpose()?;
+    let shared = Arc::new(Shared::new(spool));
     let producer = create_producer(
         config,
         Context {
             metrics: Arc::clone(&metrics),
             health: Arc::clone(&health),
+            shared: Arc::clone(&shared),
         },
     )?;
     let prom = config
         .prom_listen
-        .map(|listen| start_metrics(listen, &metrics, &health, shutdown))
+        .map(|listen| start_metrics(listen, &metrics, &health, &shared, shutdown))
         .transpose()?;
 
     let watched = socket
         .try_clone()
         .map_err(setup("watching the socket's drops"))?;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut feed = Feed {
         metrics: &metrics,
         producer: &producer,
+        shared: &shared,
         topic: &config.topic,
         message: Vec::with_capacity(MAX_DATAGRAM),
         ids: Vec::new(),
         keys,
         watch: LossWatch::new(watched, DEFAULT_RUN_LIMIT),
     };
+    let replay_stop = AtomicBool::new(false);
+    let loss = std::thread::scope(|scope| {
+        if shared.spool.is_some() {
+            let (shared, producer, metrics, stop) = (&shared, &producer, &metrics, &replay_stop);
+            let topic = config.topic.as_str();
+            std::thread::Builder::new()
+                .name("xtcp-replay".into())
+                .spawn_scoped(scope, move || {
+                    replay(shared, producer, topic, metrics, stop)
+                })
+                .map_err(setup("starting the replay thread"))?;
+        }
+        let loss = receive(&socket, &mut feed, shutdown);
+        replay_stop.store(true, Relaxed);
+        Ok::<_, ForwarderError>(loss)
+    })?;
+    feed.count_loss(loss);
+    stop_producer(config, &producer, &shared);
+    metrics
+        .gauges
+        .queued
+        .set(i64::from(producer.in_flight_count()));
+    // Dropping it reports what a last purge finds, into the spool.
+    drop(producer);
+    if let Some(mut spool) = shared.spool() {
+        spool.sync(true);
+    }
+    if let Some(prom) = prom {
+        prom.stop();
+    }
+    Ok(RunTotals {
+        counted: metrics.counters.totals(),
+        loss,
+    })
+}
+
+/// The socket systemd passed, or `--listen` bound with `SO_REUSEPORT`: a
+/// restart loses no datagram either way (docs/kafka.md).
+fn receiver(config: &ForwarderConfig) -> Result<UdpSocket, ForwarderError> {
+    let program = "xtcp-forwarder";
+    match inherited_socket().map_err(setup("taking the socket systemd passed"))? {
+        Some(socket) => {
+            if let Ok(addr) = socket.local_addr() {
+                xtcp_service::say!(
+                    "{program}: receiving on {addr}, the socket systemd passed (not --listen)"
+                );
+            }
+            adopt_receiver(socket, config.recv_buffer, program)
+                .map_err(setup("sizing the passed socket's receive buffer"))
+        }
+        None => bind_receiver(config.listen, config.recv_buffer, program, true)
+            .map_err(setup(format!("binding --listen {}", config.listen))),
+    }
+}
+
+/// Opens the spool, saying what an earlier run left in it.
+fn open_spool(
+    config: &SpoolConfig,
+    metrics: &Arc<ForwarderMetrics>,
+) -> Result<Spool, ForwarderError> {
+    let (spool, found) = Spool::open(&config.dir, config.bytes, Arc::clone(metrics)).map_err(
+        setup(format!("opening --spool-dir {}", config.dir.display())),
+    )?;
+    if found.entries > 0 {
+        xtcp_service::say!(
+            "xtcp-forwarder: the spool in {} holds {} records ({} messages, {} bytes in {} segments) from an earlier run: they are produced first, once the brokers answer",
+            config.dir.display(),
+            found.records,
+            found.entries,
+            found.bytes,
+            found.segments
+        );
+    }
+    Ok(spool)
+}
+
+/// The receive loop, until `shutdown`; then what arrived before the stop is
+/// forwarded too, within DRAIN_LIMIT. Returns the loss count.
+fn receive(socket: &UdpSocket, feed: &mut Feed<'_>, shutdown: &Shutdown) -> Loss {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut was_down = false;
     while !shutdown.is_stopping() {
-        metrics
+        feed.metrics
             .gauges
             .queued
-            .set(i64::from(producer.in_flight_count()));
+            .set(i64::from(feed.producer.in_flight_count()));
+        // The brokers just went: what waits in memory goes to disk.
+        let down = feed.shared.is_down();
+        if down && !was_down {
+            feed.producer
+                .purge(PurgeConfig::default().queue().inflight());
+        }
+        was_down = down;
+        if let Some(mut spool) = feed.shared.spool() {
+            spool.tick();
+        }
         match socket.recv(&mut buf) {
             Ok(len) => feed.forward(&buf[..len]),
             Err(e) if nothing_yet(&e) => {}
@@ -198,7 +343,6 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
         feed.watch.say_fell_silent("xtcp-forwarder");
         feed.count_loss(loss);
     }
-    // What arrived before the stop is forwarded too, within DRAIN_LIMIT.
     let drain_until = Instant::now() + DRAIN_LIMIT;
     if let Err(e) = socket.set_nonblocking(true) {
         xtcp_service::say!("xtcp-forwarder: not draining the socket: {e}");
@@ -215,39 +359,35 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
             }
         }
     }
-    let loss = feed.watch.finish();
-    feed.count_loss(loss);
+    feed.watch.finish()
+}
 
-    // Stop: deliver what is queued, within the flush timeout.
-    if producer.flush(config.flush_timeout).is_err() {
+/// At the stop: delivers what is queued within the flush timeout (at once
+/// when the brokers are known down and a spool takes it); what is left is
+/// purged, into the spool or counted as dropped at shutdown.
+fn stop_producer(config: &ForwarderConfig, producer: &ThreadedProducer<Context>, shared: &Shared) {
+    shared.stop();
+    let flushed = !shared.is_down() && producer.flush(config.flush_timeout).is_ok();
+    if !flushed {
         let left = u64::try_from(producer.in_flight_count()).unwrap_or(0);
-        xtcp_service::say!(
-            "xtcp-forwarder: {left} messages still queued after --flush-timeout {}",
-            humantime::format_duration(config.flush_timeout)
-        );
-        // Purged, their delivery reports count them (and their records) as
-        // dropped at shutdown.
-        producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        if left > 0 && !shared.is_down() {
+            xtcp_service::say!(
+                "xtcp-forwarder: {left} messages still queued after --flush-timeout {}",
+                humantime::format_duration(config.flush_timeout)
+            );
+        }
+        // Purged, their delivery reports spool them or count them (and
+        // their records) as dropped at shutdown.
+        producer.purge(PurgeConfig::default().queue().inflight());
         let _ = producer.flush(Duration::from_secs(1));
     }
-    metrics
-        .gauges
-        .queued
-        .set(i64::from(producer.in_flight_count()));
-    drop(producer);
-    if let Some(prom) = prom {
-        prom.stop();
-    }
-    Ok(RunTotals {
-        counted: metrics.counters.totals(),
-        loss,
-    })
 }
 
 /// Turns received datagrams into Kafka messages, counting each one's fate.
 struct Feed<'a> {
     metrics: &'a ForwarderMetrics,
     producer: &'a ThreadedProducer<Context>,
+    shared: &'a Shared,
     topic: &'a str,
     /// The message being built, reused, and its records' runs and numbers.
     message: Vec<u8>,
@@ -303,13 +443,30 @@ impl Feed<'_> {
         };
         counted.records = records;
         self.watch.records(&self.ids);
-        let record = BaseRecord::<(), [u8], usize>::with_opaque_to(self.topic, records as usize)
+        if self.shared.is_down() {
+            if let Some(mut spool) = self.shared.spool() {
+                spool.append(&self.message, records, Why::Outage);
+                return;
+            }
+        }
+        let sent = Box::new(Sent {
+            records,
+            segment: None,
+        });
+        let record = BaseRecord::<(), [u8], Box<Sent>>::with_opaque_to(self.topic, sent)
             .payload(&self.message[..]);
         match self.producer.send(record) {
             Ok(()) => counted.produced = 1,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                counted.queue_full = 1;
-                counted.queue_full_records = records;
+                match self.shared.spool() {
+                    Some(mut spool) => {
+                        spool.append(&self.message, records, Why::QueueFull);
+                    }
+                    None => {
+                        counted.queue_full = 1;
+                        counted.queue_full_records = records;
+                    }
+                }
             }
             Err((e, _)) => {
                 xtcp_service::say!("xtcp-forwarder: produce: {e}");
@@ -364,16 +521,35 @@ fn start_metrics(
     listen: SocketAddr,
     metrics: &Arc<ForwarderMetrics>,
     health: &Arc<Health>,
+    shared: &Arc<Shared>,
     shutdown: &Shutdown,
 ) -> Result<PromThread, ForwarderError> {
     let queued = metrics.gauges.queued.clone();
+    let (spool_bytes, spool_oldest) = (
+        metrics.gauges.spool_bytes.clone(),
+        metrics.gauges.spool_oldest_seconds.clone(),
+    );
     let health = Arc::clone(health);
+    let shared = Arc::clone(shared);
     let server = PromServer::bind(
         "xtcp forwarder",
         listen,
         "/metrics".into(),
         metrics.registry().clone(),
         Box::new(move || {
+            // Unhealthy while the spool holds data and none of it was
+            // delivered lately: the brokers are away and it grows.
+            let spooled = spool_bytes.get();
+            if spooled > 0 {
+                let line = format!(
+                    "spool holds {spooled} bytes, the oldest {} s old",
+                    spool_oldest.get()
+                );
+                return match shared.replay_health.check(HEALTHY_DELIVERY_GAP) {
+                    Ok(ok) => Ok(format!("{ok}; draining: {line}")),
+                    Err(stale) => Err(format!("spool growing: {line}; {stale}")),
+                };
+            }
             // Healthy while nothing waits, or deliveries keep coming.
             if queued.get() == 0 {
                 return Ok("ok: nothing queued".into());

@@ -5,6 +5,8 @@
 mod config;
 mod forwarder;
 mod metrics;
+mod replay;
+mod spool;
 
 use std::process::ExitCode;
 

@@ -9,12 +9,15 @@ use xtcp_service::counters::CounterMetrics;
 xtcp_service::counters! {
     /// What the forwarder received, produced, delivered and dropped. Every
     /// datagram received is unauthenticated (with `--feed-key`), malformed,
-    /// a watermark (counted in [`Loss`]), produced or refused by the
-    /// producer (its queue full, or an error).
+    /// a watermark (counted in [`Loss`]), produced, refused by the
+    /// producer (its queue full, or an error), or spooled on arrival (its
+    /// queue full or the brokers down, with `--spool-dir`).
     pub struct ForwarderTotals;
     "xtcp_forwarder_malformed_datagrams_total" shared "Datagrams refused (never sent to Kafka) because a record in them is not an exporter's, by reason:";
     "xtcp_forwarder_dropped_messages_total" shared "Messages given up, by reason:";
     "xtcp_forwarder_dropped_records_total" shared "Records in those messages, by the same reasons:";
+    "xtcp_forwarder_spooled_messages_total" shared "Messages written to the spool (--spool-dir) instead of dropped, by reason:";
+    "xtcp_forwarder_spooled_records_total" shared "Records in those messages, by the same reasons:";
     // The receive loop.
     datagrams "UDP datagrams received." => "xtcp_forwarder_datagrams_total", exit "datagrams";
     bytes "Bytes of those datagrams." => "xtcp_forwarder_received_bytes_total";
@@ -37,6 +40,26 @@ xtcp_service::counters! {
     produce_failed_records "refused by the producer" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
     delivery_failed_records "not acknowledged, or refused by the broker" => "xtcp_forwarder_dropped_records_total" ["reason" = "delivery_failed"], exit "dropped_records";
     shutdown_records "still queued at exit" => "xtcp_forwarder_dropped_records_total" ["reason" = "shutdown"], exit "dropped_records";
+    // The spool.
+    spooled_queue_full "the producer's queue was full when it arrived" => "xtcp_forwarder_spooled_messages_total" ["reason" = "queue_full"], exit "spooled";
+    spooled_outage "it arrived while the brokers were known to be down" => "xtcp_forwarder_spooled_messages_total" ["reason" = "outage"], exit "spooled";
+    spooled_withdrawn "taken out of the producer's queue when the brokers went down" => "xtcp_forwarder_spooled_messages_total" ["reason" = "withdrawn"];
+    spooled_delivery_failed "not acknowledged within --delivery-timeout (the brokers or the partition's leader away)" => "xtcp_forwarder_spooled_messages_total" ["reason" = "delivery_failed"];
+    spooled_shutdown "still queued when the forwarder stopped" => "xtcp_forwarder_spooled_messages_total" ["reason" = "shutdown"];
+    spooled_queue_full_records "the queue was full" => "xtcp_forwarder_spooled_records_total" ["reason" = "queue_full"], exit "spooled_records";
+    spooled_outage_records "the brokers down" => "xtcp_forwarder_spooled_records_total" ["reason" = "outage"], exit "spooled_records";
+    spooled_withdrawn_records "taken out of the queue" => "xtcp_forwarder_spooled_records_total" ["reason" = "withdrawn"];
+    spooled_delivery_failed_records "not acknowledged" => "xtcp_forwarder_spooled_records_total" ["reason" = "delivery_failed"];
+    spooled_shutdown_records "still queued at exit" => "xtcp_forwarder_spooled_records_total" ["reason" = "shutdown"];
+    replayed "Messages read back from the spool and produced again." => "xtcp_forwarder_replayed_messages_total", exit "replayed";
+    replayed_records "Records in those messages." => "xtcp_forwarder_replayed_records_total", exit "replayed_records";
+    spool_bound "the oldest spool segment was deleted to keep the spool within --spool-bytes" => "xtcp_forwarder_dropped_messages_total" ["reason" = "spool_bound"];
+    spool_bound_records "the oldest spool segment deleted at --spool-bytes" => "xtcp_forwarder_dropped_records_total" ["reason" = "spool_bound"], exit "dropped_records";
+    spool_failed "the spool could not be written (a full or read-only disk)" => "xtcp_forwarder_dropped_messages_total" ["reason" = "spool_failed"];
+    spool_failed_on_arrival "the spool could not be written when it arrived" => "xtcp_forwarder_dropped_messages_total" ["reason" = "spool_failed"], exit "refused";
+    spool_failed_records "the spool could not be written" => "xtcp_forwarder_dropped_records_total" ["reason" = "spool_failed"], exit "dropped_records";
+    spool_corrupt "Corrupt spans found in the spool (a torn write at a crash, damage on disk), skipped or cut; the entries around them are kept." => "xtcp_forwarder_spool_corrupt_total", exit "spool_corrupt";
+    spool_corrupt_bytes "Bytes of those spans." => "xtcp_forwarder_spool_corrupt_bytes_total";
 }
 
 impl ForwarderTotals {
@@ -66,6 +89,14 @@ xtcp_service::metrics_table! {
         "Exporter runs (instances) whose numbers are tracked, at most 4096.";
     runs_silent: IntGauge "xtcp_forwarder_runs_silent" []
         "Runs silent now (kept for an hour, should they come back).";
+    spool_bytes: IntGauge "xtcp_forwarder_spool_bytes" []
+        "Bytes in the spool's segment files, at most --spool-bytes.";
+    spool_segments: IntGauge "xtcp_forwarder_spool_segments" []
+        "Segment files in the spool.";
+    spool_records: IntGauge "xtcp_forwarder_spool_records" []
+        "Records in the spool not yet read back.";
+    spool_oldest_seconds: IntGauge "xtcp_forwarder_spool_oldest_seconds" []
+        "Age of the oldest entry on disk in the spool (its segment is deleted once wholly delivered); 0 when empty.";
 }
 
 /// Everything the forwarder shows.

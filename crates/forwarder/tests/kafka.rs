@@ -21,6 +21,9 @@ use xtcp_feed::proto::{Envelope, Record};
 use xtcp_testkit::harness::*;
 use xtcp_testkit::Netns;
 
+#[path = "kafka/spool.rs"]
+mod spool;
+
 const BROKER_PORT: u16 = 9092;
 const TOPIC: &str = "xtcp";
 const UDP_PORT: u16 = 13000;
