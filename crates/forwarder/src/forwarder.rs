@@ -263,7 +263,7 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
     // Dropping it reports what a last purge finds, into the spool.
     drop(producer);
     if let Some(mut spool) = shared.spool() {
-        spool.sync(true);
+        spool.close();
     }
     if let Some(prom) = prom {
         prom.stop();

@@ -18,6 +18,11 @@
 //! segment is deleted and its unread records counted as dropped: the newest
 //! data is kept. Memory holds a few numbers per segment and one entry.
 //!
+//! A clean stop saves where reading back got to (`cursor`), once nothing
+//! taken is outstanding, so the next start goes on from there; after a
+//! crash it starts at the oldest segment's beginning, and what was already
+//! acknowledged of it is produced again (at least once).
+//!
 //! Not thread-safe: the forwarder keeps it behind a mutex.
 
 use std::collections::VecDeque;
@@ -38,6 +43,8 @@ pub const HEADER: usize = 4 + 4 + 4 + 4 + 8;
 /// corruption, whatever its checksum would say.
 const MAX_PAYLOAD: usize = 1 << 20;
 const SUFFIX: &str = ".spool";
+/// Where a clean stop saves how far reading back got (`SEGMENT OFFSET`).
+const CURSOR: &str = "cursor";
 /// The smallest `--spool-bytes`: sixteen segments of 64 KiB, each holding at
 /// least one largest entry.
 pub const MIN_BOUND: u64 = 1 << 20;
@@ -218,6 +225,15 @@ fn count_corrupt(metrics: &ForwarderMetrics, bytes: u64) {
     );
 }
 
+/// The cursor the last clean stop saved (segment, offset). It stays true
+/// after later runs: segments are only appended to, and the entries
+/// before it stay resolved; new segments are numbered after it.
+fn read_cursor(dir: &Path) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(dir.join(CURSOR)).ok()?;
+    let (id, offset) = text.trim().split_once(' ')?;
+    Some((id.parse().ok()?, offset.parse().ok()?))
+}
+
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}{SUFFIX}"))
 }
@@ -243,12 +259,16 @@ impl Spool {
             }
         }
         ids.sort_unstable();
+        let cursor = read_cursor(dir);
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             bound,
             segment_limit: (bound / 16).clamp(SEGMENT_SIZES.0, SEGMENT_SIZES.1),
             segments: VecDeque::new(),
-            next_id: ids.last().map_or(0, |last| last + 1),
+            next_id: ids
+                .last()
+                .max(cursor.map(|(id, _)| id).as_ref())
+                .map_or(0, |last| last + 1),
             writer: None,
             reader: None,
             metrics,
@@ -261,8 +281,12 @@ impl Spool {
         };
         let mut found = Found::default();
         let mut cut = ForwarderTotals::default();
+        if cursor.is_some_and(|(id, _)| !ids.contains(&id)) {
+            let _ = fs::remove_file(dir.join(CURSOR));
+        }
         for id in ids {
-            let segment = spool.check(id, &mut cut)?;
+            let start = cursor.filter(|&(at, _)| at == id).map(|(_, offset)| offset);
+            let segment = spool.check(id, start, &mut cut)?;
             if segment.bytes == 0 {
                 spool.delete(id);
                 continue;
@@ -282,19 +306,25 @@ impl Spool {
             );
         }
         spool.metrics.counters.add(&[], &cut);
+        spool.collect();
         spool.show();
         Ok((spool, found))
     }
 
     /// Reads segment `id` of an earlier run: its good entries, the spans
-    /// between them that are not, and a bad tail, which is cut.
-    fn check(&self, id: u64, cut: &mut ForwarderTotals) -> io::Result<Segment> {
+    /// between them that are not, and a bad tail, which is cut. Reading
+    /// back resumes at `start`, where the earlier run's stop left it, if
+    /// an entry begins there.
+    fn check(&self, id: u64, start: Option<u64>, cut: &mut ForwarderTotals) -> io::Result<Segment> {
         let path = segment_path(&self.dir, id);
         let file = File::open(&path)?;
         let end = file.metadata()?.len();
         let mut segment = Segment::new(id);
         let mut buf = Vec::new();
         let mut offset = 0;
+        // Entries and records before `start`, and whether an entry began
+        // there (or the good entries ended there).
+        let (mut before, mut resumes) = ((0, 0), start == Some(0));
         while offset < end {
             if let Some(header) = entry_at(&file, offset, end, &mut buf) {
                 if segment.first_ms == 0 {
@@ -302,7 +332,11 @@ impl Spool {
                 }
                 segment.unread_entries += 1;
                 segment.unread_records += header.records;
+                if start.is_some_and(|start| offset < start) {
+                    before = (before.0 + 1, before.1 + header.records);
+                }
                 offset += (HEADER + header.len) as u64;
+                resumes |= start == Some(offset);
                 continue;
             }
             let resume = next_good(&file, offset, end, &mut buf);
@@ -312,6 +346,7 @@ impl Spool {
                 Some(resume) => {
                     segment.holes.push_back((offset, resume));
                     offset = resume;
+                    resumes |= start == Some(offset);
                 }
                 None => {
                     // A read-only disk keeps the tail; it is never read.
@@ -330,7 +365,37 @@ impl Spool {
             }
         }
         segment.bytes = offset;
+        if let (Some(start), true) = (start, resumes) {
+            segment.read = start;
+            segment.unread_entries -= before.0;
+            segment.unread_records -= before.1;
+            segment.holes.retain(|&(hole, _)| hole >= start);
+        }
         Ok(segment)
+    }
+
+    /// At a clean stop: what was written forced to disk, and where reading
+    /// back got to saved, so that the next start does not produce again
+    /// what was acknowledged. Only when no entry taken is outstanding:
+    /// then every entry before that point is resolved.
+    pub fn close(&mut self) {
+        self.sync(true);
+        let Some(front) = self.segments.front() else {
+            return;
+        };
+        if front.read == 0 || self.segments.iter().any(|s| s.outstanding > 0) {
+            return;
+        }
+        let saved = self.dir.join(format!("{CURSOR}.new"));
+        let written = File::create(&saved).and_then(|mut f| {
+            writeln!(f, "{} {}", front.id, front.read)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| fs::rename(&saved, self.dir.join(CURSOR))) {
+            xtcp_service::say!(
+                "xtcp-forwarder: cannot save where the spool's replay stopped: {e}; the next start produces its first segment whole again"
+            );
+        }
     }
 
     /// Appends a message of `records` records; counts it as spooled for
@@ -588,7 +653,7 @@ impl Spool {
     }
 
     /// Forces what was written to disk, at most once a second unless `now`.
-    pub fn sync(&mut self, now: bool) {
+    fn sync(&mut self, now: bool) {
         if !self.unsynced || (!now && self.synced_at.elapsed() < SYNC_EVERY) {
             return;
         }
@@ -715,6 +780,42 @@ mod tests {
         assert_eq!(drain(&mut spool), vec![100, 101, 102]);
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
         assert_eq!(spool.bytes(), 0);
+    }
+
+    /// A clean stop with nothing outstanding: the next start goes on where
+    /// reading back stopped, in the middle of a segment, and repeats
+    /// nothing. With something outstanding it saves nothing new, and the
+    /// cursor saved before still holds.
+    #[test]
+    fn a_clean_stop_saves_where_reading_back_got_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path(), MIN_BOUND, metrics()).unwrap();
+        fill(&mut spool, 0..40, 3000);
+        let mut buf = Vec::new();
+        for _ in 0..30 {
+            let taken = spool.take(&mut buf).unwrap();
+            spool.resolved(taken.segment);
+        }
+        spool.close();
+        drop(spool);
+        let (mut spool, found) = Spool::open(dir.path(), MIN_BOUND, metrics()).unwrap();
+        assert_eq!(found.entries, 10);
+        // One outstanding at this stop: the 10 again next time.
+        spool.take(&mut buf).unwrap();
+        assert_eq!(number(&buf), 30);
+        spool.close();
+        drop(spool);
+        let (mut spool, _) = Spool::open(dir.path(), MIN_BOUND, metrics()).unwrap();
+        assert_eq!(drain(&mut spool), (30..40).collect::<Vec<_>>());
+        // Emptied: the cursor names a segment gone; new segments are
+        // numbered after it, and it is removed at the next start.
+        fill(&mut spool, 40..41, 10);
+        spool.close();
+        drop(spool);
+        let (mut spool, found) = Spool::open(dir.path(), MIN_BOUND, metrics()).unwrap();
+        assert_eq!(found.entries, 1);
+        assert_eq!(drain(&mut spool), vec![40]);
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
     }
 
     #[test]
