@@ -18,10 +18,15 @@ Then, unless SPOOL=0, the disk spool: for each repetition a forwarder with
 `--spool-dir` (a fresh directory under /var/tmp) and no broker receives the
 same POLLS polls, every record spooled (the brokers are down from the
 start, so each message goes straight to disk); its CPU per record in is
-measured as above. Then the broker starts and the spool drains: the time
-from the topic's creation to the spool empty and every record
-acknowledged, the CPU per record out, and the forwarder's peak resident
-memory (VmHWM) over the whole run. The exit line must show every
+measured as above. It is stopped (SIGTERM) and a new one started on the
+same spool: the time until it serves metrics (it reads and checks every
+segment first). Then the broker starts and the spool drains: the time
+from the first message replayed to the spool empty and every record
+acknowledged (the drain), the time from the broker's start to then (its
+start, the topic's creation and the forwarder's metadata request once a
+second included), the CPU per record out, and the forwarder's peak resident
+memory (VmHWM) while it opened and drained the spool. The exit lines must
+show every record spooled, then every
 record delivered, none dropped or lost, and the spool directory must be
 empty.
 
@@ -40,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from benchlib import BIN, RECV_BUFFER, start_farm, stop_farm, wait_udp_bound
@@ -98,6 +104,13 @@ def peak_rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
     return kib / 1024
+
+
+def first_time(ns, name):
+    """When `name` first scrapes above 0 (checked every 10 ms)."""
+    while not scrape(ns, name):
+        time.sleep(0.01)
+    return time.time()
 
 
 def wait_scrape(ns, name, at_least, what, limit=300):
@@ -179,13 +192,31 @@ def spool_run(ns, bindir):
                     "spooling")
         spooled = cpu_ns(forwarder.pid)
         size = scrape(ns, "xtcp_forwarder_spool_bytes")
+        # A restart: the new forwarder reads the whole spool at its start.
+        forwarder.send_signal(signal.SIGTERM)
+        _, err = forwarder.communicate()
+        line = next(l for l in err.splitlines() if l.startswith("xtcp-forwarder: stopped:"))
+        if exit_value(line, "spooled_records") != sent:
+            sys.exit(f"not every record spooled: sent {sent}\n{line}")
+        restarting = time.time()
+        forwarder = start_forwarder(ns, bindir, "--spool-dir", spool,
+                                    "--spool-bytes", str(64 << 30))
+        restart = time.time() - restarting
+        replaying = cpu_ns(forwarder.pid)
+        # The first replayed message is watched for while the broker starts.
+        first = []
+        watcher = threading.Thread(target=lambda: first.append(
+            first_time(ns, "xtcp_forwarder_replayed_messages_total")))
+        watcher.start()
+        starting = time.time()
         broker = start_broker(ns)
-        back = time.time()
         wait_scrape(ns, "xtcp_forwarder_delivered_records_total", sent, "draining")
         while scrape(ns, "xtcp_forwarder_spool_bytes"):
-            time.sleep(0.05)
-        drain = time.time() - back
-        drained = cpu_ns(forwarder.pid)
+            time.sleep(0.01)
+        done = time.time()
+        watcher.join()
+        drain = done - first[0]
+        drained = cpu_ns(forwarder.pid) - replaying
         peak = peak_rss_mib(forwarder.pid)
         stop_forwarder(forwarder, sent)
         broker.kill()
@@ -196,8 +227,9 @@ def spool_run(ns, bindir):
         shutil.rmtree(spool, ignore_errors=True)
     return {"records": sent, "mib": size / 2**20,
             "us_in": (spooled - before) / 1e3 / sent,
-            "us_out": (drained - spooled) / 1e3 / sent,
-            "drain_s": drain, "out_per_s": sent / drain, "peak_mib": peak}
+            "us_out": drained / 1e3 / sent, "restart_s": restart,
+            "drain_s": drain, "out_per_s": sent / drain, "peak_mib": peak,
+            "back_s": done - starting}
 
 
 def spool_table(ns, variants, names):
@@ -210,13 +242,15 @@ def spool_table(ns, variants, names):
     print(f"\nThe spool: {POLLS} polls spooled with no broker, then drained into a "
           f"new one; {REPS} runs, medians; every record delivered in every run\n")
     print("| forwarder | records | spool MiB | in: us/record | in: records/s per core "
-          "| drain s | out: records/s | out: us/record | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| restart s | drain s | out: records/s | out: us/record "
+          "| broker start to empty s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         print(f"| {name} | {med(name, 'records'):.0f} | {med(name, 'mib'):.1f} | "
               f"{med(name, 'us_in'):.3f} | {1e6 / med(name, 'us_in'):,.0f} | "
-              f"{med(name, 'drain_s'):.2f} | {med(name, 'out_per_s'):,.0f} | "
-              f"{med(name, 'us_out'):.3f} | {med(name, 'peak_mib'):.0f} |")
+              f"{med(name, 'restart_s'):.2f} | {med(name, 'drain_s'):.2f} | {med(name, 'out_per_s'):,.0f} | "
+              f"{med(name, 'us_out'):.3f} | {med(name, 'back_s'):.2f} | "
+              f"{med(name, 'peak_mib'):.0f} |")
 
 
 def main():
