@@ -541,13 +541,18 @@ fn start_metrics(
             // delivered lately: the brokers are away and it grows.
             let spooled = spool_bytes.get();
             if spooled > 0 {
+                let state = if shared.is_down() {
+                    "spool growing, the brokers down"
+                } else {
+                    "spool draining"
+                };
                 let line = format!(
-                    "spool holds {spooled} bytes, the oldest {} s old",
+                    "{state}: {spooled} bytes, the oldest {} s old",
                     spool_oldest.get()
                 );
                 return match shared.replay_health.check(HEALTHY_DELIVERY_GAP) {
-                    Ok(ok) => Ok(format!("{ok}; draining: {line}")),
-                    Err(stale) => Err(format!("spool growing: {line}; {stale}")),
+                    Ok(ok) => Ok(format!("{ok}; {line}")),
+                    Err(stale) => Err(format!("{line}; {stale}")),
                 };
             }
             // Healthy while nothing waits, or deliveries keep coming.

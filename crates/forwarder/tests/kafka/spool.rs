@@ -353,6 +353,21 @@ fn at_the_bound_the_oldest_data_is_dropped_counted_and_said_once() {
     let kept: u64 = metric(&scraped, "xtcp_forwarder_spool_records").unwrap();
     assert_eq!(dropped + kept, 400 * 500, "{scraped}");
     assert!(dropped > 0 && kept > 0);
+    // /healthz says so; within 30 s of the start it is still 200.
+    let health = in_ns(&alone.ns, || {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, FORWARDER_PROM_PORT as u16)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    });
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.contains(&format!("spool growing, the brokers down: {bytes} bytes")),
+        "{health}"
+    );
     let (status, stderr) = forwarder.terminate();
     assert!(status.success(), "{stderr}");
     assert_eq!(said(&stderr, "--spool-bytes"), 1, "{stderr}");
