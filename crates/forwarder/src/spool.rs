@@ -71,6 +71,22 @@ pub enum Why {
     Withdrawn,
 }
 
+impl Why {
+    /// Its counters of messages and records spooled.
+    fn counters(self, t: &mut ForwarderTotals) -> (&mut u64, &mut u64) {
+        match self {
+            Why::QueueFull => (&mut t.spooled_queue_full, &mut t.spooled_queue_full_records),
+            Why::DeliveryFailed => (
+                &mut t.spooled_delivery_failed,
+                &mut t.spooled_delivery_failed_records,
+            ),
+            Why::Shutdown => (&mut t.spooled_shutdown, &mut t.spooled_shutdown_records),
+            Why::Outage => (&mut t.spooled_outage, &mut t.spooled_outage_records),
+            Why::Withdrawn => (&mut t.spooled_withdrawn, &mut t.spooled_withdrawn_records),
+        }
+    }
+}
+
 /// An entry read back: its segment (to resolve) and its records. The
 /// payload is in the caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,8 +419,8 @@ impl Spool {
     pub fn append(&mut self, payload: &[u8], records: u64, why: Why) -> bool {
         let mut counted = ForwarderTotals::default();
         let written = self.write(payload, records, &mut counted);
-        match (&written, why) {
-            (Err(e), _) => {
+        match &written {
+            Err(e) => {
                 if !self.said_write {
                     xtcp_service::say!(
                         "xtcp-forwarder: cannot write to the spool in {}: {e}; what cannot be delivered is dropped and counted until a write succeeds",
@@ -421,25 +437,9 @@ impl Spool {
                 }
                 counted.spool_failed_records = records;
             }
-            (Ok(()), Why::QueueFull) => {
-                counted.spooled_queue_full = 1;
-                counted.spooled_queue_full_records = records;
-            }
-            (Ok(()), Why::DeliveryFailed) => {
-                counted.spooled_delivery_failed = 1;
-                counted.spooled_delivery_failed_records = records;
-            }
-            (Ok(()), Why::Shutdown) => {
-                counted.spooled_shutdown = 1;
-                counted.spooled_shutdown_records = records;
-            }
-            (Ok(()), Why::Outage) => {
-                counted.spooled_outage = 1;
-                counted.spooled_outage_records = records;
-            }
-            (Ok(()), Why::Withdrawn) => {
-                counted.spooled_withdrawn = 1;
-                counted.spooled_withdrawn_records = records;
+            Ok(()) => {
+                let (messages, in_them) = why.counters(&mut counted);
+                (*messages, *in_them) = (1, records);
             }
         }
         self.metrics.counters.add(&[], &counted);
