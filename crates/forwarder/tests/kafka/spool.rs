@@ -154,6 +154,19 @@ fn nothing_is_lost_through_an_outage_a_restart_and_a_kill() {
         forwarder_total(&stderr, "records"),
         "{stderr}"
     );
+    // Every datagram is one of these, the exit line says.
+    let parts: u64 = [
+        "unauthenticated",
+        "malformed",
+        "produced",
+        "refused",
+        "spooled",
+        "watermarks",
+    ]
+    .iter()
+    .map(|name| forwarder_total(&stderr, name))
+    .sum();
+    assert_eq!(forwarder_total(&stderr, "datagrams"), parts, "{stderr}");
     let second = activated(&farm.ns, &socket, &args);
     wait_series(&farm.ns, outage, sockets, Duration::from_secs(30));
     // Killed while idle: the exporter held between polls and the socket
