@@ -242,11 +242,11 @@ pub fn run(config: &ForwarderConfig, shutdown: &Shutdown) -> Result<RunTotals, F
     let loss = std::thread::scope(|scope| {
         if shared.spool.is_some() {
             let (shared, producer, metrics, stop) = (&shared, &producer, &metrics, &replay_stop);
-            let topic = config.topic.as_str();
+            let (brokers, topic) = (config.brokers.as_str(), config.topic.as_str());
             std::thread::Builder::new()
                 .name("xtcp-replay".into())
                 .spawn_scoped(scope, move || {
-                    replay(shared, producer, topic, metrics, stop)
+                    replay(shared, producer, brokers, topic, metrics, stop)
                 })
                 .map_err(setup("starting the replay thread"))?;
         }

@@ -7,11 +7,13 @@
 //! reports all brokers down or a message's delivery fails. While down, new
 //! messages go straight to the spool and the producer's queue is emptied
 //! into it, so that nothing waits in memory that a `kill -9` would lose;
-//! the replay thread asks for metadata once a second.
+//! once a second the replay thread tries a connection to the bootstrap
+//! brokers and, when one accepts, asks for the topic's metadata.
 
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
@@ -26,8 +28,9 @@ use crate::spool::{Spool, Taken, Why};
 /// broker's batches full (at most 64 MiB of them), few enough that new
 /// data keeps its room.
 const WINDOW: u64 = 1024;
-/// A metadata request's wait while the brokers are down.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A metadata request's wait while the brokers are down, and the time
+/// between two requests' starts.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// The replay thread's nap when there is nothing it may do.
 const NAP: Duration = Duration::from_millis(20);
 
@@ -107,6 +110,16 @@ impl Shared {
     }
 }
 
+/// Whether one of the bootstrap brokers (`HOST:PORT,...`) accepts a TCP
+/// connection within a second.
+fn reachable(brokers: &str) -> bool {
+    brokers.split(',').any(|broker| {
+        broker.trim().to_socket_addrs().is_ok_and(|mut addrs| {
+            addrs.any(|addr| TcpStream::connect_timeout(&addr, PROBE_EVERY).is_ok())
+        })
+    })
+}
+
 /// Whether the topic's every partition has a leader.
 fn usable(metadata: &Metadata) -> bool {
     metadata.topics().first().is_some_and(|topic| {
@@ -121,6 +134,7 @@ fn usable(metadata: &Metadata) -> bool {
 pub fn replay(
     shared: &Shared,
     producer: &ThreadedProducer<Context>,
+    brokers: &str,
     topic: &str,
     metrics: &ForwarderMetrics,
     stop: &AtomicBool,
@@ -130,9 +144,21 @@ pub fn replay(
     let mut held: Option<Taken> = None;
     while !stop.load(Relaxed) {
         if shared.down.load(Relaxed) {
-            match producer.client().fetch_metadata(Some(topic), PROBE_TIMEOUT) {
-                Ok(metadata) if usable(&metadata) => shared.set_down(false),
-                _ => std::thread::sleep(NAP),
+            let asked = Instant::now();
+            // A metadata request to brokers that refuse connections makes
+            // librdkafka reconnect (and report all brokers down) many times
+            // a second: it is sent once one of them accepts a connection.
+            let up = reachable(brokers)
+                && producer
+                    .client()
+                    .fetch_metadata(Some(topic), PROBE_EVERY)
+                    .is_ok_and(|metadata| usable(&metadata));
+            if up {
+                shared.set_down(false);
+            } else {
+                while asked.elapsed() < PROBE_EVERY && !stop.load(Relaxed) {
+                    std::thread::sleep(NAP);
+                }
             }
             continue;
         }

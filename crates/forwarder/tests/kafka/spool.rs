@@ -345,6 +345,7 @@ fn at_the_bound_the_oldest_data_is_dropped_counted_and_said_once() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
     let forwarder = spooling(&alone, NO_BROKER, dir.path(), &["--spool-bytes", "1048576"]);
     // 400 datagrams of 500 records: about 4 MiB.
     send_numbered(&alone, 9, 400, 500);
@@ -366,6 +367,16 @@ fn at_the_bound_the_oldest_data_is_dropped_counted_and_said_once() {
     let kept: u64 = metric(&scraped, "xtcp_forwarder_spool_records").unwrap();
     assert_eq!(dropped + kept, 400 * 500, "{scraped}");
     assert!(dropped > 0 && kept > 0);
+    // Asking for the brokers once a second does not make librdkafka
+    // reconnect more than its own backoff does (it did, 25 times a second,
+    // while each metadata request waited).
+    let down: u64 = metric(
+        &scraped,
+        "xtcp_forwarder_kafka_errors_total{code=\"AllBrokersDown\"}",
+    )
+    .unwrap_or(0);
+    let limit = 5 * started.elapsed().as_secs() + 10;
+    assert!(down <= limit, "{down} reports of all brokers down");
     // /healthz says so; within 30 s of the start it is still 200.
     let health = in_ns(&alone.ns, || {
         use std::io::{Read, Write};
