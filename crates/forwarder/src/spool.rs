@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -262,7 +262,12 @@ impl Spool {
         bound: u64,
         metrics: Arc<ForwarderMetrics>,
     ) -> io::Result<(Spool, Found)> {
-        fs::create_dir_all(dir)?;
+        // The records name hosts, addresses and services: the spool is the
+        // forwarder's user's alone.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir)? {
             let name = entry?.file_name();
@@ -524,6 +529,7 @@ impl Spool {
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
+            .mode(0o600)
             .open(segment_path(&self.dir, id))
             .inspect_err(|_| self.retry_at = Some(Instant::now() + RETRY_AFTER))?;
         self.next_id += 1;
@@ -696,6 +702,7 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn metrics() -> Arc<ForwarderMetrics> {
         Arc::new(ForwarderMetrics::new().unwrap())
@@ -747,6 +754,10 @@ mod tests {
         // 64 KiB segments: 100 entries of 3000 bytes take 5.
         fill(&mut spool, 0..100, 3000);
         assert_eq!(files(dir.path()).len(), 5);
+        for file in files(dir.path()) {
+            let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file:?}");
+        }
         assert_eq!(m.gauges.spool_segments.get(), 5);
         assert_eq!(
             m.gauges.spool_bytes.get() as u64,
@@ -941,6 +952,16 @@ mod tests {
         );
         // 16 segments of 64 KiB hold 16 entries of 4000 bytes each.
         assert!(seen.len() >= 240, "{}", seen.len());
+    }
+
+    /// A spool directory made by the forwarder is its user's alone.
+    #[test]
+    fn a_new_spool_directory_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("a/spool");
+        Spool::open(&spool_dir, MIN_BOUND, metrics()).unwrap();
+        let mode = fs::metadata(&spool_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
