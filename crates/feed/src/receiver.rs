@@ -72,10 +72,12 @@ pub fn inherited_socket() -> io::Result<Option<UdpSocket>> {
     // SAFETY: by the socket-activation protocol fd 3 is open and given to
     // this process, which takes it over once, here (LISTEN_PID is ours).
     let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(FIRST) };
-    if socket.r#type()? != Type::DGRAM
-        || !socket.local_addr()?.is_ipv4() && !socket.local_addr()?.is_ipv6()
-    {
-        // Not ours to close: leave it open.
+    let udp = socket.r#type().is_ok_and(|t| t == Type::DGRAM)
+        && socket
+            .local_addr()
+            .is_ok_and(|a| a.is_ipv4() || a.is_ipv6());
+    if !udp {
+        // Not ours to close, even when it is no socket at all: leave it.
         std::mem::forget(socket);
         return Err(io::Error::other(
             "the socket systemd passed (fd 3) is not a UDP socket",
