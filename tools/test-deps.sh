@@ -4,7 +4,8 @@
 #   iproute2 (`ip netns`), util-linux (`setpriv`), procps (`sysctl`): the
 #     namespace tests;
 #   prometheus (`promtool check metrics`): the metrics test;
-#   systemd (`systemd-analyze`), strace: the unit's checks;
+#   systemd (`systemd-analyze`, `systemd-socket-activate`), strace: the
+#   units' checks and the forwarder's socket activation;
 #   rustfmt, clippy: the lints;
 #   cargo-fuzz: the fuzz smoke run (built from crates.io, ~1 min);
 #   cargo-deb: `make deb`, which the package test builds and installs
@@ -21,7 +22,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v sysctl >/dev/null || missing+=(procps)
 command -v promtool >/dev/null || missing+=(prometheus)
-command -v systemd-analyze >/dev/null || missing+=(systemd)
+{ command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null ||
+    missing+=(systemd)
 command -v strace >/dev/null || missing+=(strace)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
