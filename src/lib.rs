@@ -17,7 +17,10 @@
 //!   shared with the forwarder and the debug server).
 //! - [`identity`]: the hostname and instance every record carries.
 //! - [`attribution`]: whose connection a socket is, from its cgroup.
+//! - [`aggregate`]: each poll's sockets summed by service and peer group,
+//!   for Prometheus and OpenTelemetry.
 
+pub mod aggregate;
 pub mod attribution;
 pub mod config;
 pub mod counting;

@@ -21,7 +21,7 @@
 
 mod cache;
 pub mod processes;
-mod published;
+pub(crate) mod published;
 
 pub use cache::{find_cgroup2_root, CgroupCache, CgroupMetrics, CgroupView, MAX_CGROUP_PATH_LEN};
 

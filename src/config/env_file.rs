@@ -39,6 +39,14 @@ impl Config {
             p.as_ref()
                 .map_or(String::new(), |p| p.display().to_string())
         };
+        let a = &self.aggregation;
+        let ports: Vec<String> = a.groups.ports.iter().map(u16::to_string).collect();
+        let networks: Vec<String> = a
+            .groups
+            .networks
+            .iter()
+            .map(|n| format!("{}={}/{}", n.name, n.addr, n.len))
+            .collect();
         let lines: Vec<(&str, String)> = vec![
             ("FREQUENCY", dur(self.frequency)),
             ("MAX_LOOPS", self.max_loops.to_string()),
@@ -89,6 +97,16 @@ impl Config {
             ("NO_CGROUP_PATHS", (!self.cgroups.enabled).to_string()),
             ("CGROUP_CACHE", self.cgroups.cache.to_string()),
             ("CGROUP_RESCAN", dur(self.cgroups.rescan)),
+            ("NO_AGGREGATES", (!self.aggregation.enabled).to_string()),
+            ("AGGREGATE_GROUPS", a.groups.groups.to_string()),
+            ("AGGREGATE_TTL", a.groups.ttl.to_string()),
+            ("AGGREGATE_PORTS", ports.join(",")),
+            ("AGGREGATE_NETWORKS", networks.join(",")),
+            (
+                "OTLP_URL",
+                a.otlp_url.as_ref().map_or(String::new(), |u| u.to_string()),
+            ),
+            ("OTLP_TIMEOUT", dur(a.otlp_timeout)),
             ("CLOSE_RECORDS", self.close_buffer.is_some().to_string()),
             (
                 "CLOSE_BUFFER",
@@ -182,6 +200,18 @@ mod tests {
             "--prom-path",
             "/x/metrics",
             "--no-statsd",
+            "--aggregate-groups",
+            "7",
+            "--aggregate-ttl",
+            "3",
+            "--aggregate-ports",
+            "5432,6379",
+            "--aggregate-networks",
+            "lan=10.0.0.0/8,v6=fd00::/8",
+            "--otlp-url",
+            "http://collector:4318/v1/metrics",
+            "--otlp-timeout",
+            "2s",
         ];
         let config = parse(&args).unwrap();
         let printed = match Config::from_args(

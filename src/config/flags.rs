@@ -8,10 +8,12 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    Dest, DumpLayout, OutputFormat, DEFAULT_CGROUP_CACHE, DEFAULT_CLOSE_BUFFER,
-    DEFAULT_PROM_LISTEN, DEFAULT_PROM_PATH, DEFAULT_SNAPSHOT_EVERY, DEFAULT_STATSD_DST,
-    DEFAULT_UDP_BATCH_BYTES, MAX_CLOSE_BUFFER, MAX_UDP_PAYLOAD,
+    Dest, DumpLayout, OutputFormat, DEFAULT_AGGREGATE_GROUPS, DEFAULT_AGGREGATE_TTL,
+    DEFAULT_CGROUP_CACHE, DEFAULT_CLOSE_BUFFER, DEFAULT_PROM_LISTEN, DEFAULT_PROM_PATH,
+    DEFAULT_SNAPSHOT_EVERY, DEFAULT_STATSD_DST, DEFAULT_UDP_BATCH_BYTES, MAX_CLOSE_BUFFER,
+    MAX_UDP_PAYLOAD,
 };
+use crate::aggregate::Network;
 use crate::export::record::MAX_NETNS_NAME_LEN;
 use crate::filter::Filter;
 use crate::wire::request::{ALL_STATES, DEFAULT_STATES};
@@ -99,6 +101,67 @@ fn parse_http_path(s: &str) -> Result<String, String> {
 /// A path, or blank for none (`XTCP_FEED_KEY=` in an environment file).
 fn parse_optional_path(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
+}
+
+/// `--aggregate-ports`: ports, comma-separated; blank for none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+fn parse_ports(s: &str) -> Result<PortList, String> {
+    let ports = s.split(',').map(str::trim).filter(|p| !p.is_empty());
+    ports
+        .map(|p| match p.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(format!("'{p}' is not a port (1 to 65535)")),
+        })
+        .collect::<Result<Vec<u16>, String>>()
+        .map(PortList)
+}
+
+/// `--aggregate-networks`: NAME=PREFIX, comma-separated; blank for none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkList(pub Vec<Network>);
+
+/// Most named networks: their index is a byte of every socket's key.
+pub const MAX_NETWORKS: usize = 254;
+
+fn parse_networks(s: &str) -> Result<NetworkList, String> {
+    let items = s.split(',').map(str::trim).filter(|n| !n.is_empty());
+    let networks = items
+        .map(|item| {
+            let (name, prefix) = item
+                .split_once('=')
+                .ok_or_else(|| format!("'{item}' is not NAME=PREFIX"))?;
+            let named = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !named || name == "other" {
+                return Err(format!(
+                    "'{name}': a network's name is 1-64 letters, digits, '_', '.', '-', and not 'other'"
+                ));
+            }
+            let (addr, len) = prefix.split_once('/').unwrap_or((prefix, ""));
+            let addr: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| format!("'{prefix}' is not an address prefix"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len = match len {
+                "" => max,
+                l => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                    format!("'{l}' is not a prefix length (0 to {max})")
+                })?,
+            };
+            Ok(Network {
+                name: name.to_string(),
+                addr,
+                len,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if networks.len() > MAX_NETWORKS {
+        return Err(format!("more than {MAX_NETWORKS} networks"));
+    }
+    Ok(NetworkList(networks))
 }
 
 fn parse_batch_bytes(s: &str) -> Result<usize, String> {
@@ -273,6 +336,41 @@ pub(super) struct Cli {
     /// once per this long (a container started since the last walk).
     #[arg(long, env = "XTCP_CGROUP_RESCAN", default_value = "5s", value_parser = parse_positive_duration)]
     pub(super) cgroup_rescan: Duration,
+
+    /// Do not sum sockets by service and peer group (the xtcp_service_*
+    /// metrics and --otlp-url; docs/metrics.md, "Per-service aggregates").
+    #[arg(long, env = "XTCP_NO_AGGREGATES")]
+    pub(super) no_aggregates: bool,
+
+    /// Most service and peer groups kept; sockets of more go to one group
+    /// "other" (counted in xtcp_aggregate_folded_groups).
+    #[arg(long, env = "XTCP_AGGREGATE_GROUPS", default_value_t = DEFAULT_AGGREGATE_GROUPS, value_parser = ranged(1, 100_000))]
+    pub(super) aggregate_groups: u64,
+
+    /// Polls a group may go without a socket before its series are removed.
+    #[arg(long, env = "XTCP_AGGREGATE_TTL", default_value_t = DEFAULT_AGGREGATE_TTL, value_parser = ranged(1, 1_000_000))]
+    pub(super) aggregate_ttl: u64,
+
+    /// Remote ports that name a service for client connections, beyond the
+    /// well-known 1-1023: a comma-separated list such as 3306,5432,6379.
+    /// Clients of other ports are grouped as "ephemeral".
+    #[arg(long, env = "XTCP_AGGREGATE_PORTS", value_name = "PORTS", default_value = "", value_parser = parse_ports)]
+    pub(super) aggregate_ports: PortList,
+
+    /// Named networks of remote addresses, a label of every group: a
+    /// comma-separated list of NAME=PREFIX, e.g. lan=10.0.0.0/8,v6=fd00::/8
+    /// (the first that holds an address names it; others are "other").
+    #[arg(long, env = "XTCP_AGGREGATE_NETWORKS", value_name = "NAME=PREFIX,...", default_value = "", value_parser = parse_networks)]
+    pub(super) aggregate_networks: NetworkList,
+
+    /// Push the aggregates after every poll to this OpenTelemetry collector
+    /// as OTLP/HTTP protobuf (gzip), e.g. http://127.0.0.1:4318/v1/metrics.
+    #[arg(long, env = "XTCP_OTLP_URL", value_name = "URL", default_value = "")]
+    pub(super) otlp_url: String,
+
+    /// Time one push may take before it is tried again (at most 3 tries).
+    #[arg(long, env = "XTCP_OTLP_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub(super) otlp_timeout: Duration,
 
     /// Also export a record for every TCP socket destroyed in a polled
     /// namespace, with its final state, as the kernel reports it

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 
+use crate::aggregate::AggregateConfig;
 use crate::filter::Filter;
 use crate::wire::request::{AF_INET6, AF_UNSPEC};
 use flags::{prefer_ipv4, Cli};
@@ -36,6 +37,10 @@ pub const DEFAULT_CLOSE_BUFFER: u64 = 4 << 20;
 pub const MAX_CLOSE_BUFFER: usize = 64 << 20;
 /// `--cgroup-cache`: cgroups the map of the cgroup tree keeps.
 pub const DEFAULT_CGROUP_CACHE: u64 = 65_536;
+/// `--aggregate-groups`: with ~60 series a group, at most ~6000 series.
+pub const DEFAULT_AGGREGATE_GROUPS: u64 = 100;
+/// `--aggregate-ttl`, polls: 5 minutes at the default frequency.
+pub const DEFAULT_AGGREGATE_TTL: u64 = 10;
 /// Default `--udp-batch-bytes`: see docs/performance.md, "UDP batching".
 pub const DEFAULT_UDP_BATCH_BYTES: usize = MAX_UDP_PAYLOAD;
 pub(super) const DEFAULT_PROM_LISTEN: &str = "127.0.0.1:9000";
@@ -165,6 +170,8 @@ pub struct Config {
     /// `--processes`: records name their socket's processes (not with
     /// `--replay`: another host's inodes).
     pub processes: bool,
+    /// The per-service aggregates and where they go.
+    pub aggregation: Aggregation,
     /// Where Prometheus metrics are served; `None` with `--no-prom`.
     pub prom: Option<PromEndpoint>,
     /// Where statsd lines go; `None` with `--no-statsd`.
@@ -182,6 +189,18 @@ pub struct CgroupPaths {
     pub cache: usize,
     /// `--cgroup-rescan`: least time between two walks of the tree.
     pub rescan: Duration,
+}
+
+/// `--no-aggregates`, `--aggregate-*` and `--otlp-*` (`crate::aggregate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregation {
+    /// Off with `--no-aggregates`, with `--once` and `--replay` (no polls),
+    /// and with neither a metrics endpoint nor `--otlp-url` to read them.
+    pub enabled: bool,
+    pub groups: AggregateConfig,
+    /// `--otlp-url`, if given.
+    pub otlp_url: Option<hyper::Uri>,
+    pub otlp_timeout: Duration,
 }
 
 /// `--netns` and `--all-netns`.

@@ -3,7 +3,10 @@
 //! file.
 
 use super::flags::Cli;
-use super::{CgroupPaths, Config, Dest, Family, NetnsSelection, OutputFormat, PromEndpoint};
+use super::{
+    Aggregation, CgroupPaths, Config, Dest, Family, NetnsSelection, OutputFormat, PromEndpoint,
+};
+use crate::aggregate::AggregateConfig;
 use crate::wire::request::{AF_INET, AF_INET6, ALL_EXTENSIONS};
 
 /// Smallest receive buffer on a kernel with `page`-byte pages: the kernel
@@ -69,6 +72,26 @@ impl Config {
         if feed_key.is_some() && dest == Dest::Stdout {
             return Err("--feed-key signs UDP datagrams, and --dest stdout sends none".into());
         }
+        // Blank (`XTCP_OTLP_URL=`): none.
+        let otlp_url = match cli.otlp_url.trim() {
+            "" => None,
+            url => Some(
+                crate::aggregate::otlp::parse_url(url).map_err(|e| format!("--otlp-url {e}"))?,
+            ),
+        };
+        let polls = !cli.once && cli.replay.is_none();
+        let read = (!cli.no_prom && !cli.once) || otlp_url.is_some();
+        let aggregation = Aggregation {
+            enabled: !cli.no_aggregates && polls && read,
+            groups: AggregateConfig {
+                groups: cli.aggregate_groups as usize,
+                ttl: cli.aggregate_ttl,
+                ports: cli.aggregate_ports.0.clone(),
+                networks: cli.aggregate_networks.0.clone(),
+            },
+            otlp_url,
+            otlp_timeout: cli.otlp_timeout,
+        };
         if cli.states == 0 {
             return Err("--states selects no state".into());
         }
@@ -114,6 +137,7 @@ impl Config {
                 cache: cli.cgroup_cache as usize,
                 rescan: cli.cgroup_rescan,
             },
+            aggregation,
             prom: (!cli.no_prom && !cli.once).then(|| PromEndpoint {
                 listen: cli.prom_listen,
                 path: cli.prom_path.clone(),

@@ -89,6 +89,24 @@ xtcp_service::metrics_table! {
         "With --processes: descriptors looked at (stat of /proc/PID/fd/N) by the scans: new ones, or all after an inode no scan explained.";
     process_not_found: IntCounter "xtcp_process_not_found_total" []
         "With --processes: records whose socket has an inode no visible process holds (process_owner NOT_FOUND).";
+    // Per-service aggregates (crate::aggregate; their series are built from
+    // each poll's snapshot by crate::aggregate::prom).
+    aggregate_groups: IntGauge "xtcp_aggregate_groups" []
+        "Service and peer groups with series after the last poll, the folded group (service=\"other\") included.";
+    aggregate_folded: IntGauge "xtcp_aggregate_folded_groups" []
+        "Groups the last poll saw that found no room under --aggregate-groups: their sockets are counted in the folded group.";
+    aggregate_expired: IntCounter "xtcp_aggregate_expired_groups_total" []
+        "Groups whose series were removed after --aggregate-ttl polls without a socket.";
+    aggregate_tracked: IntGauge "xtcp_aggregate_tracked_connections" []
+        "Connections whose counters are kept for their change at the next poll or close (the last poll's, and closes not yet past a poll).";
+    aggregate_tracked_bytes: IntGauge "xtcp_aggregate_tracked_bytes" []
+        "Memory of the table of tracked connections (its allocated slots).";
+    otlp_exports: IntCounterVec "xtcp_otlp_exports_total" ["result"]
+        "Pushes of the aggregates to --otlp-url, by result: delivered, or failed (after the tries).";
+    otlp_retries: IntCounter "xtcp_otlp_retries_total" []
+        "Pushes to --otlp-url tried again after a failure that may pass (no connection, a timeout, 429, 502, 503, 504).";
+    otlp_rejected: IntCounter "xtcp_otlp_rejected_points_total" []
+        "Data points the collector answered it rejected (an OTLP partial success).";
     // The exporter itself.
     statsd_errors: IntCounter "xtcp_statsd_errors_total" []
         "statsd lines that could not be sent.";

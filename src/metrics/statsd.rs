@@ -24,6 +24,7 @@ use cadence::{BufferedUdpMetricSink, Counter, StatsdClient};
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 use prometheus::{IntCounter, Registry};
 
+use crate::aggregate::prom::SERIES_PREFIX;
 use crate::export::udp::bind_for;
 
 /// Largest datagram: fits a 1500-byte MTU with IP and UDP headers.
@@ -62,7 +63,10 @@ impl Statsd {
 
     /// Sends what changed in `registry` since the last flush.
     pub fn flush(&mut self, registry: &Registry) {
-        for family in registry.gather() {
+        let families = registry.gather().into_iter();
+        // The per-service series are many, and their histograms take many
+        // observations a poll: they are for Prometheus and OTLP only.
+        for family in families.filter(|f| !f.name().starts_with(SERIES_PREFIX)) {
             let base = family.name().strip_prefix("xtcp_").unwrap_or(family.name());
             for metric in family.get_metric() {
                 let key = key(base, metric);

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
+use crate::aggregate::otlp::PushHandle;
+use crate::aggregate::Aggregates;
 use crate::config::Config;
 use crate::counting::DumpReport;
 use crate::export::record::PollStamp;
@@ -47,6 +49,8 @@ pub struct Targets {
     pub closes: Option<Arc<CloseState>>,
     /// With `--changes-only`: forgets, after each poll, what it did not see.
     pub changes: Option<Arc<ChangeTracker>>,
+    /// Published after each poll.
+    pub aggregates: Option<Arc<Aggregates>>,
 }
 
 /// Where the poller says what each poll did.
@@ -57,6 +61,8 @@ pub struct Reporting {
     /// With `--dest udp:...`: sent after every poll; handed back at the end
     /// for the stop's.
     pub watermarks: Option<Watermarks>,
+    /// With `--otlp-url`: woken after each publication of the aggregates.
+    pub otlp: Option<PushHandle>,
 }
 
 pub struct Poller {
@@ -64,6 +70,8 @@ pub struct Poller {
     namespaces: Namespaces,
     closes: Option<Arc<CloseState>>,
     changes: Option<Arc<ChangeTracker>>,
+    aggregates: Option<Arc<Aggregates>>,
+    otlp: Option<PushHandle>,
     config: Config,
     shutdown: Shutdown,
     /// Each dump's report, sent by whoever drops the dump last.
@@ -171,6 +179,8 @@ impl Poller {
             namespaces: targets.namespaces,
             closes: targets.closes,
             changes: targets.changes,
+            aggregates: targets.aggregates,
+            otlp: reporting.otlp,
             config: config.clone(),
             shutdown: shutdown.clone(),
             report_tx,
@@ -216,6 +226,7 @@ impl Poller {
                 self.metrics.table.changes_tracked.set(sockets as i64);
                 self.metrics.table.changes_bytes.set(bytes as i64);
             }
+            self.publish_aggregates(poll_id);
             let took = started.elapsed();
             // Every record of the poll is out: its watermark goes before the
             // poll is reported, so whoever sees the report knows it was sent.
@@ -379,6 +390,25 @@ impl Poller {
                 }
                 silent
             });
+        }
+    }
+
+    /// Publishes the poll's aggregates, counts what that did and wakes the
+    /// OTLP push.
+    fn publish_aggregates(&self, poll_id: u64) {
+        let Some(aggregates) = &self.aggregates else {
+            return;
+        };
+        let now = PollStamp::now(poll_id).timestamp_ns;
+        let (published, (tracked, bytes)) = aggregates.publish(poll_id, now);
+        let t = &self.metrics.table;
+        t.aggregate_groups.set(published.groups as i64);
+        t.aggregate_folded.set(published.folded as i64);
+        t.aggregate_expired.inc_by(published.expired as u64);
+        t.aggregate_tracked.set(tracked as i64);
+        t.aggregate_tracked_bytes.set(bytes as i64);
+        if let Some(otlp) = &self.otlp {
+            otlp.wake();
         }
     }
 

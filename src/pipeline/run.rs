@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::aggregate::otlp::{OtlpConfig, OtlpMetrics, Pusher};
+use crate::aggregate::prom::AggregateCollector;
+use crate::aggregate::{ephemeral_ports, Aggregates};
 use crate::attribution::processes::{ProcessMetrics, ProcessTable};
 use crate::attribution::{find_cgroup2_root, CgroupCache, CgroupMetrics};
 use crate::config::{Config, Family};
@@ -85,6 +88,8 @@ struct Writers {
     tail: TailLayout,
     /// With `--changes-only`, for the inetdiagers' writers.
     changes: Option<Arc<ChangeTracker>>,
+    /// Every writer adds to them.
+    aggregates: Option<Arc<Aggregates>>,
 }
 
 impl Writers {
@@ -99,7 +104,9 @@ impl Writers {
     /// The writer of the closer: closes are exported as they come, changed
     /// or not.
     fn for_closes(&self, sink: Sink) -> RecordWriter {
-        RecordWriter::new(self.encoder.clone(), sink, self.sampler, self.tail)
+        let mut writer = RecordWriter::new(self.encoder.clone(), sink, self.sampler, self.tail);
+        writer.aggregate = self.aggregates.as_ref().map(Aggregates::accumulator);
+        writer
     }
 }
 
@@ -141,6 +148,33 @@ fn open_cgroups(config: &Config, metrics: &Metrics) -> Option<Arc<CgroupCache>> 
     Some(Arc::new(cache))
 }
 
+/// The per-service aggregates, their series on the metrics registry.
+fn open_aggregates(
+    config: &Config,
+    metrics: &Metrics,
+    cgroups: Option<&Arc<CgroupCache>>,
+) -> Result<Option<Arc<Aggregates>>, RunError> {
+    let a = &config.aggregation;
+    if !a.enabled {
+        return Ok(None);
+    }
+    let aggregates = Arc::new(Aggregates::new(
+        &a.groups,
+        ephemeral_ports(),
+        cgroups.map(|c| c.view()),
+    ));
+    let collector = AggregateCollector::new(Arc::clone(&aggregates))
+        .and_then(|c| metrics.registry().register(Box::new(c)))
+        .map_err(|e| setup("registering the aggregates' metrics")(io::Error::other(e)));
+    collector?;
+    if a.otlp_url.is_some() {
+        for result in ["delivered", "failed"] {
+            metrics.table.otlp_exports.with_label_values(&[result]);
+        }
+    }
+    Ok(Some(aggregates))
+}
+
 /// Everything a run needs, opened before the first thread starts.
 pub struct Opened {
     writers: Writers,
@@ -151,6 +185,8 @@ pub struct Opened {
     namespaces: Namespaces,
     capture: Option<Arc<Capture>>,
     prom: Option<PromServer>,
+    /// With `--otlp-url`: the thread that pushes the aggregates.
+    otlp: Option<Pusher>,
     reporting: Reporting,
 }
 
@@ -176,6 +212,7 @@ impl Opened {
         if let Some(cgroups) = &cgroups {
             encoder = encoder.with_cgroups(cgroups.view());
         }
+        let aggregates = open_aggregates(config, &metrics, cgroups.as_ref())?;
         if config.processes {
             let t = &metrics.table;
             let processes = ProcessTable::new(
@@ -197,6 +234,7 @@ impl Opened {
             changes: config
                 .snapshot_every
                 .map(|n| Arc::new(ChangeTracker::new(n))),
+            aggregates,
         };
         let health = Arc::new(Health::new("poll completed"));
         let prom = open_prom(config, &metrics, &health)?;
@@ -251,6 +289,26 @@ impl Opened {
             metrics.table.watermarks.clone(),
         )
         .map_err(setup("opening the destination"))?;
+        let (otlp, otlp_handle) = match (&writers.aggregates, &config.aggregation.otlp_url) {
+            (Some(aggregates), Some(url)) => {
+                let t = &metrics.table;
+                let (pusher, handle) = Pusher::new(
+                    OtlpConfig {
+                        url: url.clone(),
+                        timeout: config.aggregation.otlp_timeout,
+                    },
+                    Arc::clone(aggregates),
+                    identity.clone(),
+                    OtlpMetrics {
+                        exports: t.otlp_exports.clone(),
+                        retries: t.otlp_retries.clone(),
+                        rejected_points: t.otlp_rejected.clone(),
+                    },
+                );
+                (Some(pusher), Some(handle))
+            }
+            _ => (None, None),
+        };
         Ok(Opened {
             writers,
             families,
@@ -258,11 +316,13 @@ impl Opened {
             namespaces,
             capture,
             prom,
+            otlp,
             reporting: Reporting {
                 metrics,
                 health,
                 statsd,
                 watermarks,
+                otlp: otlp_handle,
             },
         })
     }
@@ -275,6 +335,7 @@ impl Opened {
             workers: Vec::new(),
             closer: None,
             prom: None,
+            otlp: None,
             poller: None,
             capture: self.capture.clone(),
         };
@@ -283,6 +344,7 @@ impl Opened {
             namespaces: self.namespaces,
             closes: self.closes.as_ref().map(|(state, _)| Arc::clone(state)),
             changes: self.writers.changes.clone(),
+            aggregates: self.writers.aggregates.clone(),
         };
         let inetdiager = |sink| Inetdiager {
             writer: self.writers.for_polls(sink),
@@ -303,6 +365,9 @@ impl Opened {
                 }
                 if let Some(server) = self.prom {
                     running.prom = Some(spawn_prom(config, shutdown, server)?);
+                }
+                if let Some(pusher) = self.otlp {
+                    running.otlp = Some(spawn("otlp".into(), shutdown, move || pusher.run())?);
                 }
                 let poller = Poller::new(config, shutdown, targets, self.reporting);
                 running.poller = Some(spawn("poller".into(), shutdown, move || poller.run())?);
@@ -370,6 +435,8 @@ pub struct Running {
     workers: Vec<JoinHandle<()>>,
     closer: Option<JoinHandle<CloseTotals>>,
     prom: Option<PromThread>,
+    /// Ends once the poller (its waker) has.
+    otlp: Option<JoinHandle<()>>,
     poller: Option<JoinHandle<(RunTotals, Option<Watermarks>)>>,
     capture: Option<Arc<Capture>>,
 }
@@ -383,6 +450,10 @@ impl Running {
         // closes the channels, and the inetdiagers drain them and exit.
         if let Some(prom) = self.prom {
             prom.stop();
+        }
+        // The last poll's push is made before the thread ends.
+        if let Some(otlp) = self.otlp {
+            let _ = otlp.join();
         }
         for worker in self.workers {
             // A panicked worker has already recorded the failure.

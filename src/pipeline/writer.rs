@@ -6,6 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
+use crate::aggregate::Accumulator;
 use crate::counting::{DumpTotals, TcpInfoLengths};
 use crate::export::record::{PollStamp, RecordEncoder};
 use crate::export::sink::Sink;
@@ -31,6 +32,9 @@ pub struct RecordWriter {
     pub tail: TailLayout,
     /// With `--changes-only`: which sockets a poll exports, and as what.
     pub changes: Option<Arc<ChangeTracker>>,
+    /// The per-service aggregates, which count every sampled socket
+    /// whether it is exported or not.
+    pub aggregate: Option<Accumulator>,
     /// One record, reused.
     record: Vec<u8>,
 }
@@ -44,6 +48,7 @@ impl RecordWriter {
             sampler,
             tail,
             changes: None,
+            aggregate: None,
             record,
         }
     }
@@ -85,6 +90,11 @@ impl RecordWriter {
                 }
             }
         });
+        if let Some(aggregate) = &mut self.aggregate {
+            for (socket, _) in &sockets {
+                aggregate.add(stamp, socket);
+            }
+        }
         if let Some(changes) = &self.changes {
             sockets.retain_mut(|(socket, kind)| {
                 match changes.classify(stamp.netns_inode, socket, stamp.poll_id) {
@@ -142,14 +152,18 @@ impl RecordWriter {
         });
     }
 
-    /// Sends what is pending unless `written` already failed, and moves the
-    /// sends' tally into `tally`. Returns the output's error (stdout), and
+    /// Hands the aggregates what the writes counted, sends what is pending
+    /// unless `written` already failed, and moves the sends' tally into
+    /// `tally`. Returns the output's error (stdout), and
     /// the first failed send (UDP, counted, not fatal).
     pub fn flush(
         &mut self,
         written: io::Result<()>,
         tally: &mut DumpTotals,
     ) -> (io::Result<()>, Option<io::Error>) {
+        if let Some(aggregate) = &mut self.aggregate {
+            aggregate.flush();
+        }
         let flushed = written.and_then(|()| self.sink.flush());
         let sent = self.sink.take_tally();
         tally.sent_datagrams += sent.datagrams;
