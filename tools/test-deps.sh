@@ -14,7 +14,9 @@
 #   tmux: the top view's test;
 #   tansu: a Kafka-compatible broker for the forwarder's tests (in-memory
 #     storage, the dynostore feature; ~10 minutes to build, once);
-#   chdb: ClickHouse embedded, which proves the DDL of docs/kafka.md.
+#   chdb: ClickHouse embedded, which proves the DDL of docs/kafka.md;
+#   opentelemetry-proto: the official OTLP definitions the aggregates
+#     test's receiver decodes the pushes with.
 set -euo pipefail
 
 missing=()
@@ -40,3 +42,5 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
 command -v tansu >/dev/null || cargo install --locked tansu@0.6.0 --features dynostore
 python3 -c 'import chdb' 2>/dev/null || python3 -m pip install --quiet chdb==4.4.0
+python3 -c 'import opentelemetry.proto' 2>/dev/null ||
+    python3 -m pip install --quiet opentelemetry-proto==1.45.2

@@ -6,8 +6,8 @@
 //! the poller only wakes it, and it sends the newest publication (the
 //! series are cumulative, so one skipped while a push was in flight loses
 //! nothing). A push that fails for a reason that may pass (no connection,
-//! a timeout, 429, 502, 503, 504) is tried again up to [`ATTEMPTS`] times,
-//! a second apart and then two, unless a newer publication is waiting;
+//! a timeout, 429, 502, 503, 504) is tried [`ATTEMPTS`] times in all, a
+//! second apart and then two, or at once when a newer publication comes;
 //! every outcome is counted.
 //!
 //! The messages are declared here with prost's derive, field numbers as in
@@ -19,7 +19,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use http_body_util::{BodyExt, Full};
@@ -451,27 +451,26 @@ impl Pusher {
         }
     }
 
-    /// One push of the newest publication, tried again while that may help
-    /// and no newer one is waiting (which is pushed instead).
+    /// One push, tried again up to [`ATTEMPTS`] times while that may help.
+    /// Each try sends the newest publication: one made meanwhile replaces
+    /// the one that failed (the series are running totals), and is tried
+    /// at once; a stop ends the tries.
     async fn push(&self) -> Result<(), String> {
-        'newest: loop {
-            let body = self.body()?;
-            let mut attempt = 1;
-            loop {
-                let (e, retryable) = match self.post(body.clone()).await {
-                    Ok(()) => return Ok(()),
-                    Err(failed) => failed,
-                };
-                if !retryable || attempt == ATTEMPTS {
-                    return Err(e);
-                }
-                let pause = Duration::from_secs(u64::from(attempt));
-                if let Ok(()) = self.wake.recv_timeout(pause) {
-                    continue 'newest;
-                }
-                self.metrics.retries.inc();
-                attempt += 1;
+        let mut attempt = 1;
+        loop {
+            let (e, retryable) = match self.post(self.body()?).await {
+                Ok(()) => return Ok(()),
+                Err(failed) => failed,
+            };
+            if !retryable || attempt == ATTEMPTS {
+                return Err(e);
             }
+            let pause = Duration::from_secs(u64::from(attempt));
+            if let Err(RecvTimeoutError::Disconnected) = self.wake.recv_timeout(pause) {
+                return Err(e);
+            }
+            self.metrics.retries.inc();
+            attempt += 1;
         }
     }
 
@@ -502,7 +501,9 @@ impl Pusher {
                 .map_err(|e| (format!("HTTP: {e}"), true))?;
             tokio::spawn(connection);
             let authority = uri.authority().map_or(host.to_string(), |a| a.to_string());
-            let request = hyper::Request::post(uri.clone())
+            // The origin form (`/v1/metrics`): the absolute one is for proxies.
+            let target = uri.path_and_query().map_or("/", |p| p.as_str());
+            let request = hyper::Request::post(target)
                 .header(hyper::header::HOST, authority)
                 .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
                 .header(hyper::header::CONTENT_ENCODING, "gzip")

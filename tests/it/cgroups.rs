@@ -71,7 +71,7 @@ fn farm_in(dir: &Path, tag: &str) -> CgroupFarm {
 }
 
 /// The first line `child` prints: that it is ready.
-fn first_line(child: &mut Child) -> String {
+pub(crate) fn first_line(child: &mut Child) -> String {
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -86,7 +86,7 @@ pub(crate) fn cgroup2_root() -> PathBuf {
 }
 
 /// Makes `cmd`'s process start in the cgroup `dir` (its children follow).
-fn in_cgroup(cmd: &mut Command, dir: &Path) {
+pub(crate) fn in_cgroup(cmd: &mut Command, dir: &Path) {
     let procs = dir
         .join("cgroup.procs")
         .into_os_string()

@@ -13,6 +13,7 @@
 
 use xtcp_testkit::harness as common;
 
+mod aggregates;
 mod cgroups;
 mod changes;
 mod clickhouse;

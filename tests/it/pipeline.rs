@@ -507,26 +507,7 @@ fn metrics_over_http_match_the_poll() {
     assert!(series(&scrape, "process_resident_memory_bytes").unwrap() > 0.0);
 
     // promtool (Debian package prometheus) lints the exposition.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install prometheus; .ci/run installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let lint = promtool.wait_with_output().unwrap();
-    assert!(
-        lint.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&lint.stdout),
-        String::from_utf8_lossy(&lint.stderr)
-    );
+    promtool_check_metrics(&scrape);
 
     let (status, body) = http(&home, "GET /healthz");
     assert_eq!(status, 200, "{body}");

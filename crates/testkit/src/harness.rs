@@ -328,6 +328,28 @@ fn get_metrics(mut s: std::net::TcpStream) -> String {
     body
 }
 
+/// Fails the test unless `promtool check metrics` (Debian's package
+/// prometheus) finds the exposition `text` clean, lint included.
+pub fn promtool_check_metrics(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus; .ci/run installs it)");
+    let mut stdin = promtool.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let lint = promtool.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+}
+
 /// The value of the series `name` (with its labels, `x{a="b"}`) in a
 /// scrape.
 pub fn metric<T: std::str::FromStr>(scrape: &str, name: &str) -> Option<T> {
@@ -523,7 +545,11 @@ pub struct Received {
 
 impl Receiver {
     pub fn start(ns: &Netns) -> Receiver {
-        let socket = bind_receiver(ns);
+        Receiver::on(bind_receiver(ns))
+    }
+
+    /// A receiver reading `socket`, whose reads must time out.
+    pub fn on(socket: UdpSocket) -> Receiver {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let thread = std::thread::spawn({
