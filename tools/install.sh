@@ -2,7 +2,8 @@
 # `make install` (and `make deb`, into a staging root): the binaries, the
 # systemd units (the exporter's; the forwarder's service, socket and spool
 # drop-in), their environment files, the optional drop-ins, the operator
-# docs, the man pages and the shell completions.
+# docs, the alert rules and dashboard, the man pages and the shell
+# completions.
 #
 #   PREFIX      /usr/local   binaries in PREFIX/bin, docs in PREFIX/share/doc/xtcp
 #   SYSCONFDIR  /etc         the environment files in SYSCONFDIR/xtcp/
@@ -53,6 +54,12 @@ done
 
 for drop_in in net-admin netns feed-key; do
     install -D -m 0644 "bundle/systemd/$drop_in.conf" "$DESTDIR$DOCDIR/$drop_in.conf"
+done
+# The Prometheus alert rules (with their promtool tests) and the Grafana
+# dashboard of the per-service aggregates.
+for file in prometheus/xtcp-alerts.yml prometheus/xtcp-alerts.test.yml \
+    grafana/xtcp-services.json; do
+    install -D -m 0644 "bundle/$file" "$DESTDIR$PREFIX/share/xtcp/$file"
 done
 for doc in operations metrics flags record filter kafka lifecycle; do
     install -D -m 0644 "docs/$doc.md" "$DESTDIR$DOCDIR/$doc.md"

@@ -78,6 +78,9 @@ fn the_package_installs_runs_keeps_its_conffile_and_purges_clean() {
         "/etc/xtcp/forwarder.env",
         ENV_FILE,
         "/usr/share/doc/xtcp/netns.conf",
+        "/usr/share/xtcp/prometheus/xtcp-alerts.yml",
+        "/usr/share/xtcp/prometheus/xtcp-alerts.test.yml",
+        "/usr/share/xtcp/grafana/xtcp-services.json",
         "/usr/share/man/man1/xtcp.1.gz",
         "/usr/share/bash-completion/completions/xtcp",
     ] {

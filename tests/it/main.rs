@@ -14,6 +14,7 @@
 use xtcp_testkit::harness as common;
 
 mod aggregates;
+mod bundle;
 mod cgroups;
 mod changes;
 mod clickhouse;
