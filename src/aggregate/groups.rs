@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::socket::{SocketKey, Tally};
+use super::socket::{Listeners, SocketKey, Tally};
 use super::sums::{Counters, Histogram, Sums, LISTEN, STATES};
 
 /// Which end of its connections a group's sockets are.
@@ -155,7 +155,7 @@ impl Groups {
         poll: u64,
         now_ns: u64,
         mut service: impl FnMut(u64) -> Arc<str>,
-    ) -> (HashSet<(u64, u16)>, Published) {
+    ) -> (Listeners, Published) {
         let mut listeners: HashMap<(u64, u16), u64> = HashMap::new();
         for (key, sums) in &tally.entries {
             if key.local != 0 && sums.states[usize::from(LISTEN)] > 0 {
@@ -291,7 +291,7 @@ mod tests {
         add(&mut t, key(2, 9, 8080, 5432), ESTABLISHED, 1);
         add(&mut t, key(1, 9, 0, 0), ESTABLISHED, 4);
         let (listeners, published) = groups.publish(&t, 1, 0, service);
-        assert_eq!(listeners, HashSet::from([(1, 8080)]));
+        assert_eq!(listeners.into_iter().collect::<Vec<_>>(), [(1, 8080)]);
         assert_eq!((published.groups, published.folded), (3, 0));
         let s = groups.snapshot(1, 0);
         let server = find(&s, "s7", Side::Server, 8080);

@@ -22,7 +22,7 @@ pub mod prom;
 mod socket;
 mod sums;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::attribution::published::{Published, Reader};
@@ -32,7 +32,7 @@ use crate::wire::DiagSocket;
 use xtcp_feed::proto::RecordKind;
 
 pub use groups::{Group, GroupLabels, Published as PublishedGroups, Side, Snapshot};
-use socket::{counters, CookieTable, Look, Tally};
+use socket::{counters, CookieTable, Listeners, Look, Tally};
 pub use socket::{Classifier, Network};
 pub use sums::{Counters, Histogram, RATE_BOUNDS, RTT_BOUNDS};
 
@@ -59,7 +59,7 @@ pub struct AggregateConfig {
 pub struct Aggregates {
     classifier: Classifier,
     /// Listening ports per namespace at the last publication.
-    listeners: Published<HashSet<(u64, u16)>>,
+    listeners: Published<Listeners>,
     cookies: CookieTable,
     /// What the writers handed over since the last publication.
     pending: Mutex<Tally>,
@@ -152,7 +152,7 @@ impl Aggregates {
 /// tally, hands it over after each batch.
 pub struct Accumulator {
     shared: Arc<Aggregates>,
-    listeners: Reader<HashSet<(u64, u16)>>,
+    listeners: Reader<Listeners>,
     tally: Tally,
     /// The namespace and poll of the last socket, and whether it was the
     /// namespace's first poll.

@@ -4,7 +4,7 @@
 //! thread moves its tally into the shared one after each batch; the
 //! poller resolves the keys into groups at the poll's end (`super::groups`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
@@ -45,6 +45,10 @@ impl Hasher for MixHasher {
 }
 
 pub type MixMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
+
+/// The listening ports of each namespace, looked up for every client
+/// socket.
+pub type Listeners = HashSet<(u64, u16), BuildHasherDefault<MixHasher>>;
 
 /// Where a socket is counted until the poll's end decides its group: its
 /// namespace, cgroup, the local port when a server may listen on it, the

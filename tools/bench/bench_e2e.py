@@ -14,6 +14,10 @@ private namespace; then, REPS times and in rotated order, inside it:
          layout, one dump of both families;
 - xtcp per-family: the same with `--dump-layout per-family`, one dump per
          family read in parallel;
+- xtcp prom / xtcp aggregates: the default layout with its metrics
+         endpoint (on a free port), the per-service aggregates off
+         (`--no-aggregates`) and on: what the aggregates cost (`--no-prom`,
+         as in the runs above, turns them off too: nothing would read them);
 
 and the same kernel work laid out differently (`xtcp-dump-floor` options),
 for the "beyond the floor" question:
@@ -85,10 +89,12 @@ def measure(ns, argv):
 def xtcp_poll(ns, flags=(), polls=1, binary=None):
     """measure() of `polls` polls back to back with these extra flags (of
     `binary`, by default this tree's xtcp), and the records the receiver
-    counted."""
+    counted. No metrics endpoint (which turns the aggregates off too)
+    unless the flags give one."""
     receiver = start_receiver(ns, PORT, "count")
+    endpoint = [] if "--prom-listen" in flags else ["--no-prom"]
     result = measure(ns, [binary or f"{BIN}/xtcp", "--max-loops", str(polls), "--frequency", "1ms",
-                          "--no-prom", "--no-statsd", "--dest", f"udp:127.0.0.1:{PORT}", *flags])
+                          *endpoint, "--no-statsd", "--dest", f"udp:127.0.0.1:{PORT}", *flags])
     receiver.send_signal(signal.SIGTERM)
     _, err = receiver.communicate()
     words = err.split()
@@ -116,11 +122,14 @@ def one_size(target):
     lost = []
     floor = f"{BIN}/xtcp-dump-floor"
     per_family = ["--dump-layout", "per-family"]
+    # The metrics endpoint's listener is one more socket in each poll.
+    prom = ["--prom-listen", "127.0.0.1:0"]
 
     def xtcp(flags, polls=1):
         def run():
             result, records = xtcp_poll(ns, flags, polls)
-            lost.append(sockets * polls - records)
+            listeners = polls if flags[:2] == prom else 0
+            lost.append((sockets * polls + listeners) - records)
             return result
         return run
 
@@ -129,6 +138,8 @@ def one_size(target):
         "ss": lambda: measure(ns, ["ss", "-tinmH"]),
         "xtcp": xtcp([]),
         "xtcp per-family": xtcp(per_family),
+        "xtcp prom": xtcp([*prom, "--no-aggregates"]),
+        "xtcp aggregates": xtcp(prom),
         **{name: (lambda args=args: measure(ns, [floor, *args])) for name, args in LAYOUTS.items()},
         # The same, POLLS times in one process: their difference is what a
         # poll of the running daemon costs, without the start.
@@ -137,6 +148,8 @@ def one_size(target):
             ns, [floor, *LAYOUTS["all-families"], "--repeat", str(POLLS)]),
         f"xtcp x{POLLS}": xtcp([], POLLS),
         f"xtcp per-family x{POLLS}": xtcp(per_family, POLLS),
+        f"xtcp prom x{POLLS}": xtcp([*prom, "--no-aggregates"], POLLS),
+        f"xtcp aggregates x{POLLS}": xtcp(prom, POLLS),
     }
     runs = {name: [] for name in commands}
     try:
@@ -193,6 +206,19 @@ def main():
         print(f"| {sockets} | {f[0] * 1e3:.1f}, {f[1] * 1e3:.1f} | {x[0] * 1e3:.1f}, {x[1] * 1e3:.1f} "
               f"| {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {x[1] / sockets * 1e6:.2f} | {own:.2f} "
               f"| {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} |")
+    print("\nThe per-service aggregates: the metrics endpoint on, the aggregates off and on; "
+          "one run, and a poll of the running daemon as above:\n")
+    print("| sockets | off: one run CPU ms | on: one run CPU ms | on/off | off: a poll CPU ms "
+          "| on: a poll CPU ms | on/off | off peak RSS MiB | on peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sockets, med, _, _ in summary:
+        off, on = med["xtcp prom"], med["xtcp aggregates"]
+        def poll(name):
+            return (med[f"{name} x{POLLS}"][1] - med[name][1]) / (POLLS - 1)
+        p_off, p_on = poll("xtcp prom"), poll("xtcp aggregates")
+        print(f"| {sockets} | {off[1] * 1e3:.1f} | {on[1] * 1e3:.1f} | {on[1] / off[1]:.3f} "
+              f"| {p_off * 1e3:.1f} | {p_on * 1e3:.1f} | {p_on / p_off:.3f} "
+              f"| {off[2]:.1f} | {on[2]:.1f} |")
     print("\nThe kernel's work laid out differently, against the floor (wall, CPU):\n")
     print("| sockets | " + " | ".join(LAYOUTS) + " | ss/sequential wall |")
     print("|---|" + "---|" * (len(LAYOUTS) + 1))
