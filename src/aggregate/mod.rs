@@ -16,6 +16,7 @@
 //!   [`Snapshot`] that the metrics endpoint ([`prom`]) and the OTLP push
 //!   ([`otlp`]) read whole.
 
+mod cookies;
 mod groups;
 pub mod otlp;
 pub mod prom;
@@ -31,8 +32,9 @@ use crate::export::record::PollStamp;
 use crate::wire::DiagSocket;
 use xtcp_feed::proto::RecordKind;
 
+use cookies::{Ask, CookieTable, Look};
 pub use groups::{Group, GroupLabels, Published as PublishedGroups, Side, Snapshot};
-use socket::{counters, CookieTable, Listeners, Look, Tally};
+use socket::{counters, Listeners, Tally};
 pub use socket::{Classifier, Network};
 pub use sums::{Counters, Histogram, RATE_BOUNDS, RTT_BOUNDS};
 
@@ -104,6 +106,7 @@ impl Aggregates {
             listeners: self.listeners.reader(),
             shared: Arc::clone(self),
             tally: Tally::default(),
+            asks: Vec::new(),
             first: None,
         }
     }
@@ -154,52 +157,74 @@ pub struct Accumulator {
     shared: Arc<Aggregates>,
     listeners: Reader<Listeners>,
     tally: Tally,
-    /// The namespace and poll of the last socket, and whether it was the
+    /// The connections of the datagram being added, reused.
+    asks: Vec<Ask>,
+    /// The namespace and poll of the last datagram, and whether it was the
     /// namespace's first poll.
     first: Option<(u64, u64, bool)>,
 }
 
 impl Accumulator {
-    /// Adds a decoded socket of a poll's dump or, stamped closed, a close.
-    pub fn add(&mut self, stamp: &PollStamp, socket: &DiagSocket<'_>) {
+    /// Adds the decoded sockets of one datagram of a poll's dump or,
+    /// stamped closed, of close messages.
+    pub fn add<'s, 'd: 's>(
+        &mut self,
+        stamp: &PollStamp,
+        sockets: impl IntoIterator<Item = &'s DiagSocket<'d>>,
+    ) {
         let netns = stamp.netns_inode;
-        let cookie = socket.msg.cookie();
-        let info = socket.tcp_info.as_ref();
-        let listeners = &self.listeners;
-        let key = self
-            .shared
-            .classifier
-            .key(netns, socket, |ns, port| listeners.contains(&(ns, port)));
-        if stamp.kind == RecordKind::Closed {
-            if let Some(info) = info {
-                let (key, moved) =
-                    self.shared
-                        .cookies
-                        .close(key, cookie, counters(info), stamp.poll_id);
-                self.tally.sums(key).counters.add(&moved);
+        let closes = stamp.kind == RecordKind::Closed;
+        let Accumulator {
+            shared,
+            listeners,
+            tally,
+            asks,
+            ..
+        } = self;
+        asks.clear();
+        for socket in sockets {
+            let key = shared
+                .classifier
+                .key(netns, socket, |ns, port| listeners.contains(&(ns, port)));
+            let info = socket.tcp_info.as_ref();
+            if !closes {
+                tally.add_socket(key, socket.msg.state(), info);
             }
+            if let Some(info) = info {
+                let cookie = socket.msg.cookie();
+                let now = counters(info);
+                asks.push(Ask { key, cookie, now });
+            }
+        }
+        if asks.is_empty() {
             return;
         }
-        self.tally.add_socket(key, socket.msg.state(), info);
-        let Some(info) = info else {
+        let poll = stamp.poll_id;
+        if closes {
+            shared.cookies.close(asks, poll, |key, moved| {
+                tally.sums(key).counters.add(&moved)
+            });
             return;
-        };
+        }
         let baseline = match self.first {
-            Some((ns, poll, first)) if ns == netns && poll == stamp.poll_id => first,
+            Some((ns, p, first)) if ns == netns && p == poll => first,
             _ => {
-                let first = self.shared.is_first_poll(netns, stamp.poll_id);
-                self.first = Some((netns, stamp.poll_id, first));
+                let first = self.shared.is_first_poll(netns, poll);
+                self.first = Some((netns, poll, first));
                 first
             }
         };
-        let now = counters(info);
-        if let Look::Moved(moved) =
-            self.shared
-                .cookies
-                .look(key, cookie, now, stamp.poll_id, baseline)
-        {
-            self.tally.sums(key).counters.add(&moved);
-        }
+        let Accumulator {
+            shared,
+            tally,
+            asks,
+            ..
+        } = self;
+        shared.cookies.look(asks, poll, baseline, |ask, look| {
+            if let Look::Moved(moved) = look {
+                tally.sums(ask.key).counters.add(&moved);
+            }
+        });
     }
 
     /// Hands what was added since the last call to the next publication.

@@ -7,7 +7,6 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
 
 use super::sums::{Counters, Sums, ESTABLISHED, LISTEN, RATE_BOUNDS, RTT_BOUNDS, STATES};
 use crate::pipeline::sample::mix;
@@ -193,26 +192,34 @@ pub fn observe(sums: &mut Sums, info: &TcpInfo<'_>) {
     }
 }
 
+/// Keys remembered before the map is asked: a dump interleaves a few
+/// (each listener's accepted connections with the clients of it).
+const RECENT: usize = 4;
+
 /// One thread's sums by key since it last handed them over.
 #[derive(Debug, Default)]
 pub struct Tally {
     index: MixMap<SocketKey, usize>,
     pub entries: Vec<(SocketKey, Sums)>,
-    /// The last key added to: sockets come in runs of the same key.
-    last: Option<(SocketKey, usize)>,
+    /// The last keys added to, and where their sums are.
+    recent: [Option<(SocketKey, usize)>; RECENT],
+    /// The next of `recent` to replace.
+    next_recent: usize,
 }
 
 impl Tally {
     pub fn sums(&mut self, key: SocketKey) -> &mut Sums {
-        let i = match self.last {
-            Some((k, i)) if k == key => i,
-            _ => {
+        let known = self.recent.iter().flatten().find(|(k, _)| *k == key);
+        let i = match known {
+            Some(&(_, i)) => i,
+            None => {
                 let next = self.entries.len();
                 let i = *self.index.entry(key).or_insert(next);
                 if i == next {
                     self.entries.push((key, Sums::default()));
                 }
-                self.last = Some((key, i));
+                self.recent[self.next_recent] = Some((key, i));
+                self.next_recent = (self.next_recent + 1) % RECENT;
                 i
             }
         };
@@ -240,7 +247,7 @@ impl Tally {
             into.sums(key).add(&sums);
         }
         self.index.clear();
-        self.last = None;
+        self.recent = [None; RECENT];
     }
 
     pub fn take(&mut self) -> Tally {
@@ -248,175 +255,9 @@ impl Tally {
     }
 }
 
-/// Shards of the cookie table: a power of two, several per thread.
-const SHARDS: usize = 64;
-
-/// A tracked connection: what its counters were at the last look, and its
-/// key (close messages carry no cgroup: a close is counted where its
-/// connection was).
-#[derive(Debug, Clone, Copy)]
-struct Tracked {
-    last: Counters,
-    key: SocketKey,
-    /// The last poll that saw it.
-    poll: u64,
-    /// Its close was counted: a dump that still lists it adds nothing.
-    closed: bool,
-}
-
-/// What the table says of a look at a connection.
-pub enum Look {
-    /// Its counters moved by this since the last look.
-    Moved(Counters),
-    /// First seen in its namespace's first poll: its past is not this run's.
-    Baseline,
-}
-
-/// The last counters of every connection, by namespace and cookie, so a
-/// poll (or the close) adds what moved since the one before. Sharded so
-/// the writing threads rarely meet on a lock; the poller drops what a poll
-/// did not see ([`CookieTable::sweep`]).
-pub struct CookieTable {
-    shards: Vec<Mutex<MixMap<(u64, u64), Tracked>>>,
-}
-
-impl Default for CookieTable {
-    fn default() -> Self {
-        CookieTable {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-        }
-    }
-}
-
-impl CookieTable {
-    fn shard(&self, key: (u64, u64)) -> MutexGuard<'_, MixMap<(u64, u64), Tracked>> {
-        let i = (mix(key.0 ^ key.1.rotate_left(32)) as usize) % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A poll's look at connection `cookie` of `key.netns` with counters
-    /// `now`. `baseline`: the poll is its namespace's first, so a
-    /// connection not tracked yet moved by nothing.
-    pub fn look(
-        &self,
-        key: SocketKey,
-        cookie: u64,
-        now: Counters,
-        poll: u64,
-        baseline: bool,
-    ) -> Look {
-        let mut shard = self.shard((key.netns, cookie));
-        let tracked = shard.entry((key.netns, cookie)).or_insert(Tracked {
-            last: if baseline { now } else { Counters::default() },
-            key,
-            poll,
-            closed: false,
-        });
-        tracked.poll = poll;
-        if tracked.closed {
-            return Look::Moved(Counters::default());
-        }
-        let moved = now.since(&tracked.last);
-        tracked.last = now;
-        tracked.key = key;
-        if baseline && moved.is_zero() {
-            Look::Baseline
-        } else {
-            Look::Moved(moved)
-        }
-    }
-
-    /// The close of connection `cookie` with final counters `now`: what
-    /// moved since its last look (all of them for one never polled), and
-    /// the key it was counted under (`fallback` for one never polled).
-    pub fn close(
-        &self,
-        fallback: SocketKey,
-        cookie: u64,
-        now: Counters,
-        poll: u64,
-    ) -> (SocketKey, Counters) {
-        let mut shard = self.shard((fallback.netns, cookie));
-        let tracked = shard.entry((fallback.netns, cookie)).or_insert(Tracked {
-            last: Counters::default(),
-            key: fallback,
-            poll,
-            closed: false,
-        });
-        if tracked.closed {
-            return (tracked.key, Counters::default());
-        }
-        let moved = now.since(&tracked.last);
-        // Kept as closed until a poll after this one: the dump in flight
-        // may still list the connection.
-        tracked.closed = true;
-        tracked.poll = poll;
-        (tracked.key, moved)
-    }
-
-    /// After poll `poll`: forgets the connections it did not see (and the
-    /// closes counted before it). Returns the connections tracked and the
-    /// bytes the table takes for them (its allocated slots).
-    pub fn sweep(&self, poll: u64) -> (usize, usize) {
-        let slot = std::mem::size_of::<((u64, u64), Tracked)>() + 1;
-        self.shards.iter().fold((0, 0), |(n, bytes), shard| {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            shard.retain(|_, t| t.poll >= poll);
-            (n + shard.len(), bytes + shard.capacity() * slot)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(netns: u64) -> SocketKey {
-        SocketKey {
-            netns,
-            cgroup: 5,
-            ..SocketKey::default()
-        }
-    }
-
-    fn sent(bytes: u64) -> Counters {
-        Counters {
-            bytes_sent: bytes,
-            ..Counters::default()
-        }
-    }
-
-    fn moved(look: Look) -> Option<u64> {
-        match look {
-            Look::Moved(c) => Some(c.bytes_sent),
-            Look::Baseline => None,
-        }
-    }
-
-    #[test]
-    fn a_connection_counts_what_moved_between_looks_and_at_close() {
-        let t = CookieTable::default();
-        // There before the run: its past is not counted.
-        assert_eq!(moved(t.look(key(1), 9, sent(100), 1, true)), None);
-        // New after the first poll: all of it.
-        assert_eq!(moved(t.look(key(1), 10, sent(40), 2, false)), Some(40));
-        assert_eq!(moved(t.look(key(1), 9, sent(150), 2, false)), Some(50));
-        assert_eq!(t.sweep(2).0, 2);
-        // Closed: the rest, under the key it was polled with.
-        let fallback = SocketKey {
-            cgroup: 0,
-            ..key(1)
-        };
-        let (k, c) = t.close(fallback, 9, sent(170), 3);
-        assert_eq!((k.cgroup, c.bytes_sent), (5, 20));
-        // A dump in flight that still lists it adds nothing.
-        assert_eq!(moved(t.look(key(1), 9, sent(170), 3, false)), Some(0));
-        // Never polled: counted whole, under the fallback.
-        let (k, c) = t.close(fallback, 11, sent(7), 3);
-        assert_eq!((k.cgroup, c.bytes_sent), (0, 7));
-        assert_eq!(t.sweep(3).0, 2, "10 not seen by poll 3: forgotten");
-        assert_eq!(t.sweep(4).0, 0, "the closes go after the next poll");
-    }
 
     #[test]
     fn networks_hold_their_prefix_and_mapped_addresses() {

@@ -71,9 +71,12 @@ pub struct Counters {
 
 impl Counters {
     pub const FIELDS: usize = 7;
-    /// How wide each field is in `tcp_info`, in the order of
-    /// [`Self::as_array`]: a narrow counter wraps around.
-    const BITS: [u32; Self::FIELDS] = [64, 64, 32, 32, 16, 64, 64];
+    /// How wide each field is, in the order of [`Self::as_array`]: a
+    /// narrow counter wraps around. The times limited are 64 bits in
+    /// `tcp_info` but kept as their low 32 (the table of connections keeps
+    /// one cache line per connection): that is 71 minutes, more than any
+    /// connection is limited between two looks.
+    const BITS: [u32; Self::FIELDS] = [64, 64, 32, 32, 16, 32, 32];
 
     pub fn as_array(&self) -> [u64; Self::FIELDS] {
         [
@@ -183,5 +186,11 @@ mod tests {
         assert_eq!(moved.bytes_sent, 0, "64 bits do not wrap");
         assert_eq!(moved.retransmits, (1 << 32) - 1, "32 bits wrapped");
         assert_eq!(moved.rto, 1);
+        let limited = |us| Counters {
+            rwnd_limited_us: us,
+            ..Counters::default()
+        };
+        let low = limited(5).since(&limited(u64::from(u32::MAX)));
+        assert_eq!(low.rwnd_limited_us, 6, "kept as 32 bits, wrapped");
     }
 }

@@ -91,9 +91,7 @@ impl RecordWriter {
             }
         });
         if let Some(aggregate) = &mut self.aggregate {
-            for (socket, _) in &sockets {
-                aggregate.add(stamp, socket);
-            }
+            aggregate.add(stamp, sockets.iter().map(|(socket, _)| socket));
         }
         if let Some(changes) = &self.changes {
             sockets.retain_mut(|(socket, kind)| {
