@@ -90,10 +90,14 @@ struct Slots {
 }
 
 impl Slots {
+    /// Room for `n` connections.
     fn with_capacity(n: usize) -> Self {
-        let cap = (n * 4 / 3 + 1).next_power_of_two().max(64);
+        Slots::with_slots((n * 4 / 3 + 1).next_power_of_two().max(64))
+    }
+
+    fn with_slots(slots: usize) -> Self {
         Slots {
-            slots: vec![Slot::default(); cap],
+            slots: vec![Slot::default(); slots],
             len: 0,
         }
     }
@@ -138,7 +142,7 @@ impl Slots {
     }
 
     fn grow(&mut self) {
-        let mut bigger = Slots::with_capacity(self.slots.len() * 2);
+        let mut bigger = Slots::with_slots(self.slots.len() * 2);
         bigger.insert_all(self.slots.iter().filter(|s| s.cookie != 0));
         *self = bigger;
     }
@@ -323,7 +327,8 @@ mod tests {
         };
         let first = asks(1, &mut (1..=5000));
         assert!(looks(&t, &first, 1, true).iter().all(Option::is_none));
-        assert_eq!(t.sweep(1).0, 5000);
+        // Grown by doubling from 64 slots: 8192 hold 6144.
+        assert_eq!(t.sweep(1), (5000, 8192 * 64));
         // Poll 2: the even ones and 2000 new.
         let second = asks(2, &mut (2..=5000).step_by(2).chain(10_001..=12_000));
         let moved = looks(&t, &second, 2, false);

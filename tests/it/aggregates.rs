@@ -648,8 +648,9 @@ fn the_cap_folds_hundreds_of_groups_and_the_ttl_removes_them() {
     let unit = format!("xtcp-aggcap-{}.service", std::process::id());
     let cgroup = TestCgroup(cgroup2_root().join(&unit));
     std::fs::create_dir(&cgroup.0).unwrap();
-    // 300 listeners, one connection to each, every port listed: 300 server
-    // groups and 300 client groups.
+    // 300 listeners, one connection to each, every port listed, loopback
+    // named as a network: 300 server groups of connections (network lo),
+    // 300 of listeners (no peer: network other) and 300 client groups.
     const PORTS: u16 = 300;
     // At the end they are reset (SO_LINGER 0), leaving no TIME_WAIT.
     let hold = format!(
@@ -680,6 +681,8 @@ for s in held:
         "50",
         "--aggregate-ttl",
         "3",
+        "--aggregate-networks",
+        "lo=127.0.0.0/8",
     ]);
     let scrape = scrape_at_poll(&addr, 2);
     let value = |name: &str| series(&scrape, name)[0].1;
@@ -688,7 +691,7 @@ for s in held:
         51.0,
         "50 and the folded one"
     );
-    assert_eq!(value("xtcp_aggregate_folded_groups"), 550.0);
+    assert_eq!(value("xtcp_aggregate_folded_groups"), 850.0);
     let established = |l: &BTreeMap<String, String>| l["state"] == "established";
     let listen = |l: &BTreeMap<String, String>| l["state"] == "listen";
     let connections = "xtcp_service_connections";
@@ -707,6 +710,20 @@ for s in held:
     assert!(groups.contains(&other), "{groups:?}");
     // Each histogram has one series per group, whatever the sockets.
     assert_eq!(series(&scrape, "xtcp_service_rtt_seconds_count").len(), 51);
+    // Connections have a peer on loopback; a listener has none (0.0.0.0 in
+    // the kernel's message), which is in no named network. The folded group
+    // has them all.
+    for (labels, v) in series(&scrape, connections) {
+        if labels["side"] == "other" {
+            continue;
+        }
+        let want = if labels["state"] == "listen" {
+            "other"
+        } else {
+            "lo"
+        };
+        assert!(v == 0.0 || labels["network"] == want, "{labels:?} {v}");
+    }
 
     drop(helper);
     let gone = scrape_at_poll(&addr, value("xtcp_service_poll") as u64 + 5);

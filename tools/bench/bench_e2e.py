@@ -179,14 +179,14 @@ def main():
             name = f"floor, {name}" if name in LAYOUTS else name
             print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {rss:.1f} |")
         print()
-        summary.append((sockets, med, lost, kernel_mib))
+        summary.append((sockets, med, lost, kernel_mib, runs))
     print("One run (one poll, the start included):\n")
     print("| sockets | xtcp/floor wall | xtcp/floor CPU | ss/xtcp wall | xtcp CPU us/socket "
           "| own CPU us/socket | per-family/floor wall, CPU "
           "| xtcp peak RSS MiB | records lost (most of any run) "
           "| kernel memory of the farm MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for sockets, med, lost, kernel_mib in summary:
+    for sockets, med, lost, kernel_mib, _ in summary:
         x, f, s, p = med["xtcp"], med["floor"], med["ss"], med["xtcp per-family"]
         own = own_us(x[1], med["all-families"][1], sockets)
         print(f"| {sockets} | {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {s[0] / x[0]:.2f} "
@@ -197,7 +197,7 @@ def main():
     print("| sockets | floor wall, CPU ms | xtcp wall, CPU ms | xtcp/floor wall | xtcp/floor CPU "
           "| xtcp CPU us/socket | own CPU us/socket | per-family/floor wall, CPU |")
     print("|---|---|---|---|---|---|---|---|")
-    for sockets, med, _, _ in summary:
+    for sockets, med, _, _, _ in summary:
         def poll(name):
             many, one = med[f"{name} x{POLLS}"], med[name]
             return [(many[i] - one[i]) / (POLLS - 1) for i in range(2)]
@@ -207,22 +207,25 @@ def main():
               f"| {x[0] / f[0]:.2f} | {x[1] / f[1]:.2f} | {x[1] / sockets * 1e6:.2f} | {own:.2f} "
               f"| {p[0] / f[0]:.2f}, {p[1] / f[1]:.2f} |")
     print("\nThe per-service aggregates: the metrics endpoint on, the aggregates off and on; "
-          "one run, and a poll of the running daemon as above:\n")
+          "one run, and a poll of the running daemon as above; the paired ratio is the median "
+          f"of each round's on/off CPU of the x{POLLS} runs, made one after the other:\n")
     print("| sockets | off: one run CPU ms | on: one run CPU ms | on/off | off: a poll CPU ms "
-          "| on: a poll CPU ms | on/off | off peak RSS MiB | on peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for sockets, med, _, _ in summary:
+          "| on: a poll CPU ms | on/off | paired on/off | off peak RSS MiB | on peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for sockets, med, _, _, runs in summary:
         off, on = med["xtcp prom"], med["xtcp aggregates"]
         def poll(name):
             return (med[f"{name} x{POLLS}"][1] - med[name][1]) / (POLLS - 1)
         p_off, p_on = poll("xtcp prom"), poll("xtcp aggregates")
+        paired = statistics.median(
+            a[1] / b[1] for a, b in zip(runs[f"xtcp aggregates x{POLLS}"], runs[f"xtcp prom x{POLLS}"]))
         print(f"| {sockets} | {off[1] * 1e3:.1f} | {on[1] * 1e3:.1f} | {on[1] / off[1]:.3f} "
-              f"| {p_off * 1e3:.1f} | {p_on * 1e3:.1f} | {p_on / p_off:.3f} "
+              f"| {p_off * 1e3:.1f} | {p_on * 1e3:.1f} | {p_on / p_off:.3f} | {paired:.3f} "
               f"| {off[2]:.1f} | {on[2]:.1f} |")
     print("\nThe kernel's work laid out differently, against the floor (wall, CPU):\n")
     print("| sockets | " + " | ".join(LAYOUTS) + " | ss/sequential wall |")
     print("|---|" + "---|" * (len(LAYOUTS) + 1))
-    for sockets, med, _, _ in summary:
+    for sockets, med, _, _, _ in summary:
         f = med["floor"]
         cells = [f"{med[n][0] / f[0]:.2f}, {med[n][1] / f[1]:.2f}" for n in LAYOUTS]
         ss_seq = med["ss"][0] / med["sequential"][0]
