@@ -562,6 +562,16 @@ print('done', flush=True)
 sys.stdin.read()
 "#;
 
+/// A namespace `xtcp-TAG-PID` and a cgroup named like a systemd service,
+/// `xtcp-TAG-PID.service`, its name the service label.
+fn namespace_and_service(tag: &str) -> (Netns, String, TestCgroup) {
+    let ns = Netns::create(tag).unwrap();
+    let unit = format!("xtcp-{tag}-{}.service", std::process::id());
+    let cgroup = TestCgroup(cgroup2_root().join(&unit));
+    std::fs::create_dir(&cgroup.0).unwrap();
+    (ns, unit, cgroup)
+}
+
 /// The sum of `name` over the series whose labels satisfy `select`.
 fn total(scrape: &str, name: &str, select: impl Fn(&BTreeMap<String, String>) -> bool) -> f64 {
     series(scrape, name)
@@ -579,10 +589,7 @@ fn short_connections_count_through_their_close_messages() {
         return;
     }
     let _serial = serial();
-    let ns = Netns::create("aggclose").unwrap();
-    let unit = format!("xtcp-aggclose-{}.service", std::process::id());
-    let cgroup = TestCgroup(cgroup2_root().join(&unit));
-    std::fs::create_dir(&cgroup.0).unwrap();
+    let (ns, unit, cgroup) = namespace_and_service("aggclose");
     const COUNT: u64 = 40;
     const BYTES: u64 = 5000;
     let port = 20003;
@@ -644,10 +651,7 @@ fn the_cap_folds_hundreds_of_groups_and_the_ttl_removes_them() {
         return;
     }
     let _serial = serial();
-    let ns = Netns::create("aggcap").unwrap();
-    let unit = format!("xtcp-aggcap-{}.service", std::process::id());
-    let cgroup = TestCgroup(cgroup2_root().join(&unit));
-    std::fs::create_dir(&cgroup.0).unwrap();
+    let (ns, unit, cgroup) = namespace_and_service("aggcap");
     // 300 listeners, one connection to each, every port listed, loopback
     // named as a network: 300 server groups of connections (network lo),
     // 300 of listeners (no peer: network other) and 300 client groups.
@@ -717,6 +721,7 @@ for s in held:
         if labels["side"] == "other" {
             continue;
         }
+        assert_eq!(labels["service"], unit);
         let want = if labels["state"] == "listen" {
             "other"
         } else {
