@@ -175,7 +175,12 @@ impl Groups {
             let labels = self.labels(key, &listeners, |id| {
                 Arc::clone(services.entry(id).or_insert_with(|| service(id)))
             });
-            let labels = if self.groups.contains_key(&labels) {
+            let known = self.groups.contains_key(&labels);
+            // A close that moved nothing makes no group (nor takes a place).
+            if !known && sums.sockets() == 0 && sums.counters.is_zero() {
+                continue;
+            }
+            let labels = if known {
                 labels
             } else if own < self.cap {
                 own += 1;
@@ -328,5 +333,9 @@ mod tests {
         add(&mut t, key(1, 1, 0, 4), ESTABLISHED, 1);
         let (_, p) = groups.publish(&t, 4, 0, service);
         assert_eq!((p.groups, p.folded), (2, 0));
+        // A key with nothing in it (a close that moved nothing) is no group.
+        let mut empty = Tally::default();
+        empty.sums(key(1, 1, 0, 5));
+        assert_eq!(groups.publish(&empty, 5, 0, service).1.groups, 2);
     }
 }
