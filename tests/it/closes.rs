@@ -266,7 +266,9 @@ fn closes_of_a_polled_namespace_carry_its_name() {
     assert!(status.success(), "{stderr}");
     let records = scene.receiver.finish().records;
     assert_eq!(matched(&connections, &records).len(), connections.len());
-    assert_eq!(records.len() as u64, expected, "{stderr}");
+    // Closes only: under load the start's poll can come after the
+    // connections opened, and export some of them.
+    assert_eq!(closed(&records), expected, "{stderr}");
     let inode = other.inode().unwrap();
     assert!(records
         .iter()
