@@ -52,7 +52,7 @@ pub struct AggregateConfig {
     pub ttl: u64,
     /// `--aggregate-ports`: remote ports that name a service, beyond 1..=1023.
     pub ports: Vec<u16>,
-    /// `--aggregate-network`: named networks of remote addresses.
+    /// `--aggregate-networks`: named networks of remote addresses.
     pub networks: Vec<Network>,
 }
 
@@ -65,8 +65,9 @@ pub struct Aggregates {
     cookies: CookieTable,
     /// What the writers handed over since the last publication.
     pending: Mutex<Tally>,
-    /// Each namespace's first poll: connections first seen then were there
-    /// before the run, and their past is not counted.
+    /// The poll each namespace polled now was first polled in:
+    /// connections seen then were there before the exporter saw the
+    /// namespace, and their past is not counted.
     first_polls: Mutex<HashMap<u64, u64>>,
     groups: Mutex<groups::Groups>,
     cgroups: Mutex<Option<CgroupView>>,
@@ -91,7 +92,7 @@ impl Aggregates {
         }
     }
 
-    /// The names of the `--aggregate-network`s, by index.
+    /// The names of the `--aggregate-networks`, by index.
     pub fn network_names(&self) -> Vec<&str> {
         self.classifier
             .networks
@@ -111,10 +112,25 @@ impl Aggregates {
         }
     }
 
-    /// Whether poll `poll` is the first of namespace `netns`.
-    fn is_first_poll(&self, netns: u64, poll: u64) -> bool {
+    /// At the start of poll `poll`, the namespaces it covers (those with
+    /// no socket too): a namespace new to the run has its first poll now,
+    /// and one gone is forgotten.
+    pub fn begin_poll(&self, poll: u64, namespaces: impl Iterator<Item = u64>) {
         let mut first = self.first_polls.lock().unwrap_or_else(|e| e.into_inner());
-        *first.entry(netns).or_insert(poll) == poll
+        let mut now: HashMap<u64, u64> = namespaces.map(|ns| (ns, poll)).collect();
+        for (ns, since) in now.iter_mut() {
+            if let Some(&before) = first.get(ns) {
+                *since = before;
+            }
+        }
+        *first = now;
+    }
+
+    /// Whether poll `poll` is the first of namespace `netns` (one the poll
+    /// did not announce counts as new: its connections start from now).
+    fn is_first_poll(&self, netns: u64, poll: u64) -> bool {
+        let first = self.first_polls.lock().unwrap_or_else(|e| e.into_inner());
+        first.get(&netns).is_none_or(|&f| f == poll)
     }
 
     /// After poll `poll`, ended at `time_ns`: resolves what the writers
@@ -251,4 +267,32 @@ pub fn ephemeral_ports() -> (u16, u16) {
         Some((words.next()?.ok()?, words.next()?.ok()?))
     });
     parsed.unwrap_or((32768, 60999))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_is_new_at_the_first_poll_that_covers_it() {
+        let config = AggregateConfig {
+            groups: 10,
+            ttl: 3,
+            ports: vec![],
+            networks: vec![],
+        };
+        let a = Aggregates::new(&config, (32768, 60999), None);
+        a.begin_poll(1, [7].into_iter());
+        assert!(a.is_first_poll(7, 1));
+        // Namespace 8 appears at poll 2 (empty, say); at poll 3 its sockets
+        // are new.
+        a.begin_poll(2, [7, 8].into_iter());
+        assert!(!a.is_first_poll(7, 2) && a.is_first_poll(8, 2));
+        a.begin_poll(3, [7, 8].into_iter());
+        assert!(!a.is_first_poll(8, 3));
+        // Gone, then back: new again.
+        a.begin_poll(4, [7].into_iter());
+        a.begin_poll(5, [7, 8].into_iter());
+        assert!(a.is_first_poll(8, 5));
+    }
 }

@@ -211,6 +211,9 @@ impl Poller {
             for problem in &problems {
                 xtcp_service::say!("warning: poll {poll_id}: {problem}");
             }
+            if let Some(aggregates) = &self.aggregates {
+                aggregates.begin_poll(poll_id, self.namespaces.iter().map(|n| n.inode));
+            }
             totals.netns_errors += problems.len() as u64;
             let Some(dumps) = self.dump_namespaces(&stamp) else {
                 break; // aborted
