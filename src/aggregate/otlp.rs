@@ -284,6 +284,11 @@ pub fn request(
                 }
             }
         }
+        // A metric without points (no group yet) is left out: collectors
+        // may refuse it.
+        if numbers.is_empty() && histograms.is_empty() {
+            continue;
+        }
         let data = match s.reading {
             Reading::Histogram(..) => Data::Histogram(Histogram {
                 data_points: histograms,
