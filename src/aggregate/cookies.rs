@@ -193,22 +193,20 @@ impl CookieTable {
         for ask in asks {
             let (slot, new) = slots.slot(ask.key.netns, ask.cookie);
             slot.poll = poll as u32;
-            if new {
+            // A closed slot is never new: its close counted the rest.
+            let look = if slot.closed {
+                Look::Moved(Counters::default())
+            } else {
+                let look = if new && baseline {
+                    Look::Baseline
+                } else {
+                    Look::Moved(ask.now.since(&slot.counters()))
+                };
+                slot.keep(&ask.now);
                 slot.cgroup = ask.key.cgroup;
-                if baseline {
-                    slot.keep(&ask.now);
-                    answer(ask, Look::Baseline);
-                    continue;
-                }
-            }
-            if slot.closed {
-                answer(ask, Look::Moved(Counters::default()));
-                continue;
-            }
-            let moved = ask.now.since(&slot.counters());
-            slot.keep(&ask.now);
-            slot.cgroup = ask.key.cgroup;
-            answer(ask, Look::Moved(moved));
+                look
+            };
+            answer(ask, look);
         }
     }
 

@@ -172,7 +172,7 @@ impl Groups {
         let mut own = self.groups.keys().filter(|l| l.side != Side::Other).count();
         let mut services: HashMap<u64, Arc<str>> = HashMap::new();
         for (key, sums) in &tally.entries {
-            let labels = self.labels(key, &listeners, |id| {
+            let labels = labels(key, &listeners, |id| {
                 Arc::clone(services.entry(id).or_insert_with(|| service(id)))
             });
             let known = self.groups.contains_key(&labels);
@@ -205,37 +205,6 @@ impl Groups {
         (listeners.into_keys().collect(), published)
     }
 
-    /// The group of `key`: a server's when its local port had a listener
-    /// in its namespace this poll (sockets without a cgroup, TIME_WAIT and
-    /// request sockets, take the listener's), else a client's.
-    fn labels(
-        &self,
-        key: &SocketKey,
-        listeners: &HashMap<(u64, u16), u64>,
-        mut service: impl FnMut(u64) -> Arc<str>,
-    ) -> GroupLabels {
-        let listener = (key.local != 0)
-            .then(|| listeners.get(&(key.netns, key.local)))
-            .flatten();
-        let (side, port, cgroup) = match listener {
-            Some(&listener_cgroup) => {
-                let cgroup = if key.cgroup != 0 {
-                    key.cgroup
-                } else {
-                    listener_cgroup
-                };
-                (Side::Server, key.local, cgroup)
-            }
-            None => (Side::Client, key.remote, key.cgroup),
-        };
-        GroupLabels {
-            service: service(cgroup),
-            side,
-            port,
-            network: key.network,
-        }
-    }
-
     /// The live groups, sorted, as of poll `poll` ended at `time_ns`.
     pub fn snapshot(&self, poll: u64, time_ns: u64) -> Snapshot {
         let sorted: BTreeMap<&GroupLabels, &Group> = self.groups.iter().collect();
@@ -247,6 +216,36 @@ impl Groups {
                 .map(|(l, g)| (l.clone(), g.clone()))
                 .collect(),
         }
+    }
+}
+
+/// The group of `key`: a server's when its local port had a listener
+/// in its namespace this poll (sockets without a cgroup, TIME_WAIT and
+/// request sockets, take the listener's), else a client's.
+fn labels(
+    key: &SocketKey,
+    listeners: &HashMap<(u64, u16), u64>,
+    mut service: impl FnMut(u64) -> Arc<str>,
+) -> GroupLabels {
+    let listener = (key.local != 0)
+        .then(|| listeners.get(&(key.netns, key.local)))
+        .flatten();
+    let (side, port, cgroup) = match listener {
+        Some(&listener_cgroup) => {
+            let cgroup = if key.cgroup != 0 {
+                key.cgroup
+            } else {
+                listener_cgroup
+            };
+            (Side::Server, key.local, cgroup)
+        }
+        None => (Side::Client, key.remote, key.cgroup),
+    };
+    GroupLabels {
+        service: service(cgroup),
+        side,
+        port,
+        network: key.network,
     }
 }
 

@@ -238,12 +238,18 @@ pub fn request(
     identity: &Identity,
 ) -> ExportMetricsServiceRequest {
     let time = snapshot.time_ns;
+    // Each group's attributes, made once for all its series.
+    let groups: Vec<_> = snapshot
+        .groups
+        .iter()
+        .map(|(labels, group)| (attributes(labels, networks), group))
+        .collect();
     let mut metrics = Vec::new();
     for s in &SERIES {
         let mut numbers = Vec::new();
         let mut histograms = Vec::new();
-        for (labels, group) in &snapshot.groups {
-            let attrs = attributes(labels, networks);
+        for (group_attributes, group) in &groups {
+            let attrs = group_attributes.clone();
             let point = |mut attributes: Vec<KeyValue>, value| {
                 attributes.extend(s.otel_attributes.iter().map(|(k, v)| string(k, v)));
                 NumberDataPoint {

@@ -216,11 +216,20 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
 
 /// The Prometheus families of a snapshot.
 pub fn families(snapshot: &Snapshot, networks: &[&str]) -> Vec<MetricFamily> {
+    // Each group's labels, made once for all its series.
+    let labelled: Vec<_> = snapshot
+        .groups
+        .iter()
+        .map(|(labels, _)| {
+            let values = label_values(labels, networks);
+            let pairs = label_pairs(&values);
+            (values, pairs)
+        })
+        .collect();
     let mut out = Vec::new();
     for s in &SERIES {
         let mut metrics = Vec::new();
-        for (labels, group) in &snapshot.groups {
-            let values = label_values(labels, networks);
+        for ((_, group), (values, pairs)) in snapshot.groups.iter().zip(&labelled) {
             match s.reading {
                 Reading::Connections => {
                     for (state, n) in states_seen(group) {
@@ -247,14 +256,14 @@ pub fn families(snapshot: &Snapshot, networks: &[&str]) -> Vec<MetricFamily> {
                     p.set_sample_count(h.count());
                     p.set_sample_sum(h.sum);
                     p.set_bucket(buckets);
-                    let mut m = Metric::from_label(label_pairs(&values));
+                    let mut m = Metric::from_label(pairs.clone());
                     m.set_histogram(p);
                     metrics.push(m);
                 }
                 Reading::Counter(read, scale) => {
                     let mut c = proto::Counter::default();
                     c.set_value(read(group) as f64 * scale);
-                    let mut m = Metric::from_label(label_pairs(&values));
+                    let mut m = Metric::from_label(pairs.clone());
                     m.set_counter(c);
                     metrics.push(m);
                 }

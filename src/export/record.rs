@@ -50,15 +50,19 @@ impl PollStamp {
     /// The stamp of poll `poll_id`, taken now, in the exporter's own
     /// namespace.
     pub fn now(poll_id: u64) -> Self {
-        let timestamp_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
         PollStamp {
             poll_id,
-            timestamp_ns,
+            timestamp_ns: unix_ns(),
             ..PollStamp::default()
         }
     }
+}
+
+/// Now, in ns since the Unix epoch (0 on a clock before it).
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Encodes decoded sockets as `Record`s; numbers them as it goes.

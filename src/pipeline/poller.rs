@@ -23,7 +23,7 @@ use crate::aggregate::otlp::PushHandle;
 use crate::aggregate::Aggregates;
 use crate::config::Config;
 use crate::counting::DumpReport;
-use crate::export::record::PollStamp;
+use crate::export::record::{unix_ns, PollStamp};
 use crate::metrics::statsd::Statsd;
 use crate::metrics::{Metrics, PoolState};
 use crate::pipeline::changes::ChangeTracker;
@@ -402,8 +402,7 @@ impl Poller {
         let Some(aggregates) = &self.aggregates else {
             return;
         };
-        let now = PollStamp::now(poll_id).timestamp_ns;
-        let (published, (tracked, bytes)) = aggregates.publish(poll_id, now);
+        let (published, (tracked, bytes)) = aggregates.publish(poll_id, unix_ns());
         let t = &self.metrics.table;
         t.aggregate_groups.set(published.groups as i64);
         t.aggregate_folded.set(published.folded as i64);

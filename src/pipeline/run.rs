@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::aggregate::otlp::{OtlpConfig, OtlpMetrics, Pusher};
+use crate::aggregate::otlp::{OtlpConfig, OtlpMetrics, PushHandle, Pusher};
 use crate::aggregate::prom::AggregateCollector;
 use crate::aggregate::{ephemeral_ports, Aggregates};
 use crate::attribution::processes::{ProcessMetrics, ProcessTable};
@@ -163,16 +163,40 @@ fn open_aggregates(
         ephemeral_ports(),
         cgroups.map(|c| c.view()),
     ));
-    let collector = AggregateCollector::new(Arc::clone(&aggregates))
+    AggregateCollector::new(Arc::clone(&aggregates))
         .and_then(|c| metrics.registry().register(Box::new(c)))
-        .map_err(|e| setup("registering the aggregates' metrics")(io::Error::other(e)));
-    collector?;
-    if a.otlp_url.is_some() {
-        for result in ["delivered", "failed"] {
-            metrics.table.otlp_exports.with_label_values(&[result]);
-        }
-    }
+        .map_err(|e| setup("registering the aggregates' metrics")(io::Error::other(e)))?;
     Ok(Some(aggregates))
+}
+
+/// With `--otlp-url`: the thread that pushes the aggregates, and the
+/// poller's handle to wake it. Its outcomes' series exist from the start.
+fn open_otlp(
+    config: &Config,
+    aggregates: &Arc<Aggregates>,
+    identity: &Identity,
+    metrics: &Metrics,
+) -> Option<(Pusher, PushHandle)> {
+    let url = config.aggregation.otlp_url.clone()?;
+    let t = &metrics.table;
+    for result in ["delivered", "failed"] {
+        t.otlp_exports.with_label_values(&[result]);
+    }
+    let otlp = OtlpConfig {
+        url,
+        timeout: config.aggregation.otlp_timeout,
+    };
+    let counted = OtlpMetrics {
+        exports: t.otlp_exports.clone(),
+        retries: t.otlp_retries.clone(),
+        rejected_points: t.otlp_rejected.clone(),
+    };
+    Some(Pusher::new(
+        otlp,
+        Arc::clone(aggregates),
+        identity.clone(),
+        counted,
+    ))
 }
 
 /// Everything a run needs, opened before the first thread starts.
@@ -289,26 +313,11 @@ impl Opened {
             metrics.table.watermarks.clone(),
         )
         .map_err(setup("opening the destination"))?;
-        let (otlp, otlp_handle) = match (&writers.aggregates, &config.aggregation.otlp_url) {
-            (Some(aggregates), Some(url)) => {
-                let t = &metrics.table;
-                let (pusher, handle) = Pusher::new(
-                    OtlpConfig {
-                        url: url.clone(),
-                        timeout: config.aggregation.otlp_timeout,
-                    },
-                    Arc::clone(aggregates),
-                    identity.clone(),
-                    OtlpMetrics {
-                        exports: t.otlp_exports.clone(),
-                        retries: t.otlp_retries.clone(),
-                        rejected_points: t.otlp_rejected.clone(),
-                    },
-                );
-                (Some(pusher), Some(handle))
-            }
-            _ => (None, None),
-        };
+        let (otlp, otlp_handle) = writers
+            .aggregates
+            .as_ref()
+            .and_then(|a| open_otlp(config, a, identity, &metrics))
+            .unzip();
         Ok(Opened {
             writers,
             families,

@@ -14,10 +14,10 @@
 //! same.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -133,12 +133,12 @@ fn lossy_loopback(ns: &Netns, port: u16) {
     ]);
 }
 
-/// Lines of a child's stdout, gathered by a thread.
-fn gather(stdout: ChildStdout) -> Arc<Mutex<Vec<String>>> {
+/// Lines of a child's output, gathered by a thread as they come.
+fn gather(output: impl BufRead + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let into = Arc::clone(&lines);
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in output.lines().map_while(Result::ok) {
             into.lock().unwrap().push(line);
         }
     });
@@ -162,7 +162,7 @@ fn otlp_receiver(status: u16) -> (Helper, u16, Arc<Mutex<Vec<String>>>) {
         .strip_prefix("port ")
         .and_then(|p| p.parse().ok());
     let port = port.unwrap_or_else(|| panic!("the OTLP receiver said {line:?}"));
-    let lines = gather(child.stdout.take().unwrap());
+    let lines = gather(BufReader::new(child.stdout.take().unwrap()));
     (Helper(child), port, lines)
 }
 
@@ -185,15 +185,7 @@ fn xtcp_on_host(args: &[&str]) -> (Running, String, Arc<Mutex<Vec<String>>>) {
     }
     let addr = line.split("http://").nth(1).unwrap();
     let addr = addr.split('/').next().unwrap().to_string();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let into = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        into.lock()
-            .unwrap()
-            .extend(rest.lines().map(str::to_string));
-    });
+    let lines = gather(stderr);
     (child, addr, lines)
 }
 

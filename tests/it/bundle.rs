@@ -5,27 +5,15 @@
 //! metric they name is one `docs/metrics.md` describes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::{can_run, Need};
+use crate::common::{can_run, promtool, Need};
 
 fn bundle(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("bundle")
         .join(path)
-}
-
-/// `promtool ARGS`: fails the test with promtool's words unless it succeeds.
-fn promtool(args: &[&str]) {
-    let out = Command::new("promtool").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Every `expr` of the dashboard's panels, with its variables given values
@@ -80,9 +68,9 @@ fn the_alert_rules_and_the_dashboard_read_as_prometheus_reads_them() {
         return;
     }
     let rules = bundle("prometheus/xtcp-alerts.yml");
-    promtool(&["check", "rules", rules.to_str().unwrap()]);
+    promtool(&["check", "rules", rules.to_str().unwrap()], "");
     let tests = bundle("prometheus/xtcp-alerts.test.yml");
-    promtool(&["test", "rules", tests.to_str().unwrap()]);
+    promtool(&["test", "rules", tests.to_str().unwrap()], "");
 
     let queries = dashboard_queries();
     assert!(queries.len() >= 12, "{queries:?}");
@@ -96,7 +84,7 @@ fn the_alert_rules_and_the_dashboard_read_as_prometheus_reads_them() {
         ));
     }
     std::fs::write(&file, yaml).unwrap();
-    promtool(&["check", "rules", file.to_str().unwrap()]);
+    promtool(&["check", "rules", file.to_str().unwrap()], "");
 
     let doc = include_str!("../../docs/metrics.md");
     let alerts = std::fs::read_to_string(&rules).unwrap();

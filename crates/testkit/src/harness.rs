@@ -331,22 +331,28 @@ fn get_metrics(mut s: std::net::TcpStream) -> String {
 /// Fails the test unless `promtool check metrics` (Debian's package
 /// prometheus) finds the exposition `text` clean, lint included.
 pub fn promtool_check_metrics(text: &str) {
+    promtool(&["check", "metrics"], text);
+}
+
+/// Fails the test, with promtool's words, unless `promtool ARGS` given
+/// `input` on stdin succeeds.
+pub fn promtool(args: &[&str], input: &str) {
     let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (apt-get install prometheus; .ci/run installs it)");
     let mut stdin = promtool.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
-    let lint = promtool.wait_with_output().unwrap();
+    let out = promtool.wait_with_output().unwrap();
     assert!(
-        lint.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&lint.stdout),
-        String::from_utf8_lossy(&lint.stderr)
+        out.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
